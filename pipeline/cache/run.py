@@ -1,0 +1,126 @@
+"""The caching loop: contexts -> truncated forward pass -> background store writer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict
+from itertools import islice
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.cache.config import CacheConfig
+from pipeline.data import iter_documents, pack_contexts
+from pipeline.errors import ConfigError, EmptyDataError
+from pipeline.models import ActivationCapture, load_model
+from pipeline.store import ActivationStoreWriter, StoreLayout, commit
+
+
+def fingerprint(cfg: CacheConfig, layout: StoreLayout) -> tuple[str, dict]:
+    """What decides a store's contents; a rerun with the same fingerprint resumes the store."""
+    desc = {"model": {"name": cfg.model.name, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
+            "data": asdict(cfg.data), "hooks": list(cfg.hooks), "context_size": cfg.context_size,
+            "drop_positions": cfg.drop_positions, "layout": asdict(layout)}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16], desc
+
+
+def run(cfg: CacheConfig) -> str:
+    """Cache this worker's shards of the store at cfg.store.url; returns the URL."""
+    index, count = cfg.worker.resolve()
+    loaded = load_model(cfg.model)
+    capture = ActivationCapture(loaded, cfg.hooks)  # unknown hooks fail here, before any I/O
+    contexts = pack_contexts(iter_documents(cfg.data), loaded.tokenizer, cfg.context_size)
+    first = next(contexts, None)
+    if first is None:
+        raise EmptyDataError(f"data source {cfg.data.source!r} (path={cfg.data.path}, split={cfg.data.split!r}) "
+                             f"yields no context of {cfg.context_size} tokens. Fix: point data at non-empty "
+                             "text or lower context_size")
+    probe = capture(torch.from_numpy(first[None]))
+    widths = {h: a.shape[-1] for h, a in probe.items()}
+    if len(set(widths.values())) != 1:
+        raise ConfigError(f"hooks have different widths {widths}; cache them into separate stores")
+
+    rows_per_context = cfg.context_size - cfg.drop_positions
+    layout = StoreLayout(tuple(cfg.hooks), next(iter(widths.values())), cfg.store.dtype,
+                         math.ceil(cfg.n_tokens / rows_per_context), rows_per_context,
+                         cfg.store.shard_contexts, cfg.store.chunk_contexts)
+    fp, desc = fingerprint(cfg, layout)
+    tok = loaded.tokenizer
+    header = {"fingerprint": fp, "config": desc, "d_model": layout.d_model, "hooks": list(cfg.hooks),
+              "hook_modules": capture.names, "dtype": cfg.store.dtype, "context_size": cfg.context_size,
+              "drop_positions": cfg.drop_positions,
+              "model": {"id": loaded.model_id, "revision": loaded.revision, "dtype": cfg.model.dtype,
+                        "architecture": type(loaded.model).__name__},
+              "tokenizer": {"name": getattr(tok, "name_or_path", None), "bos_token_id": tok.bos_token_id,
+                            "eos_token_id": tok.eos_token_id, "vocab_size": len(tok)},
+              "data": asdict(cfg.data)}
+    writer = ActivationStoreWriter(cfg.store.url, layout, header, storage_options=cfg.store.storage_options,
+                                   overwrite=cfg.store.overwrite, outlier_factor=cfg.outlier_factor)
+    if writer.is_committed():
+        writer.close()
+        print(f"store {cfg.store.url} is already complete", flush=True)
+        return cfg.store.url
+
+    done = writer.finished_shards()
+    mine = [k for k in range(layout.n_shards) if k % count == index and k not in done] \
+        if not cfg.commit_only else []
+    total = sum(len(layout.shard_contexts_range(k)) for k in mine) * rows_per_context
+    print(f"worker {index}/{count}: {len(mine)} of {layout.n_shards} shards to write "
+          f"({len(done)} already done) -> {cfg.store.url}", flush=True)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not cfg.progress or not total,
+               desc=f"cache {index}/{count}", smoothing=0.1, mininterval=2)
+    stream = _Stream(first, contexts)
+    try:
+        for k in mine:
+            span = layout.shard_contexts_range(k)
+            batch_ctx = stream.take(span.start, len(span))
+            writer.begin_shard(k)
+            for b in range(0, len(batch_ctx), cfg.batch_size):
+                ids = torch.from_numpy(np.stack(batch_ctx[b:b + cfg.batch_size]))
+                acts = capture(ids)
+                d = cfg.drop_positions
+                n, t = ids.shape[0], ids.shape[1] - d
+                ctx_index = torch.arange(span.start + b, span.start + b + n, dtype=torch.int32)
+                writer.append({h: a[:, d:].reshape(n * t, -1) for h, a in acts.items()},
+                              ids[:, d:].reshape(-1), ctx_index[:, None].expand(n, t).reshape(-1),
+                              torch.arange(d, ids.shape[1])[None].expand(n, t).reshape(-1))
+                bar.update(n * t)
+            writer.end_shard(len(batch_ctx))
+        writer.close()
+    finally:
+        bar.close()
+    if cfg.commit or cfg.commit_only:
+        record = commit(writer)
+        if record is None:
+            missing = layout.n_shards - len(writer.finished_shards())
+            print(f"{missing} shard(s) still being written by other workers; the last one commits", flush=True)
+        else:
+            print(f"committed {record['n_tokens']} tokens x {len(cfg.hooks)} hook(s) to {cfg.store.url}", flush=True)
+    return cfg.store.url
+
+
+class _Stream:
+    """The deterministic context stream, consumed forward only: a worker skips other workers' shards."""
+
+    def __init__(self, first: np.ndarray, rest):
+        self.pos, self.first, self.rest = 0, first, rest
+
+    def take(self, start: int, n: int) -> list[np.ndarray]:
+        if start < self.pos:
+            raise RuntimeError("shards must be taken in increasing order")
+        it = self.rest if self.first is None else _prepend(self.first, self.rest)
+        self.first = None
+        for _ in islice(it, start - self.pos):
+            pass
+        out = list(islice(it, n))
+        self.pos = start + len(out)
+        self.rest = it
+        return out
+
+
+def _prepend(x, it):
+    yield x
+    yield from it

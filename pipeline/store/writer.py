@@ -1,0 +1,323 @@
+"""The write side of the activation store: a fixed row layout that lets many workers fill
+disjoint shards of one store without coordination, per-shard done markers that make writing
+resumable, and a commit that makes the store readable only once every shard is in."""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.errors import ConfigError, StoreMismatchError
+from pipeline.store import format as F
+from pipeline.store.storage import Storage
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where each row goes. Context c's rows start at c * rows_per_context, so any worker can
+    place any shard; chunks hold whole contexts and shards hold whole chunks, so two workers
+    never write the same chunk."""
+
+    hooks: tuple[str, ...]
+    d_model: int
+    dtype: str
+    n_contexts: int         # planned; the commit shrinks the arrays if the data ran out early
+    rows_per_context: int
+    shard_contexts: int
+    chunk_contexts: int
+
+    def __post_init__(self):
+        F.check_dtype(self.dtype)
+        if self.shard_contexts % self.chunk_contexts:
+            raise ConfigError(f"shard_contexts={self.shard_contexts} must be a multiple of "
+                              f"chunk_contexts={self.chunk_contexts} so that shards never share a chunk")
+        if self.n_contexts < 1 or self.rows_per_context < 1:
+            raise ConfigError(f"a store needs at least one context and one row per context, got "
+                              f"n_contexts={self.n_contexts}, rows_per_context={self.rows_per_context}")
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_contexts * self.rows_per_context
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.chunk_contexts * self.rows_per_context
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_contexts / self.shard_contexts)
+
+    def shard_contexts_range(self, shard: int) -> range:
+        start = shard * self.shard_contexts
+        return range(start, min(start + self.shard_contexts, self.n_contexts))
+
+
+class ShardStats:
+    """Running normalisation statistics of one hook in one shard, in float64. Rows whose norm
+    exceeds `outlier_factor` x the median norm of the shard's first chunk (the massive
+    activations at the first positions of a context) are counted but left out of the sums."""
+
+    def __init__(self, d_model: int, outlier_factor: float):
+        self.outlier_factor = outlier_factor
+        self.median_norm: float | None = None
+        self.count = 0
+        self.n_outliers = 0
+        self.sum = np.zeros(d_model, dtype=np.float64)
+        self.sum_sq_norm = 0.0
+        self.sum_norm = 0.0
+
+    def add(self, x: np.ndarray, norm: np.ndarray) -> None:
+        if self.median_norm is None:
+            self.median_norm = float(np.median(norm))
+        keep = norm <= self.outlier_factor * self.median_norm
+        self.n_outliers += int((~keep).sum())
+        x, norm = x[keep].astype(np.float64), norm[keep].astype(np.float64)
+        self.count += len(x)
+        self.sum += x.sum(0)
+        self.sum_sq_norm += float((norm ** 2).sum())
+        self.sum_norm += float(norm.sum())
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "n_outliers": self.n_outliers, "median_norm": self.median_norm,
+                "sum": self.sum.tolist(), "sum_sq_norm": self.sum_sq_norm, "sum_norm": self.sum_norm}
+
+
+def merge_stats(parts: list[dict], outlier_factor: float) -> dict:
+    """Store-wide statistics from the shards' sums: what the trainer normalises with."""
+    count = sum(p["count"] for p in parts)
+    if count == 0:
+        raise ConfigError("the store holds no rows: nothing to compute statistics from")
+    medians = [p["median_norm"] for p in parts if p["median_norm"] is not None]
+    mean = np.sum([p["sum"] for p in parts], axis=0) / count
+    return {"count": count, "n_outliers": sum(p["n_outliers"] for p in parts),
+            "outlier_factor": outlier_factor, "median_norm": float(np.mean(medians)),
+            "mean": mean.tolist(), "mean_norm": sum(p["sum_norm"] for p in parts) / count,
+            "mean_sq_norm": sum(p["sum_sq_norm"] for p in parts) / count}
+
+
+class ActivationStoreWriter:
+    """Creates (or reopens, to resume) a store and writes shards to it on a background thread,
+    so that compression and I/O overlap the model's forward pass."""
+
+    def __init__(self, url: str, layout: StoreLayout, header: dict, *, storage_options=None,
+                 overwrite: bool = False, outlier_factor: float = 8.0, queue_size: int = 4):
+        self.layout = layout
+        self.outlier_factor = outlier_factor
+        self.storage = Storage(url, storage_options)
+        self.header = {"format": F.FORMAT_NAME, "version": F.FORMAT_VERSION, **header,
+                       "layout": {**asdict(layout), "hooks": list(layout.hooks)},
+                       "outlier_factor": outlier_factor}
+        self._open(overwrite)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    # -- creation ----------------------------------------------------------------------------
+    def _open(self, overwrite: bool) -> None:
+        exists = self.storage.check_access()
+        group = zarr.open_group(self.storage.zarr_store(), mode="a") if exists else None
+        old = dict(group.attrs).get(F.HEADER_ATTR) if group is not None else None
+        if old is not None and old.get("fingerprint") != self.header["fingerprint"]:
+            if not overwrite:
+                diff = _diff(old.get("config", {}), self.header.get("config", {}))
+                raise StoreMismatchError(
+                    f"the store at {self.storage.url!r} was written with a different configuration "
+                    f"({'; '.join(diff) or 'layout differs'}). Fix: pass the same configuration to resume "
+                    "it, choose another store URL, or set overwrite=true to replace it")
+            self.storage.fs.rm(self.storage.root, recursive=True)
+        elif old is None and exists and self.storage.fs.ls(self.storage.root):
+            if not overwrite:
+                raise StoreMismatchError(
+                    f"{self.storage.url!r} exists and is not an activation store; refusing to write into "
+                    "it. Fix: choose another URL, or set overwrite=true to replace its contents")
+            self.storage.fs.rm(self.storage.root, recursive=True)
+        group = zarr.open_group(self.storage.zarr_store(), mode="a")
+        self.group = group
+        if old is not None and self.is_committed() and old.get("fingerprint") == self.header["fingerprint"]:
+            # committed (and possibly shrunk to the data's real size): open, never re-create
+            self.arrays = {k: group[k] for k in _array_names(self.layout.hooks)}
+            return
+        lay = self.layout
+        codec = [zarr.codecs.ZstdCodec(level=1)]
+        row_chunks = (lay.chunk_rows,)
+        self.arrays = {
+            F.TOKENS: group.require_array(F.TOKENS, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
+            F.CONTEXT: group.require_array(F.CONTEXT, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
+            F.POSITION: group.require_array(F.POSITION, shape=(lay.n_rows,), dtype="int16", chunks=row_chunks, compressors=codec),
+        }
+        for hook in lay.hooks:
+            self.arrays[F.hook_path(hook, F.ACTS)] = group.require_array(
+                F.hook_path(hook, F.ACTS), shape=(lay.n_rows, lay.d_model), dtype=F.STORAGE_DTYPES[lay.dtype],
+                chunks=(lay.chunk_rows, lay.d_model), compressors=codec)
+            self.arrays[F.hook_path(hook, F.NORM)] = group.require_array(
+                F.hook_path(hook, F.NORM), shape=(lay.n_rows,), dtype="float32", chunks=row_chunks, compressors=codec)
+        if old is None or old.get("fingerprint") != self.header["fingerprint"]:
+            group.attrs[F.HEADER_ATTR] = self.header
+
+    # -- resumability --------------------------------------------------------------------------
+    def finished_shards(self) -> set[int]:
+        return {int(n.split(".")[0]) for n in self.storage.list_json(F.SHARD_MARKERS)}
+
+    def is_committed(self) -> bool:
+        return self.storage.read_json(F.COMMIT_MARKER) is not None
+
+    # -- writing (producer side, called by the caching loop) ----------------------------------
+    def begin_shard(self, shard: int) -> None:
+        self._put(("begin", shard))
+
+    def append(self, acts: dict[str, torch.Tensor], tokens: torch.Tensor, context: torch.Tensor,
+               position: torch.Tensor) -> None:
+        """Rows of the current shard, in order. Tensors are moved to the CPU here, converted on the
+        writer thread."""
+        self._put(("rows", {h: a.detach().to("cpu", non_blocking=True) for h, a in acts.items()},
+                   tokens.cpu(), context.cpu(), position.cpu()))
+
+    def end_shard(self, n_contexts: int) -> None:
+        self._put(("end", n_contexts))
+
+    def close(self) -> None:
+        self._put(("stop",))
+        self._thread.join()
+        self._raise()
+
+    def _put(self, item) -> None:
+        self._raise()
+        while True:  # a bounded queue applies back-pressure; poll so a dead writer is noticed
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise()
+                if not self._thread.is_alive():
+                    raise RuntimeError("store writer thread stopped unexpectedly")
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- writer thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            state = None
+            while True:
+                item = self._queue.get()
+                if item[0] == "stop":
+                    return
+                if item[0] == "begin":
+                    state = _ShardState(item[1], self)
+                elif item[0] == "rows":
+                    state.add(*item[1:])
+                elif item[0] == "end":
+                    state.finish(item[1])
+                    state = None
+        except BaseException as exc:  # surfaced to the producer on its next call
+            self._error = exc
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+
+
+class _ShardState:
+    """Buffers one shard's rows into whole chunks, writes them, and finally its done marker."""
+
+    def __init__(self, shard: int, writer: ActivationStoreWriter):
+        self.shard, self.w = shard, writer
+        lay = writer.layout
+        self.next_row = lay.shard_contexts_range(shard).start * lay.rows_per_context
+        self.rows_written = 0
+        self.buf: list[tuple] = []
+        self.buffered = 0
+        self.stats = {h: ShardStats(lay.d_model, writer.outlier_factor) for h in lay.hooks}
+
+    def add(self, acts, tokens, context, position) -> None:
+        self.buf.append((acts, tokens, context, position))
+        self.buffered += len(tokens)
+        while self.buffered >= self.w.layout.chunk_rows:
+            self._flush(self.w.layout.chunk_rows)
+
+    def _flush(self, n: int) -> None:
+        parts = self.buf
+        cat = lambda i: torch.cat([p[i] for p in parts])  # noqa: E731
+        tokens, context, position = cat(1), cat(2), cat(3)
+        acts = {h: torch.cat([p[0][h] for p in parts]) for h in self.w.layout.hooks}
+        self.buf = [({h: a[n:] for h, a in acts.items()}, tokens[n:], context[n:], position[n:])] \
+            if len(tokens) > n else []
+        self.buffered = len(tokens) - n
+        sl = slice(self.next_row, self.next_row + n)
+        arrays = self.w.arrays
+        arrays[F.TOKENS][sl] = tokens[:n].numpy().astype(np.int32)
+        arrays[F.CONTEXT][sl] = context[:n].numpy().astype(np.int32)
+        arrays[F.POSITION][sl] = position[:n].numpy().astype(np.int16)
+        for h, a in acts.items():
+            stored = F.encode(a[:n], self.w.layout.dtype)
+            x = F.decode(stored, self.w.layout.dtype)  # statistics of what readers will see
+            norm = x.norm(dim=1).numpy()
+            arrays[F.hook_path(h, F.ACTS)][sl] = stored
+            arrays[F.hook_path(h, F.NORM)][sl] = norm
+            self.stats[h].add(x.numpy(), norm)
+        self.next_row += n
+        self.rows_written += n
+
+    def finish(self, n_contexts: int) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+        expected = n_contexts * self.w.layout.rows_per_context
+        if self.rows_written != expected:
+            raise RuntimeError(f"shard {self.shard}: wrote {self.rows_written} rows, expected {expected}")
+        self.w.storage.write_json(F.shard_marker(self.shard), {
+            "shard": self.shard, "contexts": n_contexts, "rows": self.rows_written,
+            "fingerprint": self.w.header["fingerprint"],
+            "stats": {h: s.to_json() for h, s in self.stats.items()}})
+
+
+def commit(writer: ActivationStoreWriter) -> dict | None:
+    """Commit the store if every shard is in; returns the commit record, or None if shards are
+    missing. Idempotent: several workers may race to commit and write the same record."""
+    lay, storage = writer.layout, writer.storage
+    done = writer.finished_shards()
+    if len(done) < lay.n_shards:
+        return None
+    markers = [storage.read_json(F.shard_marker(k)) for k in range(lay.n_shards)]
+    contexts = [m["contexts"] for m in markers]
+    for k, c in enumerate(contexts[:-1]):  # only the end of the data may be short
+        if c < len(lay.shard_contexts_range(k)) and any(contexts[k + 1:]):
+            raise RuntimeError(f"shard {k} is short ({c} contexts) but later shards hold data; "
+                               "the data source is not deterministic")
+    n_contexts = sum(contexts)
+    if n_contexts == 0:
+        from pipeline.errors import EmptyDataError
+        raise EmptyDataError(f"no contexts were written to {storage.url!r}: the data source is empty")
+    n_rows = n_contexts * lay.rows_per_context
+    if n_rows < lay.n_rows:  # the data ran out before the planned size
+        for arr in writer.arrays.values():
+            arr.resize((n_rows, *arr.shape[1:]))
+    record = {"n_tokens": n_rows, "n_contexts": n_contexts,
+              "stats": {h: merge_stats([m["stats"][h] for m in markers], writer.outlier_factor)
+                        for h in lay.hooks}}
+    writer.group.attrs[F.COMMIT_ATTR] = record
+    storage.write_json(F.COMMIT_MARKER, {"n_tokens": n_rows, "fingerprint": writer.header["fingerprint"]})
+    return record
+
+
+def _array_names(hooks) -> list[str]:
+    return [F.TOKENS, F.CONTEXT, F.POSITION] + [F.hook_path(h, leaf) for h in hooks for leaf in (F.ACTS, F.NORM)]
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: store has {a!r}, config has {b!r}")
+    return out

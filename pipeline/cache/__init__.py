@@ -5,6 +5,6 @@
 Output contract: an activation store (docs/store-format.md)."""
 
 from pipeline.cache.config import CacheConfig, StoreConfig, WorkerConfig
-from pipeline.cache.run import run
+from pipeline.cache.run import CacheResult, run
 
-__all__ = ["CacheConfig", "StoreConfig", "WorkerConfig", "run"]
+__all__ = ["CacheConfig", "CacheResult", "StoreConfig", "WorkerConfig", "run"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass
 from itertools import islice
 
 import numpy as np
@@ -27,8 +28,20 @@ def fingerprint(cfg: CacheConfig, layout: StoreLayout) -> tuple[str, dict]:
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16], desc
 
 
-def run(cfg: CacheConfig) -> str:
-    """Cache this worker's shards of the store at cfg.store.url; returns the URL."""
+@dataclass
+class CacheResult:
+    url: str
+    tokens: int     # rows this worker wrote (per hook)
+    seconds: float  # wall time of the caching loop, including the final flush
+    committed: bool
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def run(cfg: CacheConfig) -> CacheResult:
+    """Cache this worker's shards of the store at cfg.store.url."""
     index, count = cfg.worker.resolve()
     loaded = load_model(cfg.model)
     capture = ActivationCapture(loaded, cfg.hooks)  # unknown hooks fail here, before any I/O
@@ -62,7 +75,7 @@ def run(cfg: CacheConfig) -> str:
     if writer.is_committed():
         writer.close()
         print(f"store {cfg.store.url} is already complete", flush=True)
-        return cfg.store.url
+        return CacheResult(cfg.store.url, 0, 0.0, True)
 
     done = writer.finished_shards()
     mine = [k for k in range(layout.n_shards) if k % count == index and k not in done] \
@@ -73,6 +86,7 @@ def run(cfg: CacheConfig) -> str:
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not cfg.progress or not total,
                desc=f"cache {index}/{count}", smoothing=0.1, mininterval=2)
     stream = _Stream(first, contexts)
+    start, written = time.perf_counter(), 0
     try:
         for k in mine:
             span = layout.shard_contexts_range(k)
@@ -88,10 +102,15 @@ def run(cfg: CacheConfig) -> str:
                               ids[:, d:].reshape(-1), ctx_index[:, None].expand(n, t).reshape(-1),
                               torch.arange(d, ids.shape[1])[None].expand(n, t).reshape(-1))
                 bar.update(n * t)
+                written += n * t
             writer.end_shard(len(batch_ctx))
         writer.close()
     finally:
         bar.close()
+    result = CacheResult(cfg.store.url, written, time.perf_counter() - start, False)
+    if result.tokens:
+        print(f"cached {result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s)")
+    record = None
     if cfg.commit or cfg.commit_only:
         record = commit(writer)
         if record is None:
@@ -99,7 +118,8 @@ def run(cfg: CacheConfig) -> str:
             print(f"{missing} shard(s) still being written by other workers; the last one commits", flush=True)
         else:
             print(f"committed {record['n_tokens']} tokens x {len(cfg.hooks)} hook(s) to {cfg.store.url}", flush=True)
-    return cfg.store.url
+    result.committed = record is not None
+    return result
 
 
 class _Stream:

@@ -10,8 +10,10 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -177,3 +179,21 @@ class ActivationCapture:
         if missing:
             raise HookNotFoundError(f"hooks {missing} never fired during the forward pass")
         return captured
+
+
+@contextmanager
+def replace_output(model: nn.Module, hook: str, fn) -> Iterator[None]:
+    """Within the block, the hook module's output x is replaced by fn(x) (the residual stream
+    seen by later layers): SAE splicing, ablation and feature clamping all go through here."""
+    module = dict(model.named_modules())[resolve_hook(model, hook)]
+
+    def patch(_mod, _inp, out):
+        if isinstance(out, tuple):
+            return (fn(out[0]), *out[1:])
+        return fn(out)
+
+    handle = module.register_forward_hook(patch)
+    try:
+        yield
+    finally:
+        handle.remove()

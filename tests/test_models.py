@@ -51,3 +51,19 @@ def test_unknown_hook_lists_valid_names(arch):
         resolve_hook(model, f"{blocks}.7")
     msg = str(e.value)
     assert f"{blocks}.7" in msg and f"{blocks}.0" in msg and f"{blocks}.2" in msg and "did you mean" in msg
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_replace_output_identity_is_exact_and_zeroing_changes_logits(arch):
+    from pipeline.models import replace_output
+    model, blocks = build(arch)
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        clean = model(ids).logits
+        with replace_output(model, "layers.1", lambda x: x):
+            same = model(ids).logits
+        with replace_output(model, "layers.1", torch.zeros_like):
+            zeroed = model(ids).logits
+        after = model(ids).logits
+    assert torch.equal(clean, same) and torch.equal(clean, after)
+    assert not torch.allclose(clean, zeroed)

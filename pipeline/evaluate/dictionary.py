@@ -1,0 +1,121 @@
+"""An exported SAE checked against the language model it will be spliced into: the one adapter the
+evaluation, interpretation and steering stages share.
+
+    d = Dictionary.load("runs/demo/train/topk/sae", loaded)   # checks hook and width against the model
+    f = d.encode(x)          # [rows, n_features] dense latent activations (every architecture)
+    x_hat = d.decode(f)      # f @ W_dec + b_dec
+
+The exported weights take raw activations (the training scale is folded in, docs in
+pipeline/sae/checkpoint.py), so nothing here normalises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import ConfigError, HookNotFoundError
+from pipeline.models import LoadedModel, resolve_hook
+from pipeline.sae import SparseAutoencoder, load
+
+
+class Dictionary:
+    """An SAE plus the hook it reads. `hook` is the name to pass to replace_output/ActivationCapture
+    (as the checkpoint or the config names it), `module` the module path it resolves to."""
+
+    def __init__(self, sae: SparseAutoencoder, hook: str, module: str, path: str = "<memory>"):
+        self.sae, self.hook, self.module, self.path = sae.eval().requires_grad_(False), hook, module, path
+
+    @classmethod
+    def load(cls, path: str | Path, loaded: LoadedModel, hook: str | None = None) -> "Dictionary":
+        """The exported SAE at `path`, checked against `loaded`: the hook must be a module of the
+        model and its output as wide as the SAE's input (checked again on the first activations)."""
+        sae = load(path, device=loaded.device)
+        meta = getattr(sae, "meta", {})
+        return cls.attach(sae, loaded, hook or meta.get("hook"), str(path), meta.get("model"))
+
+    @classmethod
+    def attach(cls, sae: SparseAutoencoder, loaded: LoadedModel, hook: str | None, path: str = "<memory>",
+               trained_on: dict | str | None = None) -> "Dictionary":
+        if not hook:
+            raise ConfigError(f"the SAE at {path!r} names no hook in its cfg.json. Fix: set hook=<module path>, "
+                              "e.g. hook=model.layers.15, to the layer it was trained on")
+        try:
+            module = resolve_hook(loaded.model, hook)
+        except HookNotFoundError as e:
+            raise HookNotFoundError(f"the SAE at {path!r} reads hook {hook!r}, which does not fit the model "
+                                    f"{loaded.model_id!r}: {e}. Fix: evaluate it with the model it was trained "
+                                    "on (model.name=...), or set hook=... if the layer has another name") from None
+        width = _hook_width(loaded, module)
+        d_sae = sae.cfg.d_model
+        if width is not None and width != d_sae:
+            raise ConfigError(f"the SAE at {path!r} has d_model={d_sae}, but hook {hook!r} of the model "
+                              f"{loaded.model_id!r} outputs width {width}. Fix: use the model and hook the SAE "
+                              "was trained on (model.name=..., hook=...)")
+        trained_id = trained_on.get("id") if isinstance(trained_on, dict) else trained_on
+        if trained_id and trained_id != loaded.model_id:
+            print(f"warning: the SAE at {path!r} was trained on activations of {trained_id!r}; splicing it into "
+                  f"{loaded.model_id!r}", flush=True)
+        return cls(sae.to(loaded.device), hook, module, path)
+
+    @property
+    def n_features(self) -> int:
+        return self.sae.cfg.n_features
+
+    @property
+    def d_model(self) -> int:
+        return self.sae.cfg.d_model
+
+    def check_width(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_model:
+            raise ConfigError(f"hook {self.hook!r} gives activations of width {x.shape[-1]}, but the SAE at "
+                              f"{self.path!r} has d_model={self.d_model}. Fix: use the model and hook the SAE "
+                              "was trained on")
+
+    def check_feature(self, index: int, what: str = "feature") -> int:
+        if not 0 <= index < self.n_features:
+            raise ConfigError(f"{what} {index} is out of range: the SAE at {self.path!r} has {self.n_features} "
+                              f"features (valid indices 0..{self.n_features - 1})")
+        return index
+
+    def decoder(self) -> Tensor:
+        """[n_features, d_model] decoder rows as used: feature i adds f_i * decoder()[i]."""
+        return self.sae.decoder_weight().detach()
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., n_features] dense latent activations of activations x [..., d_model]."""
+        self.check_width(x)
+        shape = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).to(self.sae.W_enc.dtype)
+        out = self.sae.encode(x)
+        if isinstance(out, tuple):  # topk, batchtopk: (values, local indices) of the active latents
+            vals, idx = out
+            out = torch.zeros(x.shape[0], len(self.sae.features), dtype=vals.dtype, device=vals.device)
+            out.scatter_(1, idx, vals)
+        return out.reshape(*shape, -1)
+
+    @torch.no_grad()
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.decoder() + self.sae.b_dec
+
+    @torch.no_grad()
+    def forward(self, x: Tensor):
+        """The architecture's own forward (ForwardOutput: x_hat, l0, fired per feature, ...)."""
+        self.check_width(x)
+        return self.sae(x.reshape(-1, x.shape[-1]).to(self.sae.W_enc.dtype))
+
+
+def _hook_width(loaded: LoadedModel, module: str) -> int | None:
+    """The hook's output width where it is known without running the model: the hidden size for
+    the residual stream (the blocks themselves); None for other modules (checked on first use)."""
+    from pipeline.models import block_list
+    try:
+        blocks, layers = block_list(loaded.model)
+    except HookNotFoundError:
+        return None
+    if module.startswith(blocks + ".") and module[len(blocks) + 1:].isdigit():
+        return loaded.model.config.hidden_size
+    return None

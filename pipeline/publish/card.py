@@ -1,0 +1,96 @@
+"""The model card (README.md) of a release: Hub metadata, what each SAE is, its metrics, its
+training config, the density histogram and how to load it with pipeline and with SAELens.
+Deterministic (no dates), so that republishing the same release changes nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import yaml
+
+from pipeline.publish.release import DASHBOARD, HISTOGRAM, transformer_lens_hook
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Scalar entries of a (nested) metrics dict, keys joined by dots; lists left out."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:d}" if isinstance(v, int) else f"{v:.4g}"
+
+
+def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location: str | None, license: str,
+           base_model: str | None, datasets: list[str], tags: list[str], title: str | None) -> str:
+    """`saes`: one dict per SAE folder: sae_id, doc (pipeline.json), metrics, has_histogram, has_dashboard."""
+    models = {s["doc"].get("model", {}).get("id") for s in saes}
+    if base_model is None and len(models) == 1:
+        (m,) = models
+        base_model = m if m and _HUB_ID.match(m) else None
+    archs = sorted({s["doc"]["architecture"] for s in saes})
+    meta = {"library_name": "saelens", "license": license,
+            "tags": ["sparse-autoencoder", "saelens", "mechanistic-interpretability", "pipeline",
+                     *archs, *tags]}
+    if base_model:
+        meta["base_model"] = base_model
+    if datasets:
+        meta["datasets"] = list(datasets)
+    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo.strip("/") else ""
+    name = title or (f"Sparse autoencoders for {base_model}" if base_model else
+                     f"Sparse autoencoders: {repo_id or 'release'}")
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
+             "Sparse autoencoders (dictionaries of features) trained with `pipeline` on a language model's "
+             "activations. Each folder holds one SAE in the layout SAELens reads (`cfg.json`, "
+             "`sae_weights.safetensors`, `sparsity.safetensors`), its full training config "
+             "(`pipeline.json`) and its evaluation (`metrics.json`). The input normalisation used in "
+             "training is folded into the weights: feed raw activations.", "",
+             "| sae_id | architecture | hook (SAELens) | d_in | features | model |", "|---|---|---|---|---|---|"]
+    for s in saes:
+        d = s["doc"]
+        arch = d["architecture"] + (f" (k={d['config']['k']})" if d["architecture"] in ("topk", "batchtopk") else "")
+        lines.append(f"| `{s['sae_id']}` | {arch} | `{d.get('hook')}` (`{transformer_lens_hook(d.get('hook'))}`) | "
+                     f"{d['d_model']} | {d['n_features']} | `{(d.get('model') or {}).get('id')}` |")
+    for s in saes:
+        d, sid = s["doc"], s["sae_id"]
+        lines += ["", f"## `{sid}`", ""]
+        flat = flat_metrics(s["metrics"] or {})
+        if flat:
+            lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
+        else:
+            lines.append("No evaluation metrics were published with this SAE.")
+        if s["has_histogram"]:
+            lines += ["", f"![feature density of {sid}]({prefix}{sid}/{HISTOGRAM})"]
+        if s["has_dashboard"]:
+            lines += ["", f"Feature dashboard: `{prefix}{sid}/{DASHBOARD}/index.html` (download the folder and "
+                          "open it in a browser)."]
+        training = {k: d[k] for k in ("config", "training", "normalization", "store", "model", "hook") if k in d}
+        lines += ["", "<details><summary>Training config</summary>", "", "```json",
+                  json.dumps(training, indent=2, sort_keys=True), "```", "", "</details>"]
+    sid = saes[0]["sae_id"]
+    if repo_id:
+        ours = f'pipeline.sae.load("hf://{repo_id}/{prefix}{sid}")'
+        theirs = f'SAE.from_pretrained("{repo_id}", "{prefix}{sid}")'
+    else:
+        ours = f'pipeline.sae.load("<download of {location or "this folder"}>/{sid}")'
+        theirs = f'SAE.load_from_disk("<download of {location or "this folder"}>/{sid}")'
+    lines += ["", "## Loading", "", "With `pipeline` (the module that trained it; bit-identical weights):", "",
+              "```python", "import pipeline.sae", f"sae = {ours}", "latents = sae.encode(x)  # x: raw activations "
+              "[batch, d_in]", "x_hat = sae(x).x_hat", "```", "", "With SAELens (6.x):", "", "```python",
+              "from sae_lens import SAE", f"sae = {theirs}", "x_hat = sae.decode(sae.encode(x))", "```", ""]
+    if any(s["doc"]["architecture"] == "batchtopk" for s in saes):
+        lines += ["BatchTopK SAEs are published, as SAELens does, as JumpReLU SAEs whose threshold is the "
+                  "global inference threshold learned in training.", ""]
+    if any(s.get("sharded") for s in saes):
+        lines += ["Sharded weights (`sae_weights-*-of-*.safetensors` with `sae_weights.safetensors.index.json`) "
+                  "load with `pipeline.sae.load`; SAELens's loader reads only an unsharded "
+                  "`sae_weights.safetensors`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""Configuration of the publishing stage (`python -m pipeline.publish`, conf/publish.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class PublishConfig:
+    checkpoints: list[str] = field(default_factory=lambda: ["runs/demo/train/sae"])
+    """Exported SAEs (a training run's <out_dir>/sae), one per hook; each becomes a release sub-folder
+    named after its hook (SAELens's sae_id), e.g. model.layers.15."""
+    eval_dirs: list[str] = field(default_factory=list)
+    """Where evaluation wrote each checkpoint's metrics.json, density histogram PNG and dashboard/
+    (same order as checkpoints). Empty: looked for in <checkpoint>, <checkpoint>/eval, <checkpoint>/../eval
+    and <checkpoint>/.. ."""
+    require_metrics: bool = True
+    """Refuse to publish a checkpoint without evaluation metrics (a release without them is no release)."""
+    out_dir: str = "runs/demo/release"
+    """The local release folder, rebuilt on every run (deterministically, so reruns upload nothing new)."""
+    repo_id: str | None = None
+    """Hugging Face Hub target, owner/name (None: no Hub upload)."""
+    path_in_repo: str = ""
+    """Sub-folder of the repo that holds the release (README.md and one folder per SAE)."""
+    revision: str = "main"
+    """Branch to commit to (created from main if missing)."""
+    private: bool = False
+    """Create the repo private (an existing repo keeps its visibility)."""
+    endpoint: str | None = None
+    """Hub URL; None: $HF_ENDPOINT or https://huggingface.co. The token comes from $HF_TOKEN or
+    `hf auth login`, never from this config, and is never printed or logged."""
+    target: str | None = None
+    """Any fsspec URL to copy the release to as well (or instead), e.g. s3://bucket/releases/name."""
+    storage_options: dict = field(default_factory=dict)
+    """Passed to fsspec for target, e.g. {endpoint_url: ..., key: ..., secret: ...} for S3."""
+    dry_run: bool = False
+    """Write the release folder and list what would be uploaded; no network at all."""
+    max_shard_size: str = "5GB"
+    """Weights larger than this are split into feature-sliced files plus an index. SAELens's own
+    loader reads only unsharded weights."""
+    single_commit_size: str = "2GB"
+    """Releases (the files that changed) up to this size go to the Hub in one commit; larger ones in
+    several commits of at most commit_size each, the config, manifest and card in the last."""
+    commit_size: str = "10GB"
+    commit_message: str | None = None
+    """Default: "Publish <sae ids> with pipeline"."""
+    license: str = "apache-2.0"
+    base_model: str | None = None
+    """Hub id of the language model for the card metadata; default: the checkpoint's model id when it
+    looks like one (owner/name)."""
+    datasets: list[str] = field(default_factory=list)
+    """Hub ids of the training data for the card metadata."""
+    tags: list[str] = field(default_factory=list)
+    """Extra card tags (sparse-autoencoder, saelens and the architectures are always there)."""
+    title: str | None = None
+    """Card title; default from the repo id."""
+    context_size: int | None = None
+    """Written to SAELens's metadata.context_size (tokens per context the SAE was trained on)."""
+    progress: bool = True
+
+    def __post_init__(self):
+        from pipeline.publish.release import parse_size
+        if not self.checkpoints:
+            raise ConfigError("checkpoints is empty; name at least one exported SAE, e.g. "
+                              "checkpoints=[runs/demo/train/sae]")
+        if self.eval_dirs and len(self.eval_dirs) != len(self.checkpoints):
+            raise ConfigError(f"eval_dirs has {len(self.eval_dirs)} entries for {len(self.checkpoints)} checkpoints; "
+                              "give one per checkpoint, or none to look next to each checkpoint")
+        if self.repo_id is not None and (self.repo_id.count("/") != 1 or not all(self.repo_id.split("/"))):
+            raise ConfigError(f"repo_id={self.repo_id!r} must be owner/name, e.g. my-org/smollm2-saes")
+        for name in ("max_shard_size", "single_commit_size", "commit_size"):
+            if parse_size(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be positive")

@@ -1,0 +1,127 @@
+"""Stage 4: build a release folder from exported SAEs and their evaluation, then upload it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.publish import card, hub, target
+from pipeline.publish.config import PublishConfig
+from pipeline.publish.release import (CARD, HISTOGRAM, MANIFEST, METRICS, SAESource, parse_size, sae_id_for,
+                                      write_sae_folder)
+
+log = logging.getLogger("pipeline.publish")
+DENSITY_FILES = ("feature_density.safetensors", "feature_density.npy")
+"""Per-feature densities from evaluation, if not in metrics.json under feature_density."""
+
+
+class MissingMetricsError(FileNotFoundError):
+    """A checkpoint has no evaluation metrics to publish with it."""
+
+
+@dataclass
+class PublishResult:
+    folder: Path
+    sae_ids: list[str]
+    hub: hub.HubPlan | None = None
+    target: target.CopyPlan | None = None
+    operations: list[str] = field(default_factory=list)
+
+
+def eval_candidates(checkpoint: Path) -> list[Path]:
+    return [checkpoint, checkpoint / "eval", checkpoint.parent / "eval", checkpoint.parent]
+
+
+def find_source(checkpoint: str, eval_dir: str | None, require_metrics: bool) -> SAESource:
+    ckpt = Path(checkpoint)
+    if not (ckpt / "cfg.json").is_file():
+        raise FileNotFoundError(f"no exported SAE at {checkpoint!r} (cfg.json is missing). Fix: point checkpoints "
+                                "at a training run's export folder, e.g. checkpoints=[runs/demo/train/sae]")
+    dirs = [Path(eval_dir)] if eval_dir else eval_candidates(ckpt)
+    where = next((d for d in dirs if (d / METRICS).is_file()), None)
+    if where is None:
+        if require_metrics:
+            raise MissingMetricsError(
+                f"checkpoint {checkpoint!r} has no evaluation metrics: no {METRICS} in "
+                f"{', '.join(str(d) for d in dirs)}. Fix: evaluate it first (python -m pipeline.evaluate), pass "
+                "eval_dirs=[<folder with metrics.json>], or publish without metrics with require_metrics=false")
+        log.warning("publishing %s without evaluation metrics (require_metrics=false)", checkpoint)
+        return SAESource(ckpt, None, None, None, None)
+    metrics = json.loads((where / METRICS).read_text())
+    pngs = sorted(p for p in where.glob("*.png") if "dens" in p.name or "hist" in p.name)
+    dashboard = where / "dashboard"
+    return SAESource(ckpt, metrics, pngs[0] if pngs else None, dashboard if dashboard.is_dir() else None,
+                     _density(metrics, where))
+
+
+def _density(metrics: dict, where: Path) -> torch.Tensor | None:
+    for scope in (metrics, *(v for v in metrics.values() if isinstance(v, dict))):
+        if isinstance(scope.get("feature_density"), list):
+            return torch.tensor(scope["feature_density"], dtype=torch.float64)
+    if (where / DENSITY_FILES[0]).is_file():
+        from safetensors.torch import load_file
+        tensors = load_file(str(where / DENSITY_FILES[0]))
+        return tensors.get("density", next(iter(tensors.values())))
+    if (where / DENSITY_FILES[1]).is_file():
+        import numpy as np
+        return torch.from_numpy(np.load(where / DENSITY_FILES[1]))
+    return None
+
+
+def build(cfg: PublishConfig) -> tuple[Path, list[dict]]:
+    """Write the release folder (replacing a previous release there); returns it and its SAEs."""
+    sources = [find_source(c, cfg.eval_dirs[i] if cfg.eval_dirs else None, cfg.require_metrics)
+               for i, c in enumerate(cfg.checkpoints)]
+    out = Path(cfg.out_dir)
+    if out.exists() and any(out.iterdir()) and not list(out.glob(f"*/{MANIFEST}")) and not (out / CARD).exists():
+        raise FileExistsError(f"out_dir={cfg.out_dir!r} holds files that are not a release; choose an empty or new "
+                              "folder (it is rebuilt on every run)")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    saes, seen = [], set()
+    for src in sources:
+        hook = json.loads((src.checkpoint / "cfg.json").read_text()).get("hook")
+        sid = src.sae_id or sae_id_for(hook)
+        if sid in seen:
+            raise ValueError(f"two checkpoints have the hook {hook!r}: a release holds one SAE per hook folder")
+        seen.add(sid)
+        manifest = write_sae_folder(src, tmp / sid, parse_size(cfg.max_shard_size), cfg.context_size,
+                                    cfg.datasets[0] if cfg.datasets else None)
+        doc = json.loads((tmp / sid / "pipeline.json").read_text())
+        saes.append({"sae_id": sid, "doc": doc, "metrics": src.metrics, "has_histogram": HISTOGRAM in manifest["files"],
+                     "has_dashboard": src.dashboard is not None, "sharded": len(doc["release"]["weights"]) > 1})
+    location = cfg.target if not cfg.repo_id else None
+    (tmp / CARD).write_text(card.render(saes, repo_id=cfg.repo_id, path_in_repo=cfg.path_in_repo,
+                                        location=location, license=cfg.license, base_model=cfg.base_model,
+                                        datasets=cfg.datasets, tags=cfg.tags, title=cfg.title))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out, saes
+
+
+def run(cfg: PublishConfig) -> PublishResult:
+    folder, saes = build(cfg)
+    res = PublishResult(folder, [s["sae_id"] for s in saes])
+    log.info("release folder %s: %s", folder, ", ".join(res.sae_ids))
+    message = cfg.commit_message or f"Publish {', '.join(res.sae_ids)} with pipeline"
+    if cfg.repo_id:
+        res.hub = hub.publish(folder, cfg.repo_id, revision=cfg.revision, path_in_repo=cfg.path_in_repo,
+                              private=cfg.private, endpoint=cfg.endpoint,
+                              single_commit=parse_size(cfg.single_commit_size), commit_size=parse_size(cfg.commit_size),
+                              commit_message=message, dry_run=cfg.dry_run, progress=cfg.progress)
+        res.operations += res.hub.describe(cfg.repo_id, cfg.revision)
+    if cfg.target:
+        res.target = target.copy(folder, cfg.target, cfg.storage_options, dry_run=cfg.dry_run)
+        res.operations += res.target.describe(cfg.target)
+    if not cfg.repo_id and not cfg.target:
+        res.operations.append(f"no repo_id or target: the release is the folder {folder}")
+    if cfg.dry_run:
+        print(f"dry run: wrote {folder}; would do:")
+        print("\n".join(res.operations))
+    return res

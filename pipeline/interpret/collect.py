@@ -1,0 +1,143 @@
+"""Streaming per-feature statistics with memory bounded by the number of features (not tokens):
+top-k activating contexts, a uniform sample of the non-zero activations (shown by quantile),
+counts, sums and a log-spaced activation histogram.
+
+Every update takes the non-zero latents of one batch as sparse entries (row, feature, value), so
+its cost is proportional to the active latents, not to tokens x features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+HIST_LO, HIST_HI, HIST_BINS = -3.0, 3.0, 60  # log10 activation bins: 1e-3 .. 1e3, 0.1 decade each
+
+
+@dataclass
+class Examples:
+    """Per feature, up to n examples: the score that ranks them, the activation at the example's
+    token, and a window of token ids (-1 outside the context) with the feature's activations."""
+
+    score: Tensor   # [P, n] float32, -inf where empty
+    value: Tensor   # [P, n] float32
+    tokens: Tensor  # [P, n, W] int32
+    acts: Tensor    # [P, n, W] float32
+
+    @classmethod
+    def empty(cls, p: int, n: int, w: int, device) -> "Examples":
+        return cls(torch.full((p, n), float("-inf"), device=device), torch.zeros(p, n, device=device),
+                   torch.full((p, n, w), -1, dtype=torch.int32, device=device), torch.zeros(p, n, w, device=device))
+
+
+def segment_topk(groups: Tensor, scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Entries whose score is among the n largest of their group: (entry indices, rank in group)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
+    g = groups[order]
+    pos = torch.arange(len(g), device=g.device)
+    first = torch.ones_like(g, dtype=torch.bool)
+    first[1:] = g[1:] != g[:-1]
+    rank = pos - torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), 0).values
+    keep = rank < n
+    return order[keep], rank[keep]
+
+
+class FeatureCollector:
+    """Statistics of features [lo, hi) over a stream of batches of contexts."""
+
+    def __init__(self, lo: int, hi: int, top_k: int, n_samples: int, before: int, after: int,
+                 device="cpu", seed: int = 0):
+        self.lo, self.hi, self.before, self.after = lo, hi, before, after
+        p, w = hi - lo, before + 1 + after
+        self.top = Examples.empty(p, top_k, w, device)
+        self.samples = Examples.empty(p, n_samples, w, device)
+        self.count = torch.zeros(p, dtype=torch.int64, device=device)
+        self.sum = torch.zeros(p, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(p, HIST_BINS, dtype=torch.int64, device=device)
+        self.n_tokens = 0
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.no_grad()
+    def update(self, ids: Tensor, rows: Tensor, feats: Tensor, vals: Tensor, n_valid: int) -> None:
+        """ids [B, T] token ids; (rows, feats, vals) the non-zero latents, row = b * T + t, already
+        restricted to the scored positions; n_valid the number of scored positions."""
+        self.n_tokens += n_valid
+        inside = (feats >= self.lo) & (feats < self.hi)
+        rows, f, vals = rows[inside], feats[inside] - self.lo, vals[inside].float()
+        if not len(f):
+            return
+        p = self.hi - self.lo
+        self.count += torch.bincount(f, minlength=p)
+        self.sum.index_add_(0, f, vals.double())
+        b = ((vals.log10() - HIST_LO) / (HIST_HI - HIST_LO) * HIST_BINS).floor().clamp(0, HIST_BINS - 1).long()
+        self.hist.view(-1).index_add_(0, f * HIST_BINS + b, torch.ones_like(b))
+        B, T = ids.shape
+        dense = torch.zeros(B * T, p, device=vals.device)
+        dense[rows, f] = vals
+        dense = dense.view(B, T, p)
+        self._merge(self.top, f, rows, vals, vals, ids, dense)
+        keys = torch.rand(len(f), generator=self.gen, device=vals.device)
+        self._merge(self.samples, f, rows, keys, vals, ids, dense)
+
+    def _merge(self, ex: Examples, f: Tensor, rows: Tensor, scores: Tensor, vals: Tensor, ids: Tensor,
+               dense: Tensor) -> None:
+        n = ex.score.shape[1]
+        keep, rank = segment_topk(f, scores, n)
+        fk = f[keep]
+        touched, inv = torch.unique(fk, return_inverse=True)
+        u = len(touched)
+        cand = torch.full((u, n), float("-inf"), device=scores.device)
+        cand[inv, rank] = scores[keep]
+        entry = torch.zeros((u, n), dtype=torch.long, device=scores.device)
+        entry[inv, rank] = torch.arange(len(keep), device=scores.device)
+        merged, sel = torch.cat([ex.score[touched], cand], 1).topk(n, dim=1)
+        from_old = sel < n
+        old = sel.clamp(max=n - 1)
+        new = entry.gather(1, (sel - n).clamp(min=0))
+        tok_e, act_e = self._windows(rows[keep], fk, ids, dense)
+        w = tok_e.shape[1]
+        m3 = from_old[..., None]
+        ex.tokens[touched] = torch.where(m3, ex.tokens[touched].gather(1, old[..., None].expand(-1, -1, w)), tok_e[new])
+        ex.acts[touched] = torch.where(m3, ex.acts[touched].gather(1, old[..., None].expand(-1, -1, w)), act_e[new])
+        ex.value[touched] = torch.where(from_old, ex.value[touched].gather(1, old), vals[keep][new])
+        ex.score[touched] = merged
+
+    def _windows(self, rows: Tensor, f: Tensor, ids: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids and feature-f activations from `before` tokens before to `after` after each row."""
+        B, T = ids.shape
+        b, t = rows // T, rows % T
+        pos = t[:, None] + torch.arange(-self.before, self.after + 1, device=rows.device)
+        ok = (pos >= 0) & (pos < T)
+        pc = pos.clamp(0, T - 1)
+        tok = torch.where(ok, ids[b[:, None], pc], -1).int()
+        act = torch.where(ok, dense[b[:, None], pc, f[:, None]], 0.0)
+        return tok, act
+
+    def summary(self) -> dict[str, Tensor]:
+        n = max(self.n_tokens, 1)
+        live = self.count > 0
+        return {"density": self.count.double() / n,
+                "max_act": torch.where(live, self.top.score[:, 0], torch.zeros_like(self.top.score[:, 0])),
+                "mean_act": torch.where(live, self.sum / self.count.clamp(min=1), torch.zeros_like(self.sum)),
+                "count": self.count}
+
+
+def examples_of(ex: Examples, i: int, before: int) -> list[dict]:
+    """The non-empty examples of local feature i, best first: {value, tokens, acts, center}, where
+    tokens[center] is the example's own token (windows are cut at the context's edges)."""
+    out = []
+    for j in range(ex.score.shape[1]):
+        if ex.score[i, j] == float("-inf"):
+            continue
+        tok = ex.tokens[i, j]
+        ok = tok >= 0
+        leading = int((~ok).long().cumprod(0).sum())  # window slots before the context's start
+        out.append({"value": float(ex.value[i, j]), "tokens": tok[ok].tolist(),
+                    "acts": [round(float(a), 4) for a in ex.acts[i, j][ok]], "center": before - leading})
+    return out
+
+
+def hist_edges() -> list[float]:
+    return torch.linspace(HIST_LO, HIST_HI, HIST_BINS + 1).tolist()

@@ -1,0 +1,85 @@
+"""Configuration of the interpretation stage (`python -m pipeline.interpret`, conf/interpret.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.data import DataConfig
+from pipeline.errors import ConfigError
+from pipeline.models import ModelConfig
+
+TASKS = ("dashboard", "search", "crosslingual")
+
+
+@dataclass
+class InterpretConfig:
+    task: str = "dashboard"
+    """dashboard (stream a corpus sample, write features.json and the HTML dashboard), search (the
+    top features of `prompt`, in the terminal and as search.html) or crosslingual (features shared
+    by the same sentences in several languages: crosslingual.json and .html)."""
+    sae: str = "runs/demo/train/topk/sae"
+    """The exported SAE (the trainer's <out_dir>/sae folder)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    """The corpus sample whose contexts are shown (training text is fine here)."""
+    hook: str | None = None
+    """The hook the SAE reads; default: the hook named in the checkpoint's cfg.json."""
+    context_size: int = 128
+    n_tokens: int = 100_000
+    """Corpus positions streamed through the model and the SAE (per pass; see features_per_pass)."""
+    batch_size: int = 8
+    exclude_positions_below: int = 1
+    """Positions below this are never examples (position 0 is BOS, which the SAE never saw)."""
+    top_k: int = 20
+    """Top-activating contexts kept per feature."""
+    n_samples: int = 20
+    """Contexts sampled uniformly from each feature's non-zero activations, shown by quantile."""
+    n_quantiles: int = 4
+    """Groups the samples are shown in (by activation quantile)."""
+    context_before: int = 24
+    """Tokens shown before an example's token."""
+    context_after: int = 8
+    """Tokens shown after it."""
+    features_per_pass: int = 16384
+    """Features collected per pass over the corpus: memory is about features_per_pass x
+    (top_k + n_samples) x (context_before + context_after + 1) x 8 bytes; larger dictionaries take
+    several passes (each streams the corpus through model and SAE again)."""
+    n_logits: int = 10
+    """Tokens listed as most promoted and most suppressed by each feature's decoder direction."""
+    max_pages: int | None = None
+    """Write feature pages for at most this many live features (highest density first); null: all."""
+    out_dir: str = "runs/demo/interpret"
+    """index.html, features/<i>.html, features.json, search.html, crosslingual.{json,html}."""
+    prompt: str | None = None
+    """task=search: the text whose features are listed."""
+    search_top: int = 5
+    """task=search: features listed per token and for the whole prompt (x2)."""
+    parallel_file: str | None = None
+    """task=crosslingual: JSONL with one object per sentence, {"topic": ..., "en": ..., "de": ..., ...};
+    default: the file shipped with the package (pipeline/interpret/parallel.jsonl)."""
+    languages: list[str] = field(default_factory=lambda: ["en", "de", "es", "it", "fr"])
+    """task=crosslingual: the languages compared."""
+    crosslingual_top: int = 10
+    """task=crosslingual: the top features per sentence whose overlap across languages is measured."""
+    crosslingual_in_dashboard: bool = True
+    """task=dashboard also runs the cross-lingual check (a few seconds) and links its page."""
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is not one of {list(TASKS)}")
+        if self.task == "search" and not self.prompt:
+            raise ConfigError('task=search needs a prompt. Fix: prompt="The Golden Gate Bridge is"')
+        for name in ("top_k", "n_samples", "n_quantiles", "features_per_pass", "n_logits", "n_tokens", "batch_size",
+                     "search_top", "crosslingual_top"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.context_before < 0 or self.context_after < 0:
+            raise ConfigError(f"context_before={self.context_before} and context_after={self.context_after} "
+                              "must be >= 0")
+        if not 0 <= self.exclude_positions_below < self.context_size:
+            raise ConfigError(f"exclude_positions_below={self.exclude_positions_below} must be in "
+                              f"[0, context_size={self.context_size})")
+        if len(self.languages) < 2:
+            raise ConfigError(f"languages={list(self.languages)}: the cross-lingual check needs at least two")

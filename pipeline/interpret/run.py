@@ -1,0 +1,187 @@
+"""The interpretation stage: corpus -> model (to the hook) -> SAE -> per-feature examples and
+statistics -> features.json + static HTML dashboard; feature search; cross-lingual check."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.evaluate.common import context_batches, logit_directions
+from pipeline.evaluate.dictionary import Dictionary
+from pipeline.interpret import dashboard as H
+from pipeline.interpret.collect import FeatureCollector, examples_of, hist_edges
+from pipeline.interpret.config import InterpretConfig
+from pipeline.interpret.crosslingual import crosslingual, default_parallel_file, format_report, read_parallel
+from pipeline.interpret.search import format_search, search_prompt
+from pipeline.models import ActivationCapture, LoadedModel, load_model
+
+FEATURES_FILE = "features.json"
+FEATURES_FORMAT = "pipeline.features"
+CROSSLINGUAL_JSON = "crosslingual.json"
+
+
+class TokenText:
+    """Token id -> display text, decoded once per id."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.cache = tokenizer, {}
+
+    def __call__(self, ids) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i not in self.cache:
+                self.cache[i] = self.tok.decode([i])
+            out.append(self.cache[i])
+        return out
+
+
+def run(cfg: InterpretConfig) -> dict:
+    loaded = load_model(cfg.model)
+    d = Dictionary.load(cfg.sae, loaded, cfg.hook)
+    out = Path(cfg.out_dir)
+    if cfg.task == "search":
+        return run_search(d, loaded, cfg)
+    if cfg.task == "crosslingual":
+        return run_crosslingual(d, loaded, cfg)
+    result = build_dashboard(d, loaded, cfg)
+    if cfg.crosslingual_in_dashboard:
+        run_crosslingual(d, loaded, cfg)
+        _write_index(out, result["_index"])
+    print(f"dashboard: {(out / H.INDEX_FILE).resolve().as_uri()}", flush=True)
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def collect(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig, lo: int, hi: int,
+            desc: str = "interpret") -> FeatureCollector:
+    """One pass over the corpus sample, collecting features [lo, hi)."""
+    capture = ActivationCapture(loaded, [d.hook])
+    c = FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before, cfg.context_after,
+                         device=loaded.device, seed=cfg.seed)
+    p = cfg.exclude_positions_below
+    bar = tqdm(total=cfg.n_tokens, unit="tok", unit_scale=True, disable=not cfg.progress, desc=desc, mininterval=2)
+    for ids in context_batches(cfg.data, loaded.tokenizer, cfg.context_size, cfg.n_tokens, cfg.batch_size):
+        ids = ids.to(loaded.device)
+        x = capture(ids)[d.hook]
+        B, T = ids.shape
+        rows, feats, vals = d.encode_sparse(x.reshape(B * T, -1))
+        keep = rows % T >= p
+        c.update(ids, rows[keep], feats[keep], vals[keep], B * (T - p))
+        bar.update(ids.numel())
+    bar.close()
+    return c
+
+
+@torch.no_grad()
+def logit_effects(d: Dictionary, loaded: LoadedModel, lo: int, hi: int, n: int, texts: TokenText,
+                  block: int = 256) -> list[tuple[list, list]]:
+    """(promoted, suppressed) [[token text, logit effect], ...] for features [lo, hi)."""
+    out = []
+    W = d.decoder()
+    for s in range(lo, hi, block):
+        eff = logit_directions(loaded.model, W[s:min(s + block, hi)]).float()
+        pv, pi = eff.topk(n, dim=1)
+        sv, si = eff.topk(n, dim=1, largest=False)
+        for r in range(eff.shape[0]):
+            out.append(([[t, round(float(v), 4)] for t, v in zip(texts(pi[r].tolist()), pv[r])],
+                        [[t, round(float(v), 4)] for t, v in zip(texts(si[r].tolist()), sv[r])]))
+    return out
+
+
+def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) -> dict:
+    out = Path(cfg.out_dir)
+    texts = TokenText(loaded.tokenizer)
+    header = {"sae": d.path, "hook": d.hook, "n_features": d.n_features, "n_tokens": 0,
+              "data": f"{cfg.data.source} ({cfg.data.split})"}
+    features, index_rows, pages = [], [], 0
+    edges = hist_edges()
+    start, streamed = time.perf_counter(), 0
+    n_pass = -(-d.n_features // cfg.features_per_pass)
+    for k, lo in enumerate(range(0, d.n_features, cfg.features_per_pass)):
+        hi = min(lo + cfg.features_per_pass, d.n_features)
+        c = collect(d, loaded, cfg, lo, hi, desc=f"interpret {k + 1}/{n_pass}" if n_pass > 1 else "interpret")
+        header["n_tokens"] = c.n_tokens
+        streamed += c.n_tokens
+        s = c.summary()
+        effects = logit_effects(d, loaded, lo, hi, cfg.n_logits, texts)
+        order = sorted(range(hi - lo), key=lambda i: -float(s["density"][i]))
+        budget = None if cfg.max_pages is None else max(cfg.max_pages - pages, 0)
+        with_page = {i for i in order if s["count"][i] > 0}
+        if budget is not None:
+            with_page = set([i for i in order if i in with_page][:budget])
+        for i in range(hi - lo):
+            f = {"index": lo + i, "density": float(s["density"][i]), "count": int(s["count"][i]),
+                 "max_act": float(s["max_act"][i]), "mean_act": float(s["mean_act"][i]),
+                 "promoted": effects[i][0], "suppressed": effects[i][1]}
+            features.append(f)
+            top = examples_of(c.top, i, cfg.context_before) if f["count"] else []
+            index_rows.append({"index": f["index"], "density": f["density"], "max_act": f["max_act"],
+                               "mean_act": f["mean_act"], "tokens": " ".join(H.show(t) for t, _ in f["promoted"][:6]),
+                               "snippet": _snippet(top[0], texts) if top else "", "page": i in with_page})
+            if i in with_page:
+                labels, groups = H.quantile_groups(examples_of(c.samples, i, cfg.context_before), cfg.n_quantiles)
+                H.write(out / H.FEATURES_DIR / f"{lo + i}.html",
+                        H.feature_page(f, texts, top, groups, labels, edges, c.hist[i].tolist(), d.n_features, header))
+                pages += 1
+        del c
+    seconds = time.perf_counter() - start
+    doc = {"format": FEATURES_FORMAT, "version": 1, "sae": d.path, "hook": d.hook, "n_features": d.n_features,
+           "n_tokens": header["n_tokens"], "data": asdict(cfg.data),
+           "context_size": cfg.context_size, "features": features}
+    H.write(out / FEATURES_FILE, json.dumps(doc, ensure_ascii=False) + "\n")
+    index = (header, index_rows)
+    _write_index(out, index)
+    live = sum(f["count"] > 0 for f in features)
+    print(f"interpreted {d.n_features} features ({live} live) on {header['n_tokens']} tokens in {seconds:.1f}s; "
+          f"{pages} feature pages in {out}", flush=True)
+    return {"out_dir": str(out), "n_tokens": header["n_tokens"], "n_features": d.n_features, "live": live,
+            "pages": pages, "seconds": seconds, "tokens_per_second": streamed / seconds if seconds else 0.0,
+            "_index": index}
+
+
+def _write_index(out: Path, index: tuple[dict, list]) -> None:
+    links = {label: name for label, name in (("cross-lingual check", H.CROSSLINGUAL_FILE),
+                                              ("feature search", H.SEARCH_FILE)) if (out / name).exists()}
+    H.write(out / H.INDEX_FILE, H.index_page(index[0], index[1], links))
+
+
+def _snippet(e: dict, texts: TokenText, before: int = 10, after: int = 3) -> str:
+    t = [H.show(x) for x in texts(e["tokens"])]
+    c = e["center"]
+    return "".join(t[max(c - before, 0):c]) + "\u00ab" + t[c] + "\u00bb" + "".join(t[c + 1:c + 1 + after])
+
+
+def _pages(out: Path) -> set[int]:
+    folder = out / H.FEATURES_DIR
+    return {int(p.stem) for p in folder.glob("*.html") if p.stem.isdigit()} if folder.exists() else set()
+
+
+def _labels(out: Path) -> dict[int, str]:
+    f = out / FEATURES_FILE
+    if not f.exists():
+        return {}
+    return {x["index"]: " ".join(repr(t) for t, _ in x["promoted"][:4]) for x in json.loads(f.read_text())["features"]}
+
+
+def run_search(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) -> dict:
+    out = Path(cfg.out_dir)
+    result = search_prompt(d, loaded, cfg.prompt, cfg.search_top, cfg.exclude_positions_below)
+    print(format_search(result, _labels(out)), flush=True)
+    H.write(out / H.SEARCH_FILE, H.search_page(result, _pages(out)))
+    print(f"search page: {(out / H.SEARCH_FILE).resolve().as_uri()}", flush=True)
+    return result
+
+
+def run_crosslingual(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) -> dict:
+    out = Path(cfg.out_dir)
+    rows = read_parallel(cfg.parallel_file or default_parallel_file(), list(cfg.languages))
+    report = crosslingual(d, loaded, rows, list(cfg.languages), cfg.crosslingual_top, cfg.exclude_positions_below)
+    print(format_report(report), flush=True)
+    H.write(out / CROSSLINGUAL_JSON, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    H.write(out / H.CROSSLINGUAL_FILE, H.crosslingual_page(report, _pages(out)))
+    return report

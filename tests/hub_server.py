@@ -107,9 +107,9 @@ class HubServer:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.extra = status, message, code, extra or {}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -223,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": e.message}
             if e.code:
                 headers["X-Error-Code"] = e.code
-            self._send(e.status, {"error": e.message}, headers, head=m == "HEAD")
+            self._send(e.status, {"error": e.message, **e.extra}, headers, head=m == "HEAD")
 
     do_GET = do_POST = do_PUT = do_HEAD = _dispatch
 
@@ -235,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
         if namespace != user:
             raise HubError(403, f"You don't have the rights to create a model under the namespace \"{namespace}\"")
         if repo_id in self.hub.repos:
-            raise HubError(409, "You already created this model repo")
+            raise HubError(409, "You already created this model repo", extra={"url": f"{self.endpoint}/{repo_id}"})
         repo = Repo(owner=user, private=req.get("visibility") == "private" or bool(req.get("private")))
         blob = Blob(len(GITATTRIBUTES), git_blob_oid(GITATTRIBUTES), GITATTRIBUTES)
         oid = hashlib.sha1(f"{repo_id} initial".encode()).hexdigest()

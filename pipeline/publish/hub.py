@@ -168,7 +168,10 @@ def publish(folder: Path, repo_id: str, *, revision: str = "main", path_in_repo:
     (enable_progress_bars if progress else disable_progress_bars)()
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=get_token())
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        try:  # an existing repo (ours or, for a clear 403 later, someone else's) is not re-created
+            api.repo_info(repo_id)
+        except RepositoryNotFoundError:
+            api.create_repo(repo_id, private=private, exist_ok=True)
         if revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         try:

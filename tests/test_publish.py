@@ -1,0 +1,454 @@
+"""Publishing stage: the release folder round-trips bit for bit for every architecture, SAELens's own
+loader reads it with equal outputs (in a separate virtual environment), and the Hub upload path works
+against a loopback Hub (tests/hub_server.py): files arrive equal, a rerun sends nothing, an interrupted
+upload resumes and is never presented as complete, the token never reaches a log. Also S3 (moto) as a
+target, dry runs, the command line and bad input. No test touches the internet."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pipeline.sae as S
+from pipeline.publish import (MissingMetricsError, PublishAuthError, PublishConfig, PublishIncompleteError,
+                              ReleaseIncompleteError, run)
+from pipeline.publish.release import transformer_lens_hook
+from pipeline.sae.checkpoint import save_config, save_shard
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import HubServer  # noqa: E402
+
+TOKEN = "hf_TESTsecretTOKEN0123456789"
+OTHER_TOKEN = "hf_OTHERsecretTOKEN987654321"
+D, N = 16, 64
+SCALE = 2.5
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_export(folder: Path, arch: str, hook: str, feature_shards: int = 1, seed: int = 0) -> Path:
+    """An exported SAE with every tensor non-trivial, written as training writes it (optionally as
+    several feature shards, as a feature-parallel run exports)."""
+    cfg = S.SAEConfig(architecture=arch, n_features=N, d_model=D, k=4)
+    sae = S.create(cfg)
+    sae.reset_parameters(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.add_(0.05 * torch.randn(N, D, generator=g))
+        sae.b_enc.copy_(0.1 * torch.randn(N, generator=g))
+        sae.b_dec.copy_(torch.randn(D, generator=g))
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(-1.5 + 0.5 * torch.randn(N, generator=g))
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.37)
+    meta = {"hook": hook, "model": {"id": "HuggingFaceTB/SmolLM2-135M", "revision": None},
+            "training": {"steps": 10, "tokens": 40960}}
+    bounds = [round(i * N / feature_shards) for i in range(feature_shards + 1)]
+    shards = [range(bounds[i], bounds[i + 1]) for i in range(feature_shards)]
+    for i, r in enumerate(shards):
+        part = S.create(cfg, features=r)
+        part.load_state_dict({k: (v[r.start:r.stop] if k in part.feature_tensors else v)
+                              for k, v in sae.state_dict().items()})
+        save_shard(part, folder, SCALE, i, feature_shards)
+    save_config(folder, cfg, shards, SCALE, meta)
+    return folder
+
+
+def make_eval(folder: Path, with_extras: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    density = [round(0.5 ** (i % 12), 6) if i % 7 else 0.0 for i in range(N)]
+    (folder / "metrics.json").write_text(json.dumps({
+        "reconstruction": {"mse": 1.25, "fvu": 0.125, "explained_variance": 0.875},
+        "sparsity": {"l0": 4.0, "dead_fraction": 0.14, "feature_density": density},
+        "downstream": {"ce_loss_recovered": 0.93}}))
+    if with_extras:
+        from PIL import Image
+        Image.new("RGB", (8, 6), (200, 30, 30)).save(folder / "density_histogram.png")
+        (folder / "dashboard" / "features").mkdir(parents=True)
+        (folder / "dashboard" / "index.html").write_text("<html><body>index</body></html>")
+        (folder / "dashboard" / "features" / "0.html").write_text("<html><body>feature 0</body></html>")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One training run folder per architecture: <run>/sae (export) and <run>/eval (evaluation)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for i, arch in enumerate(S.ARCHITECTURES):
+        run_dir = root / arch
+        make_export(run_dir / "sae", arch, f"model.layers.{i}", feature_shards=2 if arch == "topk" else 1, seed=i)
+        make_eval(run_dir / "eval", with_extras=arch != "relu_l1")
+        out[arch] = run_dir
+    return out
+
+
+def dense_latents(sae, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        f = sae.encode(x)
+        if isinstance(f, tuple):  # topk, batchtopk: (values, indices)
+            vals, idx = f
+            return torch.zeros(x.shape[0], sae.cfg.n_features).scatter_(1, idx, vals)
+        return f
+
+
+def inputs(seed: int = 0, n: int = 48) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def assert_same_sae(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), f"{k} differs"
+    x = inputs()
+    with torch.no_grad():
+        ea, eb = a.encode(x), b.encode(x)
+        for u, v in zip(ea if isinstance(ea, tuple) else [ea], eb if isinstance(eb, tuple) else [eb]):
+            assert torch.equal(u, v)
+        assert torch.equal(a(x).x_hat, b(x).x_hat)
+
+
+# --- the release folder -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+@pytest.mark.parametrize("arch", S.ARCHITECTURES)
+def test_round_trip_is_bit_identical(runs, tmp_path, arch, sharded):
+    """export -> release folder -> pipeline.sae.load: the same tensors and the same outputs."""
+    res = run(PublishConfig(checkpoints=[str(runs[arch] / "sae")], out_dir=str(tmp_path / "rel"),
+                            max_shard_size="3kB" if sharded else "5GB", progress=False))
+    folder = res.folder / res.sae_ids[0]
+    files = sorted(p.name for p in folder.glob("sae_weights*"))
+    if sharded:
+        assert len(files) > 2 and "sae_weights.safetensors.index.json" in files
+    else:
+        assert files == ["sae_weights.safetensors"]
+    assert_same_sae(S.load(runs[arch] / "sae"), S.load(folder))
+
+
+def test_release_follows_the_saelens_layout(runs, tmp_path):
+    import yaml
+    res = run(PublishConfig(checkpoints=[str(runs[a] / "sae") for a in S.ARCHITECTURES],
+                            out_dir=str(tmp_path / "rel"), repo_id="alice/saes", dry_run=True, progress=False))
+    assert res.sae_ids == [f"model.layers.{i}" for i in range(4)]
+    expect = {"relu_l1": ("standard", False), "topk": ("topk", True), "jumprelu": ("jumprelu", False),
+              "batchtopk": ("jumprelu", True)}
+    for i, arch in enumerate(S.ARCHITECTURES):
+        folder = res.folder / f"model.layers.{i}"
+        cfg = json.loads((folder / "cfg.json").read_text())
+        assert (cfg["architecture"], cfg["apply_b_dec_to_input"]) == expect[arch]
+        assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["normalize_activations"]) == (D, N, "float32", "none")
+        assert cfg["metadata"]["hook_name"] == f"blocks.{i}.hook_resid_post"
+        assert cfg["metadata"]["model_name"] == "HuggingFaceTB/SmolLM2-135M"
+        assert cfg["metadata"]["sae_lens_version"].startswith("6.")
+        if arch == "topk":
+            assert cfg["k"] == 4 and cfg["rescale_acts_by_decoder_norm"] is False
+        w = load_file(str(folder / "sae_weights.safetensors"))
+        shapes = {"W_enc": (D, N), "W_dec": (N, D), "b_enc": (N,), "b_dec": (D,)}
+        if arch in ("jumprelu", "batchtopk"):
+            shapes["threshold"] = (N,)
+        assert {k: tuple(v.shape) for k, v in w.items()} == shapes
+        assert all(v.dtype == torch.float32 for v in w.values())
+        density = torch.tensor(json.loads((runs[arch] / "eval" / "metrics.json").read_text())["sparsity"]["feature_density"])
+        sparsity = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
+        assert torch.allclose(sparsity, torch.log10(density.float() + 1e-10))
+        manifest = json.loads((folder / "release.json").read_text())
+        on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"release.json"}
+        assert set(manifest["files"]) == on_disk
+        assert (arch == "relu_l1") != ("dashboard/index.html" in on_disk and "density_histogram.png" in on_disk)
+    text = (res.folder / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "saelens" and meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert {"sparse-autoencoder", "saelens", *S.ARCHITECTURES} <= set(meta["tags"])
+    for needle in ("| reconstruction.fvu | 0.125 |", "model.layers.1/density_histogram.png", '"k": 4',
+                   'SAE.from_pretrained("alice/saes", "model.layers.0")',
+                   'pipeline.sae.load("hf://alice/saes/model.layers.0")'):
+        assert needle in text, needle
+
+
+def test_missing_metrics_is_a_clear_error(tmp_path):
+    ckpt = make_export(tmp_path / "run" / "sae", "topk", "model.layers.2")
+    with pytest.raises(MissingMetricsError, match=r"no evaluation metrics.*metrics\.json.*pipeline\.evaluate"
+                                                  r".*eval_dirs=.*require_metrics=false") as e:
+        run(PublishConfig(checkpoints=[str(ckpt)], out_dir=str(tmp_path / "rel"), repo_id="alice/x"))
+    assert str(tmp_path / "run" / "eval") in str(e.value)
+    assert not (tmp_path / "rel").exists()
+    res = run(PublishConfig(checkpoints=[str(ckpt)], out_dir=str(tmp_path / "rel"), require_metrics=False))
+    assert not (res.folder / "model.layers.2" / "metrics.json").exists()
+    with pytest.raises(FileNotFoundError, match="no exported SAE at"):
+        run(PublishConfig(checkpoints=[str(tmp_path / "nothing")], out_dir=str(tmp_path / "rel2")))
+
+
+def test_incomplete_release_is_refused(runs, tmp_path):
+    res = run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), progress=False))
+    folder = res.folder / res.sae_ids[0]
+    (folder / "release.json").unlink()
+    with pytest.raises(ReleaseIncompleteError, match="release.json is missing.*rerun"):
+        S.load(folder)
+
+
+# --- the Hugging Face Hub (loopback) -----------------------------------------------------------------
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A loopback Hub with users alice and bob; the client is pointed at it, online, with alice's token."""
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(C, "HF_HUB_DISABLE_XET", True)  # LFS transfers: the loopback Hub has no Xet storage
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(C, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with HubServer(tokens={TOKEN: "alice", OTHER_TOKEN: "bob"}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+def release_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_hub_upload_arrives_equal_reruns_send_nothing_and_never_log_the_token(runs, tmp_path, hub, caplog, capfd):
+    caplog.set_level(logging.DEBUG)  # everything the client and we log, at the most verbose level
+    cfg = PublishConfig(checkpoints=[str(runs[a] / "sae") for a in ("topk", "jumprelu")],
+                        out_dir=str(tmp_path / "rel"), repo_id="alice/saes", progress=True)
+    res = run(cfg)
+    assert hub.state.commits == 1  # a small release is one commit
+    remote = hub.state.files("alice/saes")
+    remote.pop(".gitattributes")
+    assert remote == release_files(res.folder)
+    sent = list(hub.state.uploads)
+
+    res2 = run(cfg)
+    assert res2.hub.upload == [] and hub.state.uploads == sent and hub.state.commits == 1
+
+    for sid, arch in zip(res.sae_ids, ("topk", "jumprelu")):
+        assert_same_sae(S.load(runs[arch] / "sae"), S.load(f"hf://alice/saes/{sid}@main"))
+
+    out, err = capfd.readouterr()
+    logs = caplog.text + out + err
+    assert "alice/saes" in logs and TOKEN not in logs
+    assert all(TOKEN not in str(r.args) for r in caplog.records)
+
+
+def test_hub_release_in_a_subfolder_and_branch(runs, tmp_path, hub):
+    cfg = PublishConfig(checkpoints=[str(runs["batchtopk"] / "sae")], out_dir=str(tmp_path / "rel"),
+                        repo_id="alice/many", path_in_repo="smollm2/v1", revision="dev", private=True)
+    res = run(cfg)
+    files = hub.state.files("alice/many", "dev")
+    assert "smollm2/v1/model.layers.3/sae_weights.safetensors" in files and "smollm2/v1/README.md" in files
+    assert "smollm2/v1/README.md" not in hub.state.files("alice/many", "main")
+    assert hub.state.repos["alice/many"].private
+    assert_same_sae(S.load(runs["batchtopk"] / "sae"), S.load("hf://alice/many/smollm2/v1/model.layers.3@dev"))
+    assert 'hf://alice/many/smollm2/v1/model.layers.3' in (res.folder / "README.md").read_text()
+
+
+def test_hub_interrupted_upload_resumes_and_is_never_shown_complete(runs, tmp_path, hub):
+    cfg = PublishConfig(checkpoints=[str(runs[a] / "sae") for a in ("relu_l1", "jumprelu")],
+                        out_dir=str(tmp_path / "rel"), repo_id="alice/big", single_commit_size="1",
+                        commit_size="6kB", progress=False)
+    hub.state.fail["commit"] = 2  # the network drops during the second commit (and every later one)
+    with pytest.raises(PublishIncompleteError, match=r"stopped in commit 2 of \d.*not marked complete.*rerun"):
+        run(cfg)
+    files = hub.state.files("alice/big")
+    assert files and not any(p.endswith(("release.json", "cfg.json")) for p in files)
+    with pytest.raises(ReleaseIncompleteError, match="release.json is missing"):
+        S.load("hf://alice/big/model.layers.0")
+
+    hub.state.fail.clear()
+    res = run(cfg)
+    assert len(res.hub.commits) > 2
+    assert len(hub.state.uploads) == len(set(hub.state.uploads)), "a file was sent twice"
+    remote = hub.state.files("alice/big")
+    remote.pop(".gitattributes")
+    assert remote == release_files(res.folder)
+    assert_same_sae(S.load(runs["jumprelu"] / "sae"), S.load("hf://alice/big/model.layers.2"))
+
+    # an update that fails part way must not leave the old manifest presenting the new files as complete
+    make_export(tmp_path / "v2" / "sae", "jumprelu", "model.layers.2", seed=7)
+    make_eval(tmp_path / "v2" / "eval")
+    cfg2 = PublishConfig(checkpoints=[str(tmp_path / "v2" / "sae")], out_dir=str(tmp_path / "rel2"),
+                         repo_id="alice/big", single_commit_size="1", commit_size="6kB", progress=False)
+    hub.state.commits, hub.state.fail["commit"] = 0, 2
+    with pytest.raises(PublishIncompleteError):
+        run(cfg2)
+    assert "model.layers.2/release.json" not in hub.state.files("alice/big")
+    hub.state.fail.clear()
+    run(cfg2)
+    assert_same_sae(S.load(tmp_path / "v2" / "sae"), S.load("hf://alice/big/model.layers.2"))
+
+
+def test_hub_bad_credentials_and_foreign_repo(runs, tmp_path, hub, monkeypatch):
+    cfg = PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), repo_id="alice/saes")
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(PublishAuthError, match="no Hugging Face token: set HF_TOKEN.*hf auth login"):
+        run(cfg)
+    assert hub.state.log == []  # refused before any request
+
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(PublishAuthError, match="rejected the token.*401"):
+        run(cfg)
+
+    monkeypatch.setenv("HF_TOKEN", OTHER_TOKEN)  # bob owns bob/saes
+    run(PublishConfig(checkpoints=[str(runs["relu_l1"] / "sae")], out_dir=str(tmp_path / "bob"), repo_id="bob/saes"))
+    before = hub.state.files("bob/saes")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # alice may not write there
+    with pytest.raises(PublishAuthError, match=r"may not write to 'bob/saes' \(HTTP 403.*own namespace") as e:
+        run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), repo_id="bob/saes"))
+    assert TOKEN not in str(e.value) and hub.state.files("bob/saes") == before
+    with pytest.raises(PublishAuthError, match=r"may not write to 'bob/new' \(HTTP 403"):
+        run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), repo_id="bob/new"))
+    assert "bob/new" not in hub.state.repos
+
+
+def test_dry_run_lists_operations_without_network(runs, tmp_path, hub, capsys, s3_bucket):
+    bucket, opts = s3_bucket
+    res = run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"),
+                            repo_id="alice/saes", target=f"s3://{bucket}/releases/x", storage_options=opts,
+                            dry_run=True))
+    out = capsys.readouterr().out
+    assert hub.state.log == [] and "alice/saes" not in hub.state.repos
+    import s3fs
+    assert s3fs.S3FileSystem(**opts).ls(bucket) == []
+    assert (res.folder / "model.layers.1" / "release.json").is_file()
+    for needle in ("dry run", "create_repo alice/saes", "commit 1/1", "model.layers.1/sae_weights.safetensors",
+                   f"copy to s3://{bucket}/releases/x", "put README.md"):
+        assert needle in out, needle
+
+
+# --- an fsspec target: S3 on moto --------------------------------------------------------------------
+
+def test_publish_to_s3_is_idempotent_and_resumes(runs, tmp_path, s3_bucket):
+    import s3fs
+    bucket, opts = s3_bucket
+    url = f"s3://{bucket}/releases/smollm2"
+    cfg = PublishConfig(checkpoints=[str(runs[a] / "sae") for a in ("topk", "batchtopk")],
+                        out_dir=str(tmp_path / "rel"), target=url, storage_options=opts, progress=False)
+    res = run(cfg)
+    fs = s3fs.S3FileSystem(**opts)
+    local = release_files(res.folder)
+    assert {k: fs.cat(f"{bucket}/releases/smollm2/{k}") for k in local} == local
+    assert len(fs.find(f"{bucket}/releases/smollm2")) == len(local)
+    assert run(cfg).target.upload == []
+
+    # an interrupted copy: one weights file and the manifest never arrived
+    fs.rm(f"{bucket}/releases/smollm2/model.layers.3/sae_weights.safetensors")
+    fs.rm(f"{bucket}/releases/smollm2/model.layers.3/release.json")
+    res = run(cfg)
+    assert [f.path for f in res.target.upload] == ["model.layers.3/sae_weights.safetensors",
+                                                   "model.layers.3/release.json"]
+    assert fs.cat(f"{bucket}/releases/smollm2/model.layers.3/sae_weights.safetensors") == \
+        local["model.layers.3/sae_weights.safetensors"]
+
+    with pytest.raises(OSError, match="cannot reach the storage"):
+        run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel3"),
+                          target=f"s3://{bucket}/x", storage_options={**opts, "endpoint_url": "http://127.0.0.1:9"}))
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+def test_command_line_publishes_and_keeps_the_token_out_of_every_log(runs, tmp_path, hub):
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"), "PIPELINE_RUNS": str(tmp_path / "runs"),
+           "HF_HUB_VERBOSITY": "debug"}
+    args = [sys.executable, "-m", "pipeline.publish", f"checkpoints=[{runs['jumprelu'] / 'sae'}]",
+            f"out_dir={tmp_path / 'rel'}", "repo_id=alice/cli", "progress=false"]
+    p = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "published alice/cli@main" in p.stdout + p.stderr
+    assert hub.state.files("alice/cli")["model.layers.2/cfg.json"] == (tmp_path / "rel/model.layers.2/cfg.json").read_bytes()
+    hydra_logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "runs").rglob("*") if f.is_file())
+    assert "published alice/cli@main" in hydra_logs
+    assert TOKEN not in p.stdout + p.stderr + hydra_logs
+
+
+# --- SAELens, in its own virtual environment ---------------------------------------------------------
+
+SAELENS_SPEC = "sae-lens>=6,<7"
+SAELENS_VENV = Path(os.environ.get("PIPELINE_SAELENS_VENV", Path.home() / ".cache" / "pipeline" / "saelens-venv"))
+
+
+def saelens_python() -> Path:
+    """Python of a virtual environment with sae-lens, made once (about 90 s and 1.9 GB) beside the
+    same torch version as ours, installed first so that pip does not pull another build."""
+    py, stamp = SAELENS_VENV / "bin" / "python", SAELENS_VENV / ".pipeline-ready"
+    want = f"{SAELENS_SPEC} torch=={torch.__version__.split('+')[0]}"
+    SAELENS_VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(SAELENS_VENV.parent / "saelens-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one maker at a time
+        if stamp.is_file() and stamp.read_text() == want:
+            return py
+        steps = [[sys.executable, "-m", "venv", str(SAELENS_VENV)],
+                 [str(py), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}"],
+                 [str(py), "-m", "pip", "install", "-q", SAELENS_SPEC]]
+        for cmd in steps:
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                pytest.skip(f"cannot make the SAELens venv at {SAELENS_VENV}: {' '.join(cmd[2:])} failed ({exc})")
+            if p.returncode:
+                pytest.skip(f"cannot make the SAELens venv at {SAELENS_VENV}: `{' '.join(cmd[2:])}` exited "
+                            f"{p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}")
+        stamp.write_text(want)
+    return py
+
+
+SAELENS_SCRIPT = """
+import json, sys, torch
+from safetensors.torch import load_file, save_file
+import sae_lens
+from sae_lens import SAE
+args = json.loads(sys.argv[1])
+x = load_file(args["x"])["x"]
+out = {}
+def run(tag, sae):
+    with torch.no_grad():
+        f = sae.encode(x)
+        out[tag + "/latents"], out[tag + "/x_hat"] = f.contiguous(), sae.decode(f).contiguous()
+for sid, folder in args["disk"].items():
+    run("disk/" + sid, SAE.load_from_disk(folder))
+for sid in args["hub_ids"]:
+    run("hub/" + sid, SAE.from_pretrained(args["repo"], sid))
+save_file(out, args["out"])
+print("sae_lens", sae_lens.__version__)
+"""
+
+
+def test_saelens_loads_the_release_with_equal_outputs(runs, tmp_path, hub):
+    """SAELens's own loaders (load_from_disk on the folder, from_pretrained from the loopback Hub)
+    give the same latents (same active set) and reconstructions as pipeline.sae on the same inputs."""
+    py = saelens_python()
+    res = run(PublishConfig(checkpoints=[str(runs[a] / "sae") for a in S.ARCHITECTURES],
+                            out_dir=str(tmp_path / "rel"), repo_id="alice/saelens", progress=False))
+    x = inputs(seed=3, n=256)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    args = {"x": str(tmp_path / "x.safetensors"), "out": str(tmp_path / "out.safetensors"), "repo": "alice/saelens",
+            "disk": {sid: str(res.folder / sid) for sid in res.sae_ids}, "hub_ids": res.sae_ids}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf-home"),
+               HF_TOKEN=TOKEN, HF_HUB_DISABLE_TELEMETRY="1", WANDB_MODE="disabled")
+    p = subprocess.run([str(py), "-c", SAELENS_SCRIPT, json.dumps(args)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    theirs = load_file(str(tmp_path / "out.safetensors"))
+    for sid, arch in zip(res.sae_ids, S.ARCHITECTURES):
+        ours = S.load(runs[arch] / "sae")
+        latents = dense_latents(ours, x)
+        with torch.no_grad():
+            x_hat = ours(x).x_hat
+        assert (latents > 0).any(1).all(), "inputs too weak: some tokens have no active latent"
+        for where in ("disk", "hub"):
+            f, r = theirs[f"{where}/{sid}/latents"], theirs[f"{where}/{sid}/x_hat"]
+            assert torch.equal(f != 0, latents != 0), f"{arch} ({where}): a different set of active latents"
+            torch.testing.assert_close(f, latents, rtol=1e-5, atol=1e-5, msg=f"{arch} latents ({where})")
+            torch.testing.assert_close(r, x_hat, rtol=1e-5, atol=1e-5, msg=f"{arch} x_hat ({where})")
+            print(f"{p.stdout.strip()} {where} {arch}: max |latent diff| {(f - latents).abs().max():.2e}, "
+                  f"max |x_hat diff| {(r - x_hat).abs().max():.2e} (|x_hat| up to {x_hat.abs().max():.1f})")
+        assert transformer_lens_hook(ours.meta["hook"]).startswith("blocks.")

@@ -50,9 +50,6 @@ IMAGE ?= pipeline
 docker:  ## build the CUDA image for cloud GPU machines (docker/README.md; IMAGE=name)
 	docker build -f docker/Dockerfile -t $(IMAGE) .
 
-publish: setup  ## stage 4: publish exported SAEs to the Hub or any URL (python -m pipeline.publish)
-	$(PY) -m pipeline.publish $(ARGS)
-
 bench: setup  ## run the benchmarks (each prints a table; add ARGS=--json for JSON)
 	for b in benchmarks/*.py; do $(PY) $$b $(ARGS) || exit 1; done
 

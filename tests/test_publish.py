@@ -62,19 +62,21 @@ def make_export(folder: Path, arch: str, hook: str, feature_shards: int = 1, see
     return folder
 
 
-def make_eval(folder: Path, with_extras: bool = True) -> Path:
+def make_eval(folder: Path, with_extras: bool = True, dashboard: Path | None = None) -> Path:
+    """What pipeline.evaluate writes (metrics.json with per-feature density, density_histogram.png) and
+    what pipeline.interpret writes (a dashboard folder), small."""
     folder.mkdir(parents=True, exist_ok=True)
     density = [round(0.5 ** (i % 12), 6) if i % 7 else 0.0 for i in range(N)]
     (folder / "metrics.json").write_text(json.dumps({
-        "reconstruction": {"mse": 1.25, "fvu": 0.125, "explained_variance": 0.875},
-        "sparsity": {"l0": 4.0, "dead_fraction": 0.14, "feature_density": density},
-        "downstream": {"ce_loss_recovered": 0.93}}))
+        "mse": 1.25, "fvu": 0.125, "l0": 4.0, "dead_fraction": 0.14, "n_tokens_reconstruction": 4096,
+        "downstream": {"ce_loss_recovered": 0.93}, "feature_density": density}))
     if with_extras:
         from PIL import Image
         Image.new("RGB", (8, 6), (200, 30, 30)).save(folder / "density_histogram.png")
-        (folder / "dashboard" / "features").mkdir(parents=True)
-        (folder / "dashboard" / "index.html").write_text("<html><body>index</body></html>")
-        (folder / "dashboard" / "features" / "0.html").write_text("<html><body>feature 0</body></html>")
+        dashboard = dashboard or folder / "dashboard"
+        (dashboard / "features").mkdir(parents=True)
+        (dashboard / "index.html").write_text("<html><body>index</body></html>")
+        (dashboard / "features" / "0.html").write_text("<html><body>feature 0</body></html>")
     return folder
 
 
@@ -86,7 +88,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for i, arch in enumerate(S.ARCHITECTURES):
         run_dir = root / arch
         make_export(run_dir / "sae", arch, f"model.layers.{i}", feature_shards=2 if arch == "topk" else 1, seed=i)
-        make_eval(run_dir / "eval", with_extras=arch != "relu_l1")
+        # topk: the dashboard where pipeline.interpret puts it, beside the run's export
+        make_eval(run_dir / "eval", with_extras=arch != "relu_l1",
+                  dashboard=run_dir / "interpret" if arch == "topk" else None)
         out[arch] = run_dir
     return out
 
@@ -157,7 +161,7 @@ def test_release_follows_the_saelens_layout(runs, tmp_path):
             shapes["threshold"] = (N,)
         assert {k: tuple(v.shape) for k, v in w.items()} == shapes
         assert all(v.dtype == torch.float32 for v in w.values())
-        density = torch.tensor(json.loads((runs[arch] / "eval" / "metrics.json").read_text())["sparsity"]["feature_density"])
+        density = torch.tensor(json.loads((runs[arch] / "eval" / "metrics.json").read_text())["feature_density"])
         sparsity = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
         assert torch.allclose(sparsity, torch.log10(density.float() + 1e-10))
         manifest = json.loads((folder / "release.json").read_text())
@@ -168,10 +172,27 @@ def test_release_follows_the_saelens_layout(runs, tmp_path):
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta["library_name"] == "saelens" and meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
     assert {"sparse-autoencoder", "saelens", *S.ARCHITECTURES} <= set(meta["tags"])
-    for needle in ("| reconstruction.fvu | 0.125 |", "model.layers.1/density_histogram.png", '"k": 4',
+    for needle in ("| fvu | 0.125 |", "| downstream.ce_loss_recovered | 0.93 |", "model.layers.1/density_histogram.png", '"k": 4',
                    'SAE.from_pretrained("alice/saes", "model.layers.0")',
                    'pipeline.sae.load("hf://alice/saes/model.layers.0")'):
         assert needle in text, needle
+
+
+def test_demo_layout_with_explicit_eval_and_dashboard_dirs(tmp_path):
+    """As `make demo` lays out a run: train/<arch>/sae, evaluate/, interpret/ side by side."""
+    from pipeline.errors import ConfigError
+    ckpt = make_export(tmp_path / "train" / "topk" / "sae", "topk", "model.layers.15")
+    make_eval(tmp_path / "evaluate", dashboard=tmp_path / "interpret")
+    res = run(PublishConfig(checkpoints=[str(ckpt)], eval_dirs=[str(tmp_path / "evaluate")],
+                            dashboard_dirs=[str(tmp_path / "interpret")], out_dir=str(tmp_path / "rel")))
+    folder = res.folder / "model.layers.15"
+    assert (folder / "dashboard" / "features" / "0.html").is_file() and (folder / "density_histogram.png").is_file()
+    with pytest.raises(ConfigError, match="eval_dirs has 1 entries for 2 checkpoints"):
+        PublishConfig(checkpoints=[str(ckpt), str(ckpt)], eval_dirs=[str(tmp_path)])
+    with pytest.raises(ConfigError, match="repo_id='nope' must be owner/name"):
+        PublishConfig(repo_id="nope")
+    with pytest.raises(ConfigError, match="like 500MB"):
+        PublishConfig(max_shard_size="lots")
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):

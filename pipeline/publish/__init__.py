@@ -1,7 +1,7 @@
 """Stage 4: publish exported SAEs with their evaluation as a release that SAELens and we can load,
 to the Hugging Face Hub and/or any fsspec URL.
 
-    python -m pipeline.publish checkpoints=[runs/demo/train/sae] repo_id=my-org/smollm2-saes
+    python -m pipeline.publish checkpoints=[runs/demo/train/topk/sae] repo_id=my-org/smollm2-saes
     python -m pipeline.publish target=s3://bucket/releases/smollm2 dry_run=true
 
 Output contract: the release layout (docs/release-format.md, pipeline/publish/release.py).

@@ -9,13 +9,17 @@ from pipeline.errors import ConfigError
 
 @dataclass
 class PublishConfig:
-    checkpoints: list[str] = field(default_factory=lambda: ["runs/demo/train/sae"])
+    checkpoints: list[str] = field(default_factory=lambda: ["runs/demo/train/topk/sae"])
     """Exported SAEs (a training run's <out_dir>/sae), one per hook; each becomes a release sub-folder
     named after its hook (SAELens's sae_id), e.g. model.layers.15."""
     eval_dirs: list[str] = field(default_factory=list)
-    """Where evaluation wrote each checkpoint's metrics.json, density histogram PNG and dashboard/
-    (same order as checkpoints). Empty: looked for in <checkpoint>, <checkpoint>/eval, <checkpoint>/../eval
-    and <checkpoint>/.. ."""
+    """Where `pipeline.evaluate` wrote each checkpoint's metrics.json and density_histogram.png (same
+    order as checkpoints). Empty: looked for in <checkpoint>, then eval/ and evaluate/ in it and
+    beside it, then <checkpoint>/.. ."""
+    dashboard_dirs: list[str] = field(default_factory=list)
+    """Where `pipeline.interpret` wrote each checkpoint's dashboard (index.html, features/, ...),
+    copied into the release as <sae_id>/dashboard/. Empty: <eval dir>/dashboard, then interpret/ and
+    dashboard/ beside the checkpoint, if present."""
     require_metrics: bool = True
     """Refuse to publish a checkpoint without evaluation metrics (a release without them is no release)."""
     out_dir: str = "runs/demo/release"
@@ -64,10 +68,11 @@ class PublishConfig:
         from pipeline.publish.release import parse_size
         if not self.checkpoints:
             raise ConfigError("checkpoints is empty; name at least one exported SAE, e.g. "
-                              "checkpoints=[runs/demo/train/sae]")
-        if self.eval_dirs and len(self.eval_dirs) != len(self.checkpoints):
-            raise ConfigError(f"eval_dirs has {len(self.eval_dirs)} entries for {len(self.checkpoints)} checkpoints; "
-                              "give one per checkpoint, or none to look next to each checkpoint")
+                              "checkpoints=[runs/demo/train/topk/sae]")
+        for name in ("eval_dirs", "dashboard_dirs"):
+            if getattr(self, name) and len(getattr(self, name)) != len(self.checkpoints):
+                raise ConfigError(f"{name} has {len(getattr(self, name))} entries for {len(self.checkpoints)} "
+                                  "checkpoints; give one per checkpoint, or none to look next to each checkpoint")
         if self.repo_id is not None and (self.repo_id.count("/") != 1 or not all(self.repo_id.split("/"))):
             raise ConfigError(f"repo_id={self.repo_id!r} must be owner/name, e.g. my-org/smollm2-saes")
         for name in ("max_shard_size", "single_commit_size", "commit_size"):

@@ -34,14 +34,30 @@ class PublishResult:
 
 
 def eval_candidates(checkpoint: Path) -> list[Path]:
-    return [checkpoint, checkpoint / "eval", checkpoint.parent / "eval", checkpoint.parent]
+    return [checkpoint, checkpoint / "eval", checkpoint / "evaluate", checkpoint.parent / "eval",
+            checkpoint.parent / "evaluate", checkpoint.parent]
 
 
-def find_source(checkpoint: str, eval_dir: str | None, require_metrics: bool) -> SAESource:
+def find_dashboard(checkpoint: Path, eval_dir: Path | None, dashboard_dir: str | None) -> Path | None:
+    if dashboard_dir:
+        d = Path(dashboard_dir)
+        if not (d / "index.html").is_file():
+            raise FileNotFoundError(f"dashboard_dirs entry {dashboard_dir!r} has no index.html. Fix: point it at "
+                                    "the out_dir of `python -m pipeline.interpret`, or leave dashboard_dirs empty")
+        return d
+    for d in ([eval_dir / "dashboard"] if eval_dir else []) + [checkpoint.parent / "interpret",
+                                                                checkpoint.parent / "dashboard"]:
+        if (d / "index.html").is_file():
+            return d
+    return None
+
+
+def find_source(checkpoint: str, eval_dir: str | None, require_metrics: bool,
+                dashboard_dir: str | None = None) -> SAESource:
     ckpt = Path(checkpoint)
     if not (ckpt / "cfg.json").is_file():
         raise FileNotFoundError(f"no exported SAE at {checkpoint!r} (cfg.json is missing). Fix: point checkpoints "
-                                "at a training run's export folder, e.g. checkpoints=[runs/demo/train/sae]")
+                                "at a training run's export folder, e.g. checkpoints=[runs/demo/train/topk/sae]")
     dirs = [Path(eval_dir)] if eval_dir else eval_candidates(ckpt)
     where = next((d for d in dirs if (d / METRICS).is_file()), None)
     if where is None:
@@ -51,11 +67,10 @@ def find_source(checkpoint: str, eval_dir: str | None, require_metrics: bool) ->
                 f"{', '.join(str(d) for d in dirs)}. Fix: evaluate it first (python -m pipeline.evaluate), pass "
                 "eval_dirs=[<folder with metrics.json>], or publish without metrics with require_metrics=false")
         log.warning("publishing %s without evaluation metrics (require_metrics=false)", checkpoint)
-        return SAESource(ckpt, None, None, None, None)
+        return SAESource(ckpt, None, None, find_dashboard(ckpt, None, dashboard_dir), None)
     metrics = json.loads((where / METRICS).read_text())
     pngs = sorted(p for p in where.glob("*.png") if "dens" in p.name or "hist" in p.name)
-    dashboard = where / "dashboard"
-    return SAESource(ckpt, metrics, pngs[0] if pngs else None, dashboard if dashboard.is_dir() else None,
+    return SAESource(ckpt, metrics, pngs[0] if pngs else None, find_dashboard(ckpt, where, dashboard_dir),
                      _density(metrics, where))
 
 
@@ -75,7 +90,8 @@ def _density(metrics: dict, where: Path) -> torch.Tensor | None:
 
 def build(cfg: PublishConfig) -> tuple[Path, list[dict]]:
     """Write the release folder (replacing a previous release there); returns it and its SAEs."""
-    sources = [find_source(c, cfg.eval_dirs[i] if cfg.eval_dirs else None, cfg.require_metrics)
+    sources = [find_source(c, cfg.eval_dirs[i] if cfg.eval_dirs else None, cfg.require_metrics,
+                           cfg.dashboard_dirs[i] if cfg.dashboard_dirs else None)
                for i, c in enumerate(cfg.checkpoints)]
     out = Path(cfg.out_dir)
     if out.exists() and any(out.iterdir()) and not list(out.glob(f"*/{MANIFEST}")) and not (out / CARD).exists():

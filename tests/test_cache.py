@@ -207,3 +207,24 @@ def test_missing_credentials(tiny_model_dir, text_dir, s3_server, monkeypatch, t
     opts = {"endpoint_url": s3_server["endpoint_url"], "skip_instance_cache": True}
     with pytest.raises(StorageAccessError, match="AWS_ACCESS_KEY_ID"):
         run(tiny_cfg(tiny_model_dir, text_dir, "s3://nocreds/acts", storage_options=opts))
+
+
+def test_extend_a_complete_store_and_commit_a_partial_one_early(tiny_model_dir, text_dir, tmp_path):
+    """Shards do not depend on the planned size: a finished store grows with a larger n_tokens
+    (only the new shards are computed), and an unfinished one can be committed at a smaller size."""
+    grown, fresh = str(tmp_path / "grown"), str(tmp_path / "fresh")
+    run(tiny_cfg(tiny_model_dir, text_dir, grown, n_tokens=5 * 124))
+    result = run(tiny_cfg(tiny_model_dir, text_dir, grown, n_tokens=10 * 124))
+    assert result.committed and result.tokens == 5 * 124
+    run(tiny_cfg(tiny_model_dir, text_dir, fresh, n_tokens=10 * 124))
+    assert_same_store(grown, fresh)
+    with pytest.raises(StoreMismatchError, match="would discard data"):
+        run(tiny_cfg(tiny_model_dir, text_dir, grown, n_tokens=124))
+
+    early, small = str(tmp_path / "early"), str(tmp_path / "small")
+    half = run(tiny_cfg(tiny_model_dir, text_dir, early, n_tokens=10 * 124, worker=WorkerConfig(0, 2)))
+    assert not half.committed  # odd shards are missing
+    stopped = run(tiny_cfg(tiny_model_dir, text_dir, early, n_tokens=124))
+    assert stopped.committed and stopped.tokens == 0  # shard 0 was done: commit at once
+    run(tiny_cfg(tiny_model_dir, text_dir, small, n_tokens=124))
+    assert_same_store(early, small)

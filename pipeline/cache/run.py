@@ -24,7 +24,9 @@ def fingerprint(cfg: CacheConfig, layout: StoreLayout) -> tuple[str, dict]:
     """What decides a store's contents; a rerun with the same fingerprint resumes the store."""
     desc = {"model": {"name": cfg.model.name, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
             "data": asdict(cfg.data), "hooks": list(cfg.hooks), "context_size": cfg.context_size,
-            "drop_positions": cfg.drop_positions, "layout": asdict(layout)}
+            "drop_positions": cfg.drop_positions,
+            # not the planned size: a store can be extended, or committed early, under one fingerprint
+            "layout": {k: v for k, v in asdict(layout).items() if k != "n_contexts"}}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16], desc
 
 

@@ -140,30 +140,58 @@ class ActivationStoreWriter:
             self.storage.fs.rm(self.storage.root, recursive=True)
         group = zarr.open_group(self.storage.zarr_store(), mode="a")
         self.group = group
-        if old is not None and self.is_committed() and old.get("fingerprint") == self.header["fingerprint"]:
-            # committed (and possibly shrunk to the data's real size): open, never re-create
-            self.arrays = {k: group[k] for k in _array_names(self.layout.hooks)}
-            return
         lay = self.layout
+        if old is not None and old.get("fingerprint") == self.header["fingerprint"]:
+            self._resize(old, group)
+            return
         codec = [zarr.codecs.ZstdCodec(level=1)]
         row_chunks = (lay.chunk_rows,)
         self.arrays = {
-            F.TOKENS: group.require_array(F.TOKENS, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
-            F.CONTEXT: group.require_array(F.CONTEXT, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
-            F.POSITION: group.require_array(F.POSITION, shape=(lay.n_rows,), dtype="int16", chunks=row_chunks, compressors=codec),
+            F.TOKENS: group.create_array(F.TOKENS, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
+            F.CONTEXT: group.create_array(F.CONTEXT, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
+            F.POSITION: group.create_array(F.POSITION, shape=(lay.n_rows,), dtype="int16", chunks=row_chunks, compressors=codec),
         }
         for hook in lay.hooks:
-            self.arrays[F.hook_path(hook, F.ACTS)] = group.require_array(
+            self.arrays[F.hook_path(hook, F.ACTS)] = group.create_array(
                 F.hook_path(hook, F.ACTS), shape=(lay.n_rows, lay.d_model), dtype=F.STORAGE_DTYPES[lay.dtype],
                 chunks=(lay.chunk_rows, lay.d_model), compressors=codec)
-            self.arrays[F.hook_path(hook, F.NORM)] = group.require_array(
+            self.arrays[F.hook_path(hook, F.NORM)] = group.create_array(
                 F.hook_path(hook, F.NORM), shape=(lay.n_rows,), dtype="float32", chunks=row_chunks, compressors=codec)
-        if old is None or old.get("fingerprint") != self.header["fingerprint"]:
+        group.attrs[F.HEADER_ATTR] = self.header
+
+    def _resize(self, old: dict, group: zarr.Group) -> None:
+        """Reopen a store of the same configuration, possibly planned to a different size: shards
+        do not depend on the planned size, so a store can be extended with more tokens, or a
+        running cache stopped early and committed at the size it reached."""
+        self.arrays = {k: group[k] for k in _array_names(self.layout.hooks)}
+        commit = dict(group.attrs).get(F.COMMIT_ATTR)
+        if self.is_committed() and commit is not None:
+            if self.layout.n_contexts == old["layout"]["n_contexts"]:
+                return  # complete; the caller sees is_committed()
+            if self.layout.n_contexts < commit["n_contexts"]:
+                raise StoreMismatchError(
+                    f"the store at {self.storage.url!r} is complete with {commit['n_tokens']} tokens; a smaller "
+                    f"size ({self.layout.n_rows}) would discard data. Fix: keep n_tokens, choose another URL, or "
+                    "set overwrite=true")
+            self.storage.fs.rm(self.storage.path(F.COMMIT_MARKER))  # extending: no longer complete
+        if self.arrays[F.TOKENS].shape[0] != self.layout.n_rows:
+            for arr in self.arrays.values():
+                arr.resize((self.layout.n_rows, *arr.shape[1:]))
+        if old["layout"]["n_contexts"] != self.layout.n_contexts:
             group.attrs[F.HEADER_ATTR] = self.header
 
     # -- resumability --------------------------------------------------------------------------
     def finished_shards(self) -> set[int]:
-        return {int(n.split(".")[0]) for n in self.storage.list_json(F.SHARD_MARKERS)}
+        """Shards with a marker written for the shard's current extent (a marker of a shard that was
+        the short last one of a smaller plan does not count once the plan grew)."""
+        done = set()
+        for name in self.storage.list_json(F.SHARD_MARKERS):
+            k = int(name.split(".")[0])
+            if k < self.layout.n_shards:
+                marker = self.storage.read_json(F.shard_marker(k))
+                if marker.get("planned", marker["contexts"]) == len(self.layout.shard_contexts_range(k)):
+                    done.add(k)
+        return done
 
     def is_committed(self) -> bool:
         return self.storage.read_json(F.COMMIT_MARKER) is not None
@@ -275,6 +303,7 @@ class _ShardState:
             raise RuntimeError(f"shard {self.shard}: wrote {self.rows_written} rows, expected {expected}")
         self.w.storage.write_json(F.shard_marker(self.shard), {
             "shard": self.shard, "contexts": n_contexts, "rows": self.rows_written,
+            "planned": len(self.w.layout.shard_contexts_range(self.shard)),
             "fingerprint": self.w.header["fingerprint"],
             "stats": {h: s.to_json() for h, s in self.stats.items()}})
 

@@ -31,3 +31,7 @@ class StoreMismatchError(ConfigError):
 
 class StorageAccessError(StoreError):
     """The storage behind a URL is unreachable or refuses our credentials."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; a checkpoint of the last finite state was saved."""

@@ -1,0 +1,197 @@
+"""What every architecture shares: the config, the forward output, the parameters and their
+deterministic initialisation, and the no-op communicator of a single, unsharded process.
+
+An SAE module holds one contiguous block of features, `features = range(start, stop)` of
+`cfg.n_features`: every per-feature tensor has the features along dim 0 (`W_enc`, `W_dec` are
+`[features, d_model]`, like nn.Linear's and nn.Embedding's weights). Modules never import
+torch.distributed: where a feature-sharded forward must communicate they call `self.comm`, which
+`pipeline.parallel` replaces; the default `Local` does nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import ConfigError
+
+ARCHITECTURES = ("relu_l1", "topk", "jumprelu", "batchtopk")
+
+
+@dataclass
+class SAEConfig:
+    architecture: str = "topk"
+    """relu_l1, topk, jumprelu or batchtopk (one file each in pipeline/sae/)."""
+    n_features: int = 4096
+    """Dictionary size (all shards together)."""
+    d_model: int | None = None
+    """Input width; taken from the activation store when unset, checked against it when set."""
+    k: int = 32
+    """topk: active latents per token; batchtopk: average active latents per token."""
+    k_aux: int = 256
+    """topk, batchtopk: dead latents used by the AuxK loss (0 turns AuxK off)."""
+    aux_coef: float = 1 / 32
+    """topk, batchtopk: alpha, the weight of the AuxK loss."""
+    dead_tokens: int = 10_000_000
+    """A latent that fired on none of the last this-many tokens is dead (AuxK and the dead fraction)."""
+    sparsity_coef: float = 5.0
+    """lambda: relu_l1's weight of sum_i f_i ||W_dec,i||; jumprelu's weight of the L0 penalty."""
+    decoder_init_norm: float = 0.1
+    """relu_l1: initial norm of each decoder row (unit-norm architectures always start at 1)."""
+    threshold_init: float = 0.001
+    """jumprelu: initial threshold of every latent (in normalised input units)."""
+    bandwidth: float = 0.001
+    """jumprelu: width epsilon of the straight-through estimators' rectangle kernel."""
+    b_dec_init: str = "mean"
+    """mean (the normalised data mean; far fewer dead latents) or zero."""
+    unit_norm_decoder: bool | None = None
+    """Decoder rows used as W_dec,i / ||W_dec,i||. None: the architecture's default (all but
+    relu_l1). Exported checkpoints set False: their rows carry the folded input scale."""
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"sae.architecture={self.architecture!r} is not one of {list(ARCHITECTURES)}")
+        if self.n_features < 1:
+            raise ConfigError(f"sae.n_features={self.n_features} must be positive")
+        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.n_features:
+            raise ConfigError(f"sae.k={self.k} must be in [1, n_features={self.n_features}]")
+        if self.k_aux < 0 or self.dead_tokens < 1:
+            raise ConfigError(f"sae.k_aux={self.k_aux} must be >= 0 and sae.dead_tokens={self.dead_tokens} >= 1")
+        if self.b_dec_init not in ("mean", "zero"):
+            raise ConfigError(f"sae.b_dec_init={self.b_dec_init!r} must be 'mean' or 'zero'")
+        if self.bandwidth <= 0 or self.threshold_init <= 0:
+            raise ConfigError(f"sae.bandwidth={self.bandwidth} and sae.threshold_init={self.threshold_init} "
+                              "must be positive")
+
+
+class ForwardOutput(NamedTuple):
+    """Every value is for the whole dictionary (summed over feature shards). `loss`, `mse` and
+    `aux` are means over this process's batch; backpropagate `loss`."""
+
+    x_hat: Tensor     # [batch, d_model] reconstruction
+    loss: Tensor      # mse + sparsity + aux
+    mse: Tensor       # mean over tokens of ||x - x_hat||^2
+    sparsity: Tensor  # the weighted sparsity penalty (0 for topk, batchtopk)
+    aux: Tensor       # the weighted AuxK loss (0 where unused)
+    l0: Tensor        # mean number of active latents per token (no grad)
+    fired: Tensor     # [local features] tokens of this batch on which each latent fired (no grad)
+
+
+class Local:
+    """Communication of an unsharded SAE in one process: all identities. pipeline.parallel's
+    FeatureComm has the same methods with collectives behind them."""
+
+    def enter(self, x: Tensor) -> Tensor:
+        """Where a replicated tensor enters the sharded encoder (backward: sum over shards)."""
+        return x
+
+    def reduce(self, x: Tensor) -> Tensor:
+        """Sum of per-shard partial results (forward: sum over shards; backward: identity)."""
+        return x
+
+    def gather_features(self, t: Tensor) -> Tensor:
+        """[batch, c] from every feature shard, concatenated along dim 1. No grad."""
+        return t
+
+    def gather_all(self, t: Tensor) -> Tensor:
+        """1-D tensors of equal length from every rank of the world, concatenated. No grad."""
+        return t
+
+    def sum_features(self, t: Tensor) -> Tensor:
+        """Sum over feature shards, no grad (statistics)."""
+        return t
+
+    def sum_batch(self, t: Tensor) -> Tensor:
+        """Sum over data-parallel ranks, no grad: statistics of the global batch."""
+        return t
+
+
+def feature_rows(seed: int, name: str, features: range, d: int, block: int = 4096) -> Tensor:
+    """Gaussian rows for `features`, generated in fixed blocks of the full dictionary, so that a
+    shard's rows are the same as those rows of an unsharded model, and no rank builds them all."""
+    salt = sum(ord(c) * 31 ** i for i, c in enumerate(name)) % 1_000_003
+    out = []
+    for b in range(features.start // block, (features.stop - 1) // block + 1 if len(features) else 0):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + salt * 65_537 + b)
+        rows = torch.randn(block, d, generator=g)
+        lo, hi = max(features.start, b * block) - b * block, min(features.stop, (b + 1) * block) - b * block
+        out.append(rows[lo:hi])
+    return torch.cat(out) if out else torch.empty(0, d)
+
+
+class SparseAutoencoder(nn.Module):
+    """Base of every architecture: W_enc, b_enc, W_dec (sharded along features) and b_dec
+    (replicated), plus the dead-latent counter. Subclasses write encode() and forward()."""
+
+    architecture = ""
+    unit_norm_default = True
+    feature_tensors = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")
+    """Names of the tensors with features along dim 0: sharded, exported shard by shard."""
+
+    def __init__(self, cfg: SAEConfig, features: range | None = None, device=None):
+        super().__init__()
+        if cfg.d_model is None:
+            raise ConfigError("SAEConfig.d_model is unset; set it or take it from the activation store")
+        self.cfg = cfg
+        self.features = features if features is not None else range(cfg.n_features)
+        self.unit_norm = self.unit_norm_default if cfg.unit_norm_decoder is None else cfg.unit_norm_decoder
+        n, d = len(self.features), cfg.d_model
+        kw = {"device": device, "dtype": torch.float32}
+        self.W_enc = nn.Parameter(torch.zeros(n, d, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(n, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(n, d, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d, **kw))
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64, device=device))
+        self.comm = Local()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0, mean: Tensor | None = None) -> None:
+        """Tied init: random unit directions for the decoder rows (scaled to decoder_init_norm
+        where the norm is free), W_enc = W_dec, biases 0, b_dec the data mean if given."""
+        rows = feature_rows(seed, "W_dec", self.features, self.cfg.d_model)
+        rows = rows / rows.norm(dim=1, keepdim=True)
+        if not self.unit_norm:
+            rows = rows * self.cfg.decoder_init_norm
+        self.W_dec.copy_(rows)
+        self.W_enc.copy_(rows)
+        self.b_enc.zero_()
+        self.b_dec.copy_(mean if mean is not None and self.cfg.b_dec_init == "mean" else torch.zeros_like(self.b_dec))
+        self.tokens_since_fired.zero_()
+
+    def decoder_weight(self) -> Tensor:
+        """W_dec as used: rows divided by their norm for unit-norm architectures. Autograd then
+        removes each row's gradient component parallel to the row (Gao et al.), and the
+        constraint holds exactly whatever the optimizer does (no step hook, no ZeRO surgery)."""
+        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True) if self.unit_norm else self.W_dec
+
+    def inv_decoder_norm(self) -> Tensor:
+        """[local features] factor that turns W_dec rows into the rows used (1 if the norm is free)."""
+        if not self.unit_norm:
+            return torch.ones(len(self.features), device=self.W_dec.device, dtype=self.W_dec.dtype)
+        return self.W_dec.norm(dim=1).reciprocal()
+
+    def dead_mask(self) -> Tensor:
+        """Latents that fired on none of the last cfg.dead_tokens tokens (before this batch)."""
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def _finish(self, x: Tensor, x_hat: Tensor, sparsity: Tensor, aux: Tensor, fired: Tensor) -> ForwardOutput:
+        """The common tail of forward(): MSE, L0 and the dead-latent counter."""
+        mse = (x - x_hat).pow(2).sum(-1).mean()
+        n = x.shape[0]
+        l0 = self.comm.sum_features(fired.sum().float()) / n
+        if self.training:
+            with torch.no_grad():
+                # one all-reduce for the fired counts and the token count of the global batch
+                total = self.comm.sum_batch(torch.cat([fired.long(), fired.new_tensor([n], dtype=torch.long)]))
+                self.tokens_since_fired.add_(total[-1]).masked_fill_(total[:-1] > 0, 0)
+        return ForwardOutput(x_hat, mse + sparsity + aux, mse, sparsity, aux, l0, fired)
+
+    def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"{self.architecture}, d_model={self.cfg.d_model}, features={self.features.start}.."
+                f"{self.features.stop} of {self.cfg.n_features}")

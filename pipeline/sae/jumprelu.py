@@ -1,0 +1,84 @@
+"""JumpReLU SAE: Rajamanoharan et al. (2024), as trained for Gemma Scope (Lieberum et al., 2024).
+
+    f     = z * H(z - theta),  z = W_enc x + b_enc,  theta = exp(log_threshold) per latent
+    x_hat = W_dec^T f + b_dec
+    loss  = ||x - x_hat||^2 + lambda * ||f||_0
+
+H has no useful derivative, so theta learns through straight-through estimators: a rectangle
+kernel K of width epsilon (`bandwidth`) around the threshold gives
+    d/dtheta JumpReLU(z) = -(theta / eps) K((z - theta) / eps),
+    d/dtheta H(z - theta) = -(1 / eps) K((z - theta) / eps).
+Decoder rows have unit norm; W_enc = W_dec at init, theta = threshold_init.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder
+
+
+def _kernel(z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    return ((z - theta).abs() < eps / 2).to(z.dtype) / eps
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        g_theta = -(theta * _kernel(z, theta, ctx.eps) * g).sum(0)
+        return g * (z > theta), g_theta, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        return None, -(_kernel(z, theta, ctx.eps) * g).sum(0), None
+
+
+class JumpReLU(SparseAutoencoder):
+    architecture = "jumprelu"
+    feature_tensors = SparseAutoencoder.feature_tensors + ("log_threshold",)
+
+    def __init__(self, cfg: SAEConfig, features: range | None = None, device=None):
+        super().__init__(cfg, features, device)
+        self.log_threshold = nn.Parameter(torch.zeros(len(self.features), device=device))
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0, mean: Tensor | None = None) -> None:
+        super().reset_parameters(seed, mean)
+        self.log_threshold.fill_(math.log(self.cfg.threshold_init))
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return F.linear(self.comm.enter(x), self.W_enc, self.b_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[batch, local features] latent activations."""
+        return _JumpReLU.apply(self.pre_acts(x), self.log_threshold.exp(), self.cfg.bandwidth)
+
+    def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
+        z = self.pre_acts(x)
+        theta = self.log_threshold.exp()
+        f = _JumpReLU.apply(z, theta, self.cfg.bandwidth)
+        x_hat = self.comm.reduce((f * self.inv_decoder_norm()) @ self.W_dec) + self.b_dec
+        l0 = _Step.apply(z, theta, self.cfg.bandwidth).sum(1).mean()
+        sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * l0)
+        fired = (f > 0).sum(0)
+        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), fired)

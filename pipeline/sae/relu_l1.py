@@ -1,0 +1,37 @@
+"""ReLU SAE with an L1 penalty weighted by decoder norms: Anthropic, "Scaling Monosemanticity"
+and the April 2024 training update.
+
+    f     = ReLU(W_enc x + b_enc)
+    x_hat = W_dec^T f + b_dec
+    loss  = ||x - x_hat||^2 + lambda * sum_i f_i ||W_dec,i||
+
+Decoder norms are free (they sit inside the penalty), so a feature's activation reads as
+f_i ||W_dec,i||. Initialisation: W_enc = W_dec with small row norms, b_enc = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.sae.base import ForwardOutput, SparseAutoencoder
+
+
+class ReluL1(SparseAutoencoder):
+    architecture = "relu_l1"
+    unit_norm_default = False
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[batch, local features] latent activations."""
+        return F.relu(F.linear(self.comm.enter(x), self.W_enc, self.b_enc))
+
+    def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
+        f = self.encode(x)
+        W = self.decoder_weight()
+        # each shard decodes its features; the partial reconstructions are summed over shards
+        x_hat = self.comm.reduce(f @ W) + self.b_dec
+        penalty = (f @ W.norm(dim=1)).mean()
+        sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * penalty)
+        fired = (f > 0).sum(0)
+        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), fired)

@@ -1,0 +1,65 @@
+"""Sparse encoder and decoder steps for codes with few active latents per token (topk, batchtopk).
+
+A code is `vals [batch, m]` at local feature indices `idx [batch, m]`. The dense work of a step
+is then only the encoder's forward matmul; decoding, and the gradients of the decoder and of the
+encoder's selected rows, cost O(batch * m * d_model) instead of O(batch * n_features * d_model).
+`dense_*` are the plain reference versions the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rows_grad(idx: Tensor, g: Tensor, x: Tensor, n_rows: int) -> Tensor:
+    """[n_rows, d] with row r = sum over (b, j) with idx[b, j] = r of g[b, j] * x[b]: the weight
+    gradient of a row gather, as one sparse-dense matmul."""
+    b, m = idx.shape
+    cols = torch.arange(b, device=idx.device).repeat_interleave(m)
+    s = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), cols]), g.reshape(-1).to(x.dtype), (n_rows, b),
+                                check_invariants=False)
+    return torch.sparse.mm(s, x)
+
+
+class _GatherLinear(torch.autograd.Function):
+    """vals[b, j] = x[b] . W[idx[b, j]] + bias[idx[b, j]]: read from the dense pre-activations in
+    forward; backward touches only the selected rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
+        ctx.save_for_backward(x, W, idx)
+        return pre.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, W, idx = ctx.saved_tensors
+        gx = gW = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = F.embedding_bag(idx, W, per_sample_weights=g.to(W.dtype), mode="sum")
+        if ctx.needs_input_grad[1]:
+            gW = rows_grad(idx, g, x, W.shape[0]).to(W.dtype)
+        if ctx.needs_input_grad[2]:
+            gb = torch.zeros(W.shape[0], device=g.device, dtype=W.dtype).index_add_(0, idx.reshape(-1), g.reshape(-1).to(W.dtype))
+        return gx, gW, gb, None, None
+
+
+def gather_linear(x: Tensor, W: Tensor, bias: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
+    """The selected entries of `pre = x @ W.T + bias` (computed without grad by the caller),
+    differentiable in x, W and bias through the selected rows only."""
+    return _GatherLinear.apply(x, W, bias, idx, pre)
+
+
+def sparse_decode(vals: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+    """sum_j vals[b, j] * W[idx[b, j]]  ->  [batch, d]; gradients only for the rows used."""
+    return F.embedding_bag(idx, W, per_sample_weights=vals.to(W.dtype), mode="sum")
+
+
+def dense_gather_linear(x: Tensor, W: Tensor, bias: Tensor, idx: Tensor) -> Tensor:
+    return F.linear(x, W, bias).gather(1, idx)
+
+
+def dense_decode(vals: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+    code = torch.zeros(vals.shape[0], W.shape[0], dtype=W.dtype, device=W.device).scatter_add(1, idx, vals.to(W.dtype))
+    return code @ W

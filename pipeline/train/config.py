@@ -1,0 +1,115 @@
+"""Configuration of the training stage (`python -m pipeline.train`, conf/train.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import ConfigError
+from pipeline.parallel import ParallelDims
+from pipeline.sae import SAEConfig
+
+
+@dataclass
+class DataConfig:
+    url: str = "runs/demo/activations"
+    """The activation store (any fsspec URL) written by the caching stage."""
+    storage_options: dict = field(default_factory=dict)
+    """Passed to fsspec, e.g. {endpoint_url: ..., key: ..., secret: ...} for S3."""
+    hook: str | None = None
+    """Which hook of the store to train on; may be omitted when the store holds one."""
+    shuffle_buffer: int = 131072
+    """Rows shuffled together by the loader."""
+    exclude_positions_below: int = 0
+    """Drop rows at context positions below this (the massive first-token activations)."""
+    exclude_norm_factor: float | None = None
+    """Drop rows whose norm exceeds this multiple of the store's median norm (None keeps all)."""
+    same_batches_at_any_layout: bool = False
+    """Every data-parallel rank reads the whole global batch and keeps its slice, so the batches,
+    and the trajectory, do not depend on data_parallel (costs data_parallel x the reads). The
+    equivalence tests use it; off, each rank reads only its own rows."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    """Adam epsilon (Gao et al. use 6.25e-10)."""
+    weight_decay: float = 0.0
+    gradient_clipping: float = 1.0
+    """Clip the global gradient norm (over all shards) to this; 0 turns clipping off."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up from 0 (Gemma Scope: 1000)."""
+    lr_decay_fraction: float = 0.2
+    """The learning rate decays linearly to 0 over this last fraction of the steps."""
+    sparsity_warmup_fraction: float = 0.05
+    """lambda (relu_l1, jumprelu) grows linearly from 0 over this first fraction of the steps."""
+
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        for name in ("lr_decay_fraction", "sparsity_warmup_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    """0: plain data parallelism; 1: optimizer state partitioned over data-parallel ranks; 2: and
+    gradients. (3 is not supported: feature sharding already partitions the weights.)"""
+    precision: str = "auto"
+    """auto (bf16 with fp32 master weights on GPU, fp32 on CPU), bf16 or fp32."""
+    overrides: dict = field(default_factory=dict)
+    """Merged last into the generated DeepSpeed config (pipeline/train/engine.py), for experts."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1 or 2")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"deepspeed.precision={self.precision!r} must be auto, bf16 or fp32")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    parallel: ParallelDims = field(default_factory=ParallelDims)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    n_tokens: int = 2_000_000
+    """Training tokens; steps = n_tokens // batch_size."""
+    batch_size: int = 4096
+    """Global batch in tokens (rows), split over the data-parallel ranks."""
+    seed: int = 0
+    """Seeds the initialisation (identical at every layout) and the data order."""
+    out_dir: str = "runs/demo/train"
+    """Checkpoints (checkpoints/step-N), TensorBoard logs (tb/), metrics.jsonl and the export (sae/)."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (also written at the end and on SIGTERM/SIGUSR1); 0: only those."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept (0 keeps all)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in out_dir/checkpoints if there is one."""
+    log_every: int = 10
+    """Steps between log lines (console, TensorBoard, metrics.jsonl)."""
+    dense_fraction: float = 0.1
+    """A latent firing on more than this fraction of the tokens of a log window counts as dense."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+    export: bool = True
+    """Write the consolidated, framework-free dictionary to out_dir/sae at the end."""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.n_tokens < self.batch_size:
+            raise ConfigError(f"batch_size={self.batch_size} must be positive and at most n_tokens={self.n_tokens}")
+        if self.batch_size % self.parallel.data_parallel:
+            raise ConfigError(f"batch_size={self.batch_size} must be divisible by parallel.data_parallel="
+                              f"{self.parallel.data_parallel} (each replica gets an equal share)")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 0 and log_every="
+                              f"{self.log_every} >= 1")
+
+    @property
+    def steps(self) -> int:
+        return self.n_tokens // self.batch_size

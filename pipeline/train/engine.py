@@ -1,0 +1,88 @@
+"""The DeepSpeed side of training, built in one place: its config (every default that changes
+results set explicitly), the learning-rate schedule, and the engine around a sharded SAE."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.parallel import Mesh
+from pipeline.sae import SparseAutoencoder
+from pipeline.train.config import TrainConfig
+
+
+def precision(cfg: TrainConfig, device: torch.device) -> str:
+    """bf16 (fp32 master weights in ZeRO) on GPU, fp32 on CPU, unless set."""
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
+    bf16 = precision(cfg, device) == "bf16"
+    dp = cfg.parallel.data_parallel
+    ds = {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.batch_size // dp,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "Adam", "params": {
+            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay,
+            "torch_adam": True,      # torch.optim.Adam: no compiled op, the same on CPU and GPU
+            "adam_w_mode": False}},  # Adam, not AdamW (weight decay is 0 anyway)
+        "gradient_clipping": cfg.optim.gradient_clipping,  # DeepSpeed's default is 1.0: never implicit
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage,
+                              "reduce_scatter": True, "overlap_comm": False,
+                              "contiguous_gradients": True},
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "prescale_gradients": False,        # average gradients after the reduction, in fp32
+        "gradient_predivide_factor": 1.0,
+        "communication_data_type": "fp32",  # gradient all-reduce in fp32 also under bf16
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 31 - 1,     # we log ourselves
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if bf16:
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return _merge(ds, cfg.deepspeed.overrides)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up over lr_warmup_steps, constant, linear decay to 0 over the last
+    lr_decay_fraction of the steps. Called with the number of optimizer steps taken."""
+    steps, warm = cfg.steps, cfg.optim.lr_warmup_steps
+    decay_start = steps - int(cfg.optim.lr_decay_fraction * steps)
+
+    def f(step: int) -> float:
+        scale = min(1.0, (step + 1) / warm) if warm else 1.0
+        if step >= decay_start:
+            scale *= max(0.0, (steps - step) / max(1, steps - decay_start))
+        return scale
+    return f
+
+
+def sparsity_scale(cfg: TrainConfig, step: int) -> float:
+    """lambda's warm-up factor at `step` (0-based)."""
+    warm = int(cfg.optim.sparsity_warmup_fraction * cfg.steps)
+    return min(1.0, (step + 1) / warm) if warm else 1.0
+
+
+def build_engine(cfg: TrainConfig, sae: SparseAutoencoder, mesh: Mesh, device: torch.device):
+    """deepspeed.initialize with the mesh's mpu: ZeRO then partitions and averages over the
+    data-parallel group only, and clips with the norm over all feature shards."""
+    import deepspeed
+
+    ds_cfg = deepspeed_config(cfg, device)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=sae.to(device), model_parameters=[p for p in sae.parameters()], config=ds_cfg,
+        mpu=mesh.mpu(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        dist_init_required=False)
+    return engine
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

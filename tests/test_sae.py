@@ -1,0 +1,228 @@
+"""SAE architectures in one process: what each loss and gradient must be, the sparse kernels
+against their dense references, deterministic sharded initialisation, and export/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import ConfigError
+from pipeline.parallel import ParallelDims
+from pipeline.sae import ARCHITECTURES, SAEConfig, create, load, save
+from pipeline.sae.checkpoint import save_config, save_shard
+from pipeline.sae.sparse import dense_decode, dense_gather_linear, gather_linear, sparse_decode
+
+D, N = 16, 40
+
+
+def make(arch: str, features: range | None = None, seed: int = 0, **kw):
+    cfg = SAEConfig(architecture=arch, n_features=N, d_model=D, k=4, k_aux=6, dead_tokens=64, **kw)
+    sae = create(cfg, features)
+    sae.reset_parameters(seed, mean=torch.linspace(-1, 1, D))
+    return sae
+
+
+def data(n: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_forward_backward(arch):
+    sae = make(arch).train()
+    out = sae(data())
+    assert out.x_hat.shape == (32, D) and out.fired.shape == (N,)
+    assert torch.isfinite(out.loss) and torch.allclose(out.loss, out.mse + out.sparsity + out.aux)
+    torch.testing.assert_close(out.mse, (data() - out.x_hat).pow(2).sum(-1).mean())
+    assert out.l0 == out.fired.sum() / 32
+    out.loss.backward()
+    for name, p in sae.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_relu_l1_loss_is_anthropics():
+    sae = make("relu_l1", sparsity_coef=5.0)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.3)  # make some latents fire
+    x = data()
+    f = F.relu(x @ sae.W_enc.T + sae.b_enc)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    expected = (x - x_hat).pow(2).sum(-1).mean() + 5.0 * 0.5 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(sae(x, sparsity_scale=0.5).loss, expected)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((N,), 0.1))  # small decoder norms
+    assert torch.equal(sae.W_enc, sae.W_dec)                               # W_enc = W_dec^T
+
+
+def dense_topk_reference(sae, x):
+    """TopK written the obvious dense way, for comparing values and gradients."""
+    pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    top = pre.topk(sae.cfg.k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    W = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    x_hat = z @ W + sae.b_dec
+    return (x - x_hat).pow(2).sum(-1).mean(), z
+
+
+def test_topk_sparse_path_equals_dense_reference():
+    sae = make("topk").eval()  # eval: no AuxK, compare the main loss
+    x = data()
+    out = sae(x)
+    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
+    ref, z = dense_topk_reference(sae, x)
+    ref_grads = torch.autograd.grad(ref, list(sae.parameters()))
+    torch.testing.assert_close(out.loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert out.l0 == (z > 0).sum(1).float().mean() <= 4
+
+
+def test_unit_norm_decoder_gradient_is_orthogonal_to_rows():
+    sae = make("topk").train()
+    sae(data()).loss.backward()
+    W = sae.W_dec.detach()
+    assert torch.allclose(W.norm(dim=1), torch.ones(N))
+    parallel = (sae.W_dec.grad * W).sum(1)
+    assert parallel.abs().max() < 1e-5 * sae.W_dec.grad.norm()
+
+
+def test_auxk_uses_dead_latents_only():
+    sae = make("topk").train()
+    x = data()
+    assert sae(x).aux == 0  # nothing dead yet
+    with torch.no_grad():
+        sae.tokens_since_fired[:10] = 1000  # latents 0..9 dead
+    out = sae(x)
+    assert out.aux > 0
+    g = torch.autograd.grad(out.aux, sae.W_enc)[0]
+    live = g[10:].abs().sum(1)
+    assert (live == 0).all() and g[:10].abs().sum() > 0
+
+
+def test_dead_counter():
+    sae = make("topk").train()
+    out = sae(data())
+    assert torch.equal(sae.tokens_since_fired, torch.where(out.fired > 0, 0, 32))
+
+
+def test_jumprelu_straight_through_gradients():
+    sae = make("jumprelu", threshold_init=0.5, bandwidth=0.4, sparsity_coef=0.0)
+    theta = sae.log_threshold.exp().detach()
+    z = (data() @ sae.W_enc.T + sae.b_enc).detach()
+    f = sae.encode(data())
+    torch.testing.assert_close(f, z * (z > theta))
+    # d/dtheta sum(f) = -(theta/eps) * #(|z - theta| < eps/2); times theta for log_threshold
+    g = torch.autograd.grad(f.sum(), sae.log_threshold)[0]
+    near = ((z - theta).abs() < 0.2).sum(0).float()
+    torch.testing.assert_close(g, -(theta / 0.4) * near * theta)
+    # the L0 penalty's gradient reaches the threshold only through the estimator
+    sae.cfg.sparsity_coef = 1.0
+    out = sae(data())
+    g0 = torch.autograd.grad(out.sparsity, sae.log_threshold)[0]
+    torch.testing.assert_close(g0, -(1 / 0.4) * near / 32 * theta)
+
+
+def test_batchtopk_keeps_k_times_batch_and_learns_a_threshold():
+    sae = make("batchtopk").train()
+    out = sae(data())
+    assert out.fired.sum() == 4 * 32  # k * batch active in total
+    assert sae.threshold > 0 and sae.threshold_steps == 1
+    sae.eval()
+    per_token = sae(data()).l0
+    assert 0 < per_token <= N
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_sharded_init_equals_rows_of_unsharded(arch):
+    full = make(arch, seed=7)
+    dims = ParallelDims(1, 3)
+    for r in range(3):
+        part = make(arch, dims.feature_range(N, r), seed=7)
+        for name in part.feature_tensors:
+            torch.testing.assert_close(getattr(part, name), getattr(full, name)[part.features.start:part.features.stop])
+        torch.testing.assert_close(part.b_dec, full.b_dec)
+
+
+def test_sparse_kernels_equal_dense_references():
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(8, D, generator=g), torch.randn(N, D, generator=g), torch.randn(N, generator=g)
+    idx = torch.stack([torch.randperm(N, generator=g)[:5] for _ in range(8)])
+    vals = torch.randn(8, 5, generator=g)
+    ts = [t.clone().requires_grad_() for t in (x, W, b)]
+    tr = [t.clone().requires_grad_() for t in (x, W, b)]
+    pre = F.linear(*ts).detach()
+    a, r = gather_linear(*ts, idx, pre), dense_gather_linear(*tr, idx)
+    torch.testing.assert_close(a, r)
+    a.pow(2).sum().backward(), r.pow(2).sum().backward()
+    for p, q in zip(ts, tr):
+        torch.testing.assert_close(p.grad, q.grad)
+    v1, W1 = vals.clone().requires_grad_(), W.clone().requires_grad_()
+    v2, W2 = vals.clone().requires_grad_(), W.clone().requires_grad_()
+    a, r = sparse_decode(v1, idx, W1), dense_decode(v2, idx, W2)
+    torch.testing.assert_close(a, r)
+    a.pow(2).sum().backward(), r.pow(2).sum().backward()
+    torch.testing.assert_close(v1.grad, v2.grad)
+    torch.testing.assert_close(W1.grad, W2.grad)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_export_folds_the_input_scale(tmp_path, arch):
+    sae = make(arch).train()
+    sae(data())  # batchtopk: learn a threshold
+    sae.eval()
+    scale = 0.37
+    raw = data(seed=5)
+    trained = sae(raw * scale)
+    save(sae, tmp_path, input_scale=scale, meta={"hook": "blocks.0", "model": {"id": "m"}})
+    loaded = load(tmp_path)
+    doc = json.loads((tmp_path / "cfg.json").read_text())
+    assert doc["architecture"] == arch and doc["d_model"] == D and doc["n_features"] == N
+    assert doc["hook"] == "blocks.0" and doc["normalization"]["input_scale"] == scale
+    assert not loaded.training and loaded.meta["model"]["id"] == "m"
+    out = loaded(raw)
+    torch.testing.assert_close(out.x_hat, trained.x_hat / scale, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.l0, trained.l0)
+
+
+def test_export_shard_by_shard_loads_as_one(tmp_path):
+    full = make("jumprelu", seed=3)
+    dims = ParallelDims(1, 3)
+    ranges = [dims.feature_range(N, r) for r in range(3)]
+    for r, rng in enumerate(ranges):
+        save_shard(make("jumprelu", rng, seed=3), tmp_path, 2.0, r, 3)
+    save_config(tmp_path, full.cfg, ranges, 2.0, {})
+    assert len(list(tmp_path.glob("sae_weights-*-of-00003.safetensors"))) == 3
+    loaded = load(tmp_path)
+    x = data()
+    torch.testing.assert_close(loaded(x).x_hat, full.eval()(x * 2.0).x_hat / 2.0, rtol=1e-5, atol=1e-5)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cfg.json"):
+        load(tmp_path)
+
+
+def test_feature_ranges_cover_any_n_features():
+    for n, fp in [(31, 3), (32, 3), (5, 5), (7, 2), (1, 1)]:
+        dims = ParallelDims(1, fp)
+        ranges = [dims.feature_range(n, r) for r in range(fp)]
+        assert [i for r in ranges for i in r] == list(range(n))
+        assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_parallel_dims_errors():
+    with pytest.raises(ConfigError, match=r"data_parallel=2 x parallel.feature_parallel=2 = 4 ranks.*WORLD_SIZE=3"):
+        ParallelDims(2, 2).validate(3)
+    with pytest.raises(ConfigError, match="feature_parallel=8 is larger than sae.n_features=5"):
+        ParallelDims(1, 8).validate(8, n_features=5)
+    with pytest.raises(ConfigError, match="must both be >= 1"):
+        ParallelDims(0, 1)
+    ParallelDims(2, 3).validate(6, n_features=31)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="architecture"):
+        SAEConfig(architecture="gated")
+    with pytest.raises(ConfigError, match="sae.k=99"):
+        SAEConfig(architecture="topk", n_features=40, k=99)

@@ -1,0 +1,48 @@
+"""Plan a run before it starts: per-rank memory, the smallest layout that fits, communication,
+FLOPs and expected step time.
+
+    python -m pipeline.plan plan/target=llama3.1-8b plan/size=34m gpu_memory_gb=80   (make plan)
+"""
+
+from pipeline.plan.model import Plan, PlanConfig, best_plan, make_plan, rank_memory
+
+__all__ = ["Plan", "PlanConfig", "best_plan", "make_plan", "rank_memory", "run", "format_plan"]
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:,.2f} GiB"
+
+
+def format_plan(plan: Plan) -> str:
+    c, m = plan.cfg, plan.memory
+    rows = [
+        ("dictionary", f"{c.architecture}, d_model={c.d_model}, n_features={c.n_features:,}"
+                       + (f", k={c.k}" if c.architecture in ("topk", "batchtopk") else "")),
+        ("layout", f"data_parallel={plan.data_parallel} x feature_parallel={plan.feature_parallel} = "
+                   f"{plan.gpus} GPUs on {plan.nodes} node(s) of {c.gpus_per_node}"),
+        ("precision", f"{c.param_dtype} weights, fp32 Adam, ZeRO-{c.zero_stage}, batch {c.batch_size} tokens"),
+        ("-- per-rank memory", ""),
+        ("weights", _gib(m.weights)), ("gradients", _gib(m.gradients)),
+        ("fp32 master weights", _gib(m.master_weights)), ("Adam state (m, v)", _gib(m.optimizer_state)),
+        ("buffers (dead-latent counters)", _gib(m.buffers)),
+        ("activations per step" + (f" (tile {c.feature_tile})" if c.feature_tile else ""), _gib(m.activations)),
+        ("communication buffers", _gib(m.communication)),
+        ("total", f"{_gib(m.total)} of {_gib(c.gpu_memory_gb * 2**30 * c.usable_fraction)} usable -> "
+                  + ("FITS" if plan.fits else "DOES NOT FIT")),
+        ("loader shuffle buffer (host)", _gib(c.shuffle_buffer_rows * c.d_model * 4)),
+        ("-- per step", ""),
+        ("bytes communicated per rank", _gib(plan.comm_bytes_per_step)),
+        ("of which across nodes", _gib(plan.comm_bytes_across_nodes)),
+        ("FLOPs (whole step)", f"{plan.flops_per_step:.3e}"),
+        ("expected step time", f"{plan.step_seconds * 1e3:,.1f} ms at {c.tflops} TFLOP/s, "
+                               f"{c.mem_bandwidth_gbs} GB/s per GPU"),
+        ("expected throughput", f"{plan.tokens_per_second:,.0f} tokens/s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(cfg: PlanConfig) -> Plan:
+    plan = best_plan(cfg)
+    print(format_plan(plan))
+    return plan

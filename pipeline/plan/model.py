@@ -1,0 +1,198 @@
+"""The memory, communication and compute model of one training step of a feature-sharded SAE.
+
+Everything here is arithmetic on the configuration: no torch, no allocation, so a 34M-feature
+plan for 64 GPUs prints in milliseconds. `tests/test_plan.py` checks the parameter and state
+bytes against the real sharded modules built on the meta device."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pipeline.errors import ConfigError
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class PlanConfig:
+    d_model: int = 4096
+    n_features: int = 2**25
+    architecture: str = "topk"
+    k: int = 32
+    """topk/batchtopk: active latents per token (the sparse step's cost)."""
+    param_dtype: str = "bfloat16"
+    """Dtype of the weights the step computes with (bf16 on GPU keeps fp32 masters in the optimizer)."""
+    optimizer: str = "adam"
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage over the data-parallel group: 0 none, 1 optimizer state, 2 + gradients."""
+    batch_size: int = 4096
+    """Tokens per step, all data-parallel replicas together."""
+    feature_tile: int = 0
+    """Features per encoder tile (0: the whole local shard at once)."""
+    gpu_memory_gb: float = 80.0
+    gpus_per_node: int = 8
+    usable_fraction: float = 0.9
+    """Share of GPU memory the plan may fill (the rest: CUDA context, allocator fragmentation)."""
+    data_parallel: int = 0
+    """0: the planner picks the smallest layout that fits, then replicates up to max_gpus."""
+    feature_parallel: int = 0
+    max_gpus: int = 0
+    """0: no data parallelism beyond what memory needs."""
+    shuffle_buffer_rows: int = 262144
+    """The loader's in-memory shuffle buffer (fp32 rows, host memory, reported separately)."""
+    tflops: float = 400.0
+    """Sustained dense matmul rate per GPU in the param dtype (H100 bf16 ~400-700; measure yours)."""
+    mem_bandwidth_gbs: float = 2000.0
+    """GPU memory bandwidth: Adam's update over every parameter is bandwidth-bound."""
+    intra_node_gbs: float = 200.0
+    """All-reduce bus bandwidth inside a node (NVLink)."""
+    inter_node_gbs: float = 25.0
+    """All-reduce bus bandwidth across nodes (e.g. 200 Gb/s InfiniBand per GPU)."""
+    presets: list[str] = field(default_factory=list)
+    """Names of the conf/plan presets that made this config (informational)."""
+
+    def __post_init__(self):
+        if self.param_dtype not in BYTES:
+            raise ConfigError(f"param_dtype={self.param_dtype!r} is not one of {sorted(BYTES)}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"zero_stage={self.zero_stage} must be 0, 1 or 2 (stage 3 would shard "
+                              "what feature parallelism already shards)")
+        if self.optimizer != "adam":
+            raise ConfigError(f"optimizer={self.optimizer!r}: only adam is modelled")
+
+
+def local_features(n_features: int, feature_parallel: int) -> int:
+    """Features on the largest shard (the first n % fp shards hold one more)."""
+    return math.ceil(n_features / feature_parallel)
+
+
+def shard_parameters(architecture: str, d: int, n_local: int) -> int:
+    """Trainable parameters on one rank: W_enc and W_dec [n, d], b_enc [n], b_dec [d] (replicated),
+    plus jumprelu's log-threshold [n]."""
+    per_feature = 2 * d + 1 + (architecture == "jumprelu")
+    return n_local * per_feature + d
+
+
+def shard_buffers_bytes(architecture: str, n_local: int) -> int:
+    """Non-trainable state: the int64 tokens-since-fired counter per feature, and batchtopk's
+    running threshold (two scalars)."""
+    return 8 * n_local + (12 if architecture == "batchtopk" else 0)
+
+
+@dataclass
+class RankMemory:
+    weights: int
+    gradients: int
+    master_weights: int
+    optimizer_state: int
+    buffers: int
+    activations: int
+    communication: int
+
+    @property
+    def total(self) -> int:
+        return sum(vars(self).values())
+
+
+def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
+    n = local_features(cfg.n_features, fp)
+    p = shard_parameters(cfg.architecture, cfg.d_model, n)
+    w = BYTES[cfg.param_dtype]
+    part = dp if cfg.zero_stage >= 1 else 1          # ZeRO-1 partitions fp32 masters and Adam m, v
+    gpart = dp if cfg.zero_stage >= 2 else 1         # ZeRO-2 also the gradients
+    master = 0 if cfg.param_dtype == "float32" else 4 * math.ceil(p / part)
+    b = math.ceil(cfg.batch_size / dp)
+    tile = min(cfg.feature_tile or n, n)
+    d = cfg.d_model
+    # Pre-activations of one tile in the compute dtype, and what backward keeps: a dense code
+    # [b, n] for relu_l1/jumprelu unless tiled (then recomputed per tile), values + int64 indices
+    # of the top k for topk/batchtopk.
+    if cfg.architecture in ("topk", "batchtopk"):
+        kept = b * cfg.k * (w + 8) * 2              # code and AuxK candidates
+    else:
+        kept = b * n * w if not cfg.feature_tile else b * cfg.k * (w + 8)
+    activations = b * tile * w * 2 + kept + 4 * b * d * 4   # tile + its gradient; x, x_hat, error, grad
+    communication = 2 * b * d * 4 + (2 * b * cfg.k * 12 * fp if cfg.architecture in ("topk", "batchtopk") else 0)
+    return RankMemory(weights=p * w, gradients=math.ceil(p / gpart) * w, master_weights=master,
+                      optimizer_state=8 * math.ceil(p / part), buffers=shard_buffers_bytes(cfg.architecture, n),
+                      activations=activations, communication=communication)
+
+
+def step_flops(cfg: PlanConfig) -> tuple[float, float]:
+    """(dense, sparse) FLOPs of one step for the whole batch: dense ~10 d F per token (encoder,
+    decoder, their weight gradients, the gradient w.r.t. the code); sparse (topk) ~2 d F for the
+    encoder plus ~8 k d per token for everything the inactive latents do not need."""
+    t, d, f = cfg.batch_size, cfg.d_model, cfg.n_features
+    return 10.0 * t * d * f, 2.0 * t * d * f + 8.0 * t * cfg.k * d
+
+
+@dataclass
+class Plan:
+    cfg: PlanConfig
+    data_parallel: int
+    feature_parallel: int
+    memory: RankMemory
+    fits: bool
+    nodes: int
+    comm_bytes_per_step: int
+    comm_bytes_across_nodes: int
+    flops_per_step: float
+    step_seconds: float
+
+    @property
+    def gpus(self) -> int:
+        return self.data_parallel * self.feature_parallel
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.cfg.batch_size / self.step_seconds
+
+
+def make_plan(cfg: PlanConfig, dp: int, fp: int) -> Plan:
+    mem = rank_memory(cfg, dp, fp)
+    budget = cfg.gpu_memory_gb * 2**30 * cfg.usable_fraction
+    b, d = math.ceil(cfg.batch_size / dp), cfg.d_model
+    p = shard_parameters(cfg.architecture, d, local_features(cfg.n_features, fp))
+    # Per step and rank: the forward all-reduce of [b, d] fp32 partial reconstructions over the
+    # feature group and the matching one of the input's gradient; the gradient all-reduce of the
+    # shard's parameters over the data-parallel group (ring: ~2x the bytes).
+    fp_bytes = 2 * (2 * b * d * 4) * (fp > 1)
+    dp_bytes = 2 * p * BYTES[cfg.param_dtype] * (dp > 1)
+    nodes = math.ceil(dp * fp / cfg.gpus_per_node)
+    # Feature groups are consecutive ranks: they stay inside a node when fp <= gpus_per_node, and
+    # then only the data-parallel gradient all-reduce crosses node boundaries.
+    fp_cross = fp > cfg.gpus_per_node
+    cross = (fp_bytes if fp_cross else 0) + (dp_bytes if nodes > 1 else 0)
+    dense, sparse = step_flops(cfg)
+    flops = sparse if cfg.architecture in ("topk", "batchtopk") else dense
+    compute = flops / (dp * fp) / (cfg.tflops * 1e12)
+    adam = (mem.weights + mem.gradients + mem.master_weights + mem.optimizer_state) * 2 / (cfg.mem_bandwidth_gbs * 1e9)
+    comm = (fp_bytes / ((cfg.inter_node_gbs if fp_cross else cfg.intra_node_gbs) * 1e9)
+            + dp_bytes / ((cfg.inter_node_gbs if nodes > 1 else cfg.intra_node_gbs) * 1e9))
+    return Plan(cfg, dp, fp, mem, mem.total <= budget, nodes, fp_bytes + dp_bytes, cross, flops,
+                compute + adam + comm)
+
+
+def best_plan(cfg: PlanConfig) -> Plan:
+    """The given layout, or the smallest feature-parallel degree that fits (data_parallel as given,
+    default 1), then data parallelism on top up to max_gpus."""
+    if cfg.data_parallel and cfg.feature_parallel:
+        return make_plan(cfg, cfg.data_parallel, cfg.feature_parallel)
+    dp = cfg.data_parallel or 1
+    fp = cfg.feature_parallel
+    if not fp:
+        hi = 1
+        while not make_plan(cfg, dp, hi).fits:
+            hi *= 2
+            if hi > 2 * cfg.n_features:
+                raise ConfigError(f"no feature-parallel degree fits {cfg.n_features} features of width "
+                                  f"{cfg.d_model} in {cfg.gpu_memory_gb} GB per GPU")
+        lo = hi // 2  # does not fit (or 0); binary search the smallest degree that does
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if make_plan(cfg, dp, mid).fits else (mid, hi)
+        fp = hi
+    if not cfg.data_parallel and cfg.max_gpus:
+        dp = max(1, cfg.max_gpus // fp)
+    return make_plan(cfg, dp, fp)

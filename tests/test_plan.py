@@ -1,0 +1,51 @@
+"""The planner's arithmetic against the real sharded modules built on the meta device."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.parallel import ParallelDims
+from pipeline.plan import PlanConfig, best_plan, rank_memory
+from pipeline.plan.model import shard_buffers_bytes, shard_parameters
+from pipeline.sae import SAEConfig, create
+
+
+@pytest.mark.parametrize("d_model", [576, 4096, 8192])
+@pytest.mark.parametrize("n_features", [2**20, 2**22, 2**25])
+@pytest.mark.parametrize("architecture", ["relu_l1", "topk", "jumprelu", "batchtopk"])
+def test_parameter_and_buffer_counts_match_meta_modules(d_model, n_features, architecture):
+    fp = 3  # not a divisor: the first shard holds one more feature
+    dims = ParallelDims(1, fp)
+    sae = create(SAEConfig(architecture=architecture, n_features=n_features, d_model=d_model),
+                 dims.feature_range(n_features, 0), device="meta")
+    n_local = len(sae.features)
+    assert n_local == -(-n_features // fp)
+    assert sum(p.numel() for p in sae.parameters()) == shard_parameters(architecture, d_model, n_local)
+    buffers = sum(b.numel() * b.element_size() for b in sae.buffers())
+    assert buffers == shard_buffers_bytes(architecture, n_local)
+    mem = rank_memory(PlanConfig(d_model=d_model, n_features=n_features, architecture=architecture,
+                                 param_dtype="float32", zero_stage=0), 1, fp)
+    assert mem.weights == 4 * sum(p.numel() for p in sae.parameters())
+
+
+def test_34m_features_on_llama_8b_width_fits_80gb_gpus():
+    plan = best_plan(PlanConfig(d_model=4096, n_features=2**25, param_dtype="bfloat16", zero_stage=1,
+                                batch_size=4096, gpu_memory_gb=80))
+    assert plan.fits and plan.memory.total <= 80 * 2**30 * 0.9
+    smaller = rank_memory(plan.cfg, 1, plan.feature_parallel - 1).total
+    assert smaller > 80 * 2**30 * 0.9, "the planner must return the smallest feature-parallel degree"
+
+
+def test_zero_partitions_optimizer_state_over_data_parallel():
+    cfg = PlanConfig(d_model=576, n_features=2**20, param_dtype="bfloat16", zero_stage=1)
+    one, four = rank_memory(cfg, 1, 2), rank_memory(cfg, 4, 2)
+    assert four.optimizer_state * 4 == pytest.approx(one.optimizer_state, rel=1e-6)
+    assert four.weights == one.weights and four.gradients == one.gradients
+
+
+def test_cli_prints_a_plan():
+    out = subprocess.run([sys.executable, "-m", "pipeline.plan", "plan/target=smollm2-135m", "plan/size=1m",
+                          "gpu_memory_gb=24", "param_dtype=float32"], capture_output=True, text=True, check=True).stdout
+    assert "n_features=1,048,576" in out and "FITS" in out and "tokens/s" in out

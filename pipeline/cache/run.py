@@ -61,7 +61,7 @@ def run(cfg: CacheConfig) -> CacheResult:
     rows_per_context = cfg.context_size - cfg.drop_positions
     layout = StoreLayout(tuple(cfg.hooks), next(iter(widths.values())), cfg.store.dtype,
                          math.ceil(cfg.n_tokens / rows_per_context), rows_per_context,
-                         cfg.store.shard_contexts, cfg.store.chunk_contexts)
+                         cfg.store.shard_contexts, cfg.store.chunk_contexts, cfg.store.compressor)
     fp, desc = fingerprint(cfg, layout)
     tok = loaded.tokenizer
     header = {"fingerprint": fp, "config": desc, "d_model": layout.d_model, "hooks": list(cfg.hooks),

@@ -31,9 +31,11 @@ class StoreLayout:
     rows_per_context: int
     shard_contexts: int
     chunk_contexts: int
+    compressor: str = "blosc-lz4"
 
     def __post_init__(self):
         F.check_dtype(self.dtype)
+        F.compressors(self.compressor)
         if self.shard_contexts % self.chunk_contexts:
             raise ConfigError(f"shard_contexts={self.shard_contexts} must be a multiple of "
                               f"chunk_contexts={self.chunk_contexts} so that shards never share a chunk")
@@ -144,7 +146,7 @@ class ActivationStoreWriter:
         if old is not None and old.get("fingerprint") == self.header["fingerprint"]:
             self._resize(old, group)
             return
-        codec = [zarr.codecs.ZstdCodec(level=1)]
+        codec = F.compressors(lay.compressor)
         row_chunks = (lay.chunk_rows,)
         self.arrays = {
             F.TOKENS: group.create_array(F.TOKENS, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),

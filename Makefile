@@ -11,7 +11,7 @@ ARGS ?=
 NPROC ?= 1
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup demo test cache evaluate interpret steer publish slurm docker bench clean
+.PHONY: help setup demo test cache train evaluate interpret steer publish plan slurm docker bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 

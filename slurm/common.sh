@@ -10,9 +10,11 @@ if [[ ! -f "$PIPELINE_ROOT/slurm/site.env" ]]; then
        "submit from the checkout or export PIPELINE_ROOT=/path/to/pipeline" >&2
   exit 2
 fi
-cd "$PIPELINE_ROOT"
 # shellcheck source=site.env
 source "${PIPELINE_SITE_ENV:-$PIPELINE_ROOT/slurm/site.env}"
+WORK_DIR=${WORK_DIR:-$PIPELINE_ROOT}
+cd "$WORK_DIR"
+export PYTHONPATH="$PIPELINE_ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's package, from any folder
 if [[ -n "$MODULES" ]]; then
   # shellcheck disable=SC2086  # a list of module names
   module load $MODULES
@@ -48,33 +50,46 @@ for key in sys.argv[2:]:
 PY
 }
 
-# run_stage STAGE "OUTPUT_KEY ..." [launcher words --] [overrides...]
-# Runs `python -m pipeline.STAGE overrides` (through RUN_PREFIX) with its Hydra run folder under
-# $PIPELINE_RUNS/slurm/STAGE/JOB, then logs that folder and the output keys' values.
-run_stage() {
-  local stage=$1 keys=$2; shift 2
-  local launcher=()
-  if [[ "${1:-}" == "--launcher" ]]; then
-    shift
-    while [[ "$1" != "--" ]]; do launcher+=("$1"); shift; done
-    shift
-  fi
-  if [[ ! -f "$PIPELINE_ROOT/pipeline/$stage/__main__.py" ]]; then
-    echo "error: stage '$stage' does not exist in $PIPELINE_ROOT (no pipeline/$stage/__main__.py)" >&2
+# stage_begin STAGE: check the stage exists, pick its Hydra run folder (HYDRA_DIR), log the header.
+stage_begin() {
+  STAGE=$1
+  if [[ ! -f "$PIPELINE_ROOT/pipeline/$STAGE/__main__.py" ]]; then
+    echo "error: stage '$STAGE' does not exist in $PIPELINE_ROOT (no pipeline/$STAGE/__main__.py)" >&2
     exit 2
   fi
-  local hydra_dir="$PIPELINE_RUNS/slurm/$stage/$JOB_TAG"
+  HYDRA_DIR="$PIPELINE_RUNS/slurm/$STAGE/$JOB_TAG"
   # shellcheck disable=SC2206  # RUN_PREFIX is a command line
-  local prefix=($RUN_PREFIX)
-  local cmd=("${launcher[@]}" "${prefix[@]}" "$PY" -m "pipeline.$stage" "hydra.run.dir=$hydra_dir" "$@")
-  log "stage $stage, job $JOB_TAG on ${SLURM_JOB_NODELIST:-$(hostname)} (restart ${SLURM_RESTART_COUNT:-0})"
+  PREFIX=($RUN_PREFIX)
+  log "stage $STAGE, job $JOB_TAG on ${SLURM_JOB_NODELIST:-$(hostname)} (restart ${SLURM_RESTART_COUNT:-0})"
   log "job log: $(job_log_file)"
-  log "hydra run folder (resolved config, stage log): $hydra_dir"
-  log "command: ${cmd[*]}"
-  local rc=0
-  "${cmd[@]}" || rc=$?
+  log "hydra run folder (resolved config, stage log): $HYDRA_DIR"
+}
+
+# stage_run CMD...: run it in the background and wait, so that trapped signals (USR1) are handled
+# while it runs; its exit status goes to STAGE_RC.
+stage_run() {
+  log "command: $*"
+  "$@" &
+  STAGE_PID=$!
+  while true; do
+    if wait "$STAGE_PID"; then STAGE_RC=0; else STAGE_RC=$?; fi
+    kill -0 "$STAGE_PID" 2>/dev/null || break  # still running: wait was cut short by a signal
+  done
+}
+
+# stage_end "OUTPUT_KEY ...": log where the output went (from Hydra's saved config) and the status.
+stage_end() {
   # shellcheck disable=SC2086  # a list of keys
-  log_outputs "$hydra_dir" $keys
-  log "stage $stage exited with $rc"
-  return "$rc"
+  log_outputs "$HYDRA_DIR" $1
+  log "stage $STAGE exited with $STAGE_RC"
+}
+
+# run_stage STAGE "OUTPUT_KEY ..." [overrides...]: one process, `python -m pipeline.STAGE overrides`.
+run_stage() {
+  local keys=$2
+  stage_begin "$1"
+  shift 2
+  stage_run "${PREFIX[@]}" "$PY" -m "pipeline.$STAGE" "hydra.run.dir=$HYDRA_DIR" "$@"
+  stage_end "$keys"
+  return "$STAGE_RC"
 }

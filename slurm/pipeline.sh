@@ -68,13 +68,16 @@ stage_overrides() {
   done
 }
 
+# relative folders resolve in the stages' working folder; the jobs get them absolute
+WORK_DIR=${WORK_DIR:-$PIPELINE_ROOT}
+[[ "$WORK_DIR" = /* ]] || WORK_DIR="$PWD/$WORK_DIR"
+[[ "$PIPELINE_RUNS" = /* ]] || PIPELINE_RUNS="$WORK_DIR/$PIPELINE_RUNS"
 LOG_DIR=${LOG_DIR:-$PIPELINE_RUNS/slurm-logs}
-[[ "$LOG_DIR" = /* ]] || LOG_DIR="$PIPELINE_ROOT/$LOG_DIR"
-[[ "$PIPELINE_RUNS" = /* ]] || PIPELINE_RUNS="$PIPELINE_ROOT/$PIPELINE_RUNS"
-export PIPELINE_RUNS
+[[ "$LOG_DIR" = /* ]] || LOG_DIR="$WORK_DIR/$LOG_DIR"
+export WORK_DIR PIPELINE_RUNS
 ((dry)) || mkdir -p "$LOG_DIR"
 
-common=(--parsable --kill-on-invalid-dep=yes --chdir="$PIPELINE_ROOT")
+common=(--parsable --kill-on-invalid-dep=yes --chdir="$WORK_DIR")
 [[ -n "$PARTITION" ]] && common+=(--partition="$PARTITION")
 [[ -n "$ACCOUNT" ]] && common+=(--account="$ACCOUNT")
 [[ -n "$QOS" ]] && common+=(--qos="$QOS")
@@ -142,5 +145,6 @@ for stage in "${chosen[@]}"; do
   esac
   dep=$id
 done
+echo "stage outputs: under $WORK_DIR (relative paths of conf/*.yaml, e.g. runs/demo/...)"
 echo "Hydra run folders (resolved config, stage logs): $PIPELINE_RUNS/slurm/<stage>/<job>"
 ((dry)) || echo "watch: squeue -j $(echo "$dep" | tr -d ' ')   (last job; all: squeue -u \"\$USER\")"

@@ -87,6 +87,7 @@ class SlurmCluster:
         r = self.root
         for sub in ("state", "spool", "log"):
             (r / sub).mkdir()
+        # cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
         self.conf.write_text(f"""\
 ClusterName=pipelinetest
 SlurmctldHost={self.host}(127.0.0.1)
@@ -96,7 +97,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=5
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/slurmd-%n
 SlurmctldPidFile={r}/slurmctld.pid
@@ -110,7 +111,7 @@ TaskPlugin=task/none
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
+SchedulerType=sched/builtin
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt

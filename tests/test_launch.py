@@ -5,7 +5,6 @@ and across two network-namespace hosts joined by a veth pair."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,8 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.launch import (LaunchPlan, command, expand_hostlist, job_port, master_from_env, plan_from_env,
                              tasks_per_node)
+import netns_hosts
+from netns_hosts import slurm_env
 from slurm_cluster import slurm_cluster  # noqa: F401  (a session fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,15 +62,6 @@ def test_tasks_per_node():
 
 
 # -- plans from made-up SLURM environments --------------------------------------------------------
-def slurm_env(nodelist: str, nnodes: int, per_node: int, rank: int, job_id: int = 4242, **extra) -> dict:
-    """What srun sets in one task of an N-node job with per_node tasks on each node."""
-    return {"SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": nodelist, "SLURM_JOB_NUM_NODES": str(nnodes),
-            "SLURM_NNODES": str(nnodes), "SLURM_NTASKS": str(nnodes * per_node),
-            "SLURM_TASKS_PER_NODE": f"{per_node}(x{nnodes})" if nnodes > 1 else str(per_node),
-            "SLURM_NODEID": str(rank // per_node), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % per_node),
-            **extra}
-
-
 @pytest.mark.parametrize("nodelist, nnodes, per_node, first", [
     ("gpu07", 1, 4, "gpu07"),
     ("node[01-02]", 2, 8, "node01"),
@@ -204,77 +196,20 @@ srun --kill-on-bad-exit=1 {sys.executable} -m pipeline.launch run -- {sys.execut
     assert f"master {slurm_cluster.host}:" in log
 
 
-def _netns_unavailable() -> str | None:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return "two-host test needs root and iproute2 (`ip netns`)"
-    probe = f"plprobe{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"network namespaces cannot be made here: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
 @pytest.fixture
 def two_hosts():
-    """Two test hosts of our own: namespaces plhost1/plhost2 (per-test names) with 10.200.0.1 and
-    10.200.0.2 on a veth pair, named `plhost1`/`plhost2` in each namespace's /etc/hosts.
-    Nothing is routed anywhere else."""
-    reason = _netns_unavailable()
+    reason = netns_hosts.why_unavailable()
     if reason:
         pytest.skip(reason)
-    tag = f"{os.getpid() % 100000}"
-    names = [f"pl{tag}a", f"pl{tag}b"]
-    addrs = ["10.200.0.1", "10.200.0.2"]
-    hosts = "".join(f"{a} plhost{i + 1}\n" for i, a in enumerate(addrs)) + "127.0.0.1 localhost\n"
-    cmds = [["ip", "netns", "add", names[0]], ["ip", "netns", "add", names[1]],
-            ["ip", "link", "add", f"v{tag}a", "type", "veth", "peer", "name", f"v{tag}b"]]
-    for ns, end, addr in zip(names, "ab", addrs):
-        cmds += [["ip", "link", "set", f"v{tag}{end}", "netns", ns],
-                 ["ip", "-n", ns, "link", "set", f"v{tag}{end}", "name", "pl0"],
-                 ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "pl0"],
-                 ["ip", "-n", ns, "link", "set", "pl0", "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
-    try:
-        for c in cmds:
-            subprocess.run(c, check=True, capture_output=True, text=True)
-        for ns in names:  # `ip netns exec` mounts these over /etc/hosts inside the namespace
-            Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
-            Path(f"/etc/netns/{ns}/hosts").write_text(hosts)
-        yield names, addrs
-    finally:
-        for ns in names:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
-
-
-def launch_on_hosts(names, argv_for_rank, env_for_rank, tmp_path, timeout=240):
-    """One rank per host through `python -m pipeline.launch run`, with the SLURM variables srun
-    would set on a 2-node job with one task per node."""
-    procs = []
-    for rank, ns in enumerate(names):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_"))}
-        env.update(slurm_env("plhost[1-2]", 2, 1, rank, job_id=777), GLOO_SOCKET_IFNAME="pl0",
-                   OMP_NUM_THREADS="1", **env_for_rank(rank))
-        log = open(tmp_path / f"host{rank}.log", "w")
-        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "pipeline.launch", "run",
-                                       "--", *argv_for_rank(rank)], env=env, cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    logs = "\n".join((tmp_path / f"host{r}.log").read_text() for r in range(len(names)))
-    return codes, logs
+    with netns_hosts.TwoHosts() as hosts:
+        yield hosts
 
 
 def test_two_hosts_in_network_namespaces_rendezvous_over_the_veth_link(two_hosts, tmp_path):
-    names, addrs = two_hosts
+    """One rank per host (namespaces with 10.200.0.1 and .2), the master found from the host list."""
     (tmp_path / "allreduce.py").write_text(ALLREDUCE)
-    codes, logs = launch_on_hosts(names, lambda r: [sys.executable, str(tmp_path / "allreduce.py"), str(tmp_path)],
-                                  lambda r: {}, tmp_path, timeout=120)
+    codes, logs = two_hosts.launch(lambda r: [sys.executable, str(tmp_path / "allreduce.py"), str(tmp_path)],
+                                   tmp_path, timeout=120)
     assert codes == [0, 0], logs
     assert sorted((tmp_path / f"rank{r}.txt").read_text() for r in range(2)) == ["0 2 0 3", "1 2 0 3"]
     assert "master plhost1:" in logs

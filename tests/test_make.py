@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -46,13 +44,3 @@ def test_each_stage_target_passes_args_as_hydra_overrides(stage):
 def test_slurm_target_passes_args_to_pipeline_sh():
     out = make("-n", "slurm", "ARGS=--stages cache cache:n_tokens=5")
     assert "slurm/pipeline.sh --stages cache cache:n_tokens=5" in out.stdout
-
-
-def test_make_cache_runs_the_stage_with_the_overrides(tiny_model_dir, text_dir, tmp_path):
-    from pipeline.store import ActivationStore
-    url = tmp_path / "acts"
-    args = (f"model.name={tiny_model_dir} model.device=cpu data=files data.path=[{text_dir}/*] hooks=[layers.2] "
-            f"context_size=32 n_tokens=200 store.chunk_contexts=2 store.shard_contexts=4 store.url={url} progress=false")
-    out = make("cache", f"PY={sys.executable}", f"ARGS={args}", env={**os.environ, "PIPELINE_RUNS": str(tmp_path / "runs")})
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert ActivationStore.open(str(url)).n_tokens >= 200

@@ -39,7 +39,7 @@ job_log_file() {
 # Print the keys that say where a finished stage put its output, from Hydra's saved config.
 log_outputs() {
   local dir=$1; shift
-  "$PY" - "$dir/.hydra/config.yaml" "$@" <<'PY' || true
+  "${PREFIX[@]}" "$PY" - "$dir/.hydra/config.yaml" "$@" <<'PY' || true
 import sys
 from omegaconf import OmegaConf
 cfg = OmegaConf.load(sys.argv[1])

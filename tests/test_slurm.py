@@ -76,8 +76,10 @@ def pipeline_run(slurm_cluster, tiny_model_dir, text_dir, tmp_path_factory):  # 
     training job is pre-empted the way SLURM does it (USR1 to the batch shell) once it has written
     its first checkpoint."""
     work = tmp_path_factory.mktemp("work")
+    # RUN_PREFIX as a container runtime would use it (apptainer exec ...): it must wrap every command
+    env = site_env(slurm_cluster, work, RUN_PREFIX="env PIPELINE_TEST_PREFIX=1")
     out = subprocess.run([str(PIPELINE_SH), *pipeline_overrides(tiny_model_dir, text_dir)],
-                         env=site_env(slurm_cluster, work), cwd=work, capture_output=True, text=True)
+                         env=env, cwd=work, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     jobs = submitted(out.stdout)
     deps = {stage: slurm_cluster.job_state(job).get("Dependency") for stage, (job, _) in jobs.items()}
@@ -136,6 +138,8 @@ def test_pipeline_sh_runs_the_four_stages_in_order_through_sbatch(slurm_cluster,
     assert ActivationStore.open(str(run.work / "runs/demo/activations")).n_tokens == int(m.group(1)) >= 2400
 
     train_log = logs[f"pipeline-train-{ids['train']}.out"]
+    assert "command: srun --kill-on-bad-exit=1 env PIPELINE_TEST_PREFIX=1 " in train_log
+    assert f"command: env PIPELINE_TEST_PREFIX=1 {sys.executable} -m pipeline.cache" in commit_log
     assert "rank 0/2" in train_log and "rank 1/2" in train_log and "output: out_dir=runs/demo/train/topk" in train_log
     assert "output: out_dir=runs/demo/evaluate" in logs[f"pipeline-evaluate-{ids['evaluate']}.out"]
     assert (run.work / "runs/demo/evaluate/metrics.json").exists()

@@ -75,12 +75,20 @@ def _expand_one(item: str, whole: str) -> list[str]:
     return out
 
 
+SLURM_CONF_DEFAULT = "/etc/slurm/slurm.conf"
+
+
 def scontrol_hostnames(hostlist: str) -> list[str] | None:
-    """`scontrol show hostnames` when SLURM is installed and answers, else None."""
+    """`scontrol show hostnames` where SLURM is installed and configured, else None. Without a
+    slurm.conf, scontrol would look for its controller in DNS: not asked then."""
     exe = shutil.which("scontrol")
-    if exe is None:
+    conf = os.environ.get("SLURM_CONF", SLURM_CONF_DEFAULT)
+    if exe is None or not os.path.isfile(conf):
         return None
-    r = subprocess.run([exe, "show", "hostnames", hostlist], capture_output=True, text=True)
+    try:
+        r = subprocess.run([exe, "show", "hostnames", hostlist], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return None
     return r.stdout.split() if r.returncode == 0 and r.stdout.strip() else None
 
 

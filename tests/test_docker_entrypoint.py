@@ -111,6 +111,26 @@ def test_the_cache_stage_runs_through_the_entrypoint(tiny_model_dir, text_dir, t
     assert ActivationStore.open(str(url)).n_tokens >= 300
 
 
+def test_train_runs_two_ranks_with_torchrun_through_the_entrypoint(tiny_model_dir, text_dir, tmp_path):
+    """NPROC_PER_NODE=2 (what two visible GPUs give): torchrun inside, a feature-sharded SAE out."""
+    from pipeline.cache import CacheConfig, StoreConfig, run
+    from pipeline.data import DataConfig
+    from pipeline.models import ModelConfig
+    store = str(tmp_path / "acts")
+    run(CacheConfig(model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+                    data=DataConfig(source="files", path=[f"{text_dir}/*"], split="all"),
+                    store=StoreConfig(url=store, dtype="float32", chunk_contexts=2, shard_contexts=4),
+                    hooks=["layers.2"], context_size=32, n_tokens=600, progress=False))
+    out = entry("train", f"data.url={store}", "sae.n_features=32", "sae.k=4", "sae.k_aux=8", "n_tokens=640",
+                "batch_size=32", "parallel.feature_parallel=2", f"out_dir={tmp_path}/train", "progress=false",
+                f"hydra.run.dir={tmp_path}/hydra", dry=False, NPROC_PER_NODE="2", PIPELINE_PYTHON=sys.executable,
+                OMP_NUM_THREADS="1")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "-m torch.distributed.run --nnodes=1 --nproc-per-node=2 --standalone -m pipeline.train" in out.stderr
+    shards = sorted(p.name for p in (tmp_path / "train" / "sae").glob("sae_weights-*.safetensors"))
+    assert shards == ["sae_weights-00001-of-00002.safetensors", "sae_weights-00002-of-00002.safetensors"]
+
+
 # -- the Dockerfile -------------------------------------------------------------------------------
 def test_dockerfile_passes_hadolint():
     exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))

@@ -16,8 +16,10 @@ WORK_DIR=${WORK_DIR:-$PIPELINE_ROOT}
 cd "$WORK_DIR"
 export PYTHONPATH="$PIPELINE_ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's package, from any folder
 if [[ -n "$MODULES" ]]; then
+  set +u  # module scripts of some sites read unset variables
   # shellcheck disable=SC2086  # a list of module names
   module load $MODULES
+  set -u
 fi
 PY=${PIPELINE_PYTHON:-$PIPELINE_ROOT/.venv/bin/python}
 for var in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do

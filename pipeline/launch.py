@@ -210,8 +210,9 @@ def plan_from_env(env: Mapping[str, str] | None = None, nproc_per_node: int | No
         world = _int(env, "WORLD_SIZE")
         nper = _int(env, "LOCAL_WORLD_SIZE", default=world)
         return LaunchPlan(env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", default=29500),
-                          _int(env, "NNODES", default=max(1, world // nper)), _int(env, "NODE_RANK", "GROUP_RANK", default=0),
-                          nper, world, _int(env, "RANK"), _int(env, "LOCAL_RANK", default=0))
+                          _int(env, "NNODES", default=max(1, world // nper)),
+                          _int(env, "NODE_RANK", "GROUP_RANK", default=0), nper, world, _int(env, "RANK"),
+                          _int(env, "LOCAL_RANK", default=0))
     n = nproc_per_node or 1
     port = _int(env, "MASTER_PORT", default=0) or free_port("127.0.0.1")
     if launcher:

@@ -66,7 +66,8 @@ def test_help_lists_the_stages_and_which_the_image_has(tmp_path):
     out = entry("help", root=fake_root(tmp_path, ["cache", "train"]))
     assert out.returncode == 0
     assert "  cache\n" in out.stdout and "  evaluate (not in this image)" in out.stdout
-    assert entry(root=fake_root(tmp_path, ["cache"])).stdout == out.stdout.replace("  train\n", "  train (not in this image)\n")
+    no_train = out.stdout.replace("  train\n", "  train (not in this image)\n")
+    assert entry(root=fake_root(tmp_path, ["cache"])).stdout == no_train  # no argument: help
 
 
 def test_an_argument_that_is_not_an_override_is_refused(tmp_path):
@@ -78,7 +79,8 @@ def test_train_starts_one_process_per_visible_gpu_with_torchrun(tmp_path):
     root = fake_root(tmp_path, STAGES)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100 (UUID: GPU-$i)\"; done\n")
+    (bin_dir / "nvidia-smi").write_text(
+        "#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100 (UUID: GPU-$i)\"; done\n")
     (bin_dir / "nvidia-smi").chmod(0o755)
     path = f"{bin_dir}:{os.environ['PATH']}"
     assert launched(entry("train", "seed=1", root=root, PATH=path)) == \
@@ -93,7 +95,8 @@ def test_several_machines_need_a_master_and_a_node_rank(tmp_path):
     root = fake_root(tmp_path, ["train"])
     out = entry("train", root=root, NNODES="2", NPROC_PER_NODE="8")
     assert out.returncode == 2 and "NNODES=2 needs MASTER_ADDR" in out.stderr
-    assert launched(entry("train", root=root, NNODES="2", NPROC_PER_NODE="8", NODE_RANK="1", MASTER_ADDR="10.0.0.1")) == \
+    env = {"NNODES": "2", "NPROC_PER_NODE": "8", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}
+    assert launched(entry("train", root=root, **env)) == \
         ("py -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --node-rank=1 --master-addr=10.0.0.1 "
          "--master-port=29500 -m pipeline.train")
     out = entry("train", root=root, NPROC_PER_NODE="two")

@@ -121,7 +121,8 @@ def test_torchrun_variables_pass_through_and_no_variables_mean_one_process():
 
 @pytest.mark.parametrize("change, message", [
     ({"SLURM_NTASKS": "5"}, "SLURM_NTASKS=5 but SLURM_TASKS_PER_NODE='2\\(x2\\)' sums to 4"),
-    ({"SLURM_JOB_NUM_NODES": "3", "SLURM_NNODES": "3"}, "SLURM_JOB_NUM_NODES=3 but host list 'node\\[01-02\\]' names 2"),
+    ({"SLURM_JOB_NUM_NODES": "3", "SLURM_NNODES": "3"},
+     "SLURM_JOB_NUM_NODES=3 but host list 'node\\[01-02\\]' names 2"),
     ({"SLURM_PROCID": "x"}, "SLURM_PROCID='x' is not an integer"),
     ({"SLURM_PROCID": "9"}, "rank=9 / local_rank=1 outside world_size=4"),
 ])

@@ -92,12 +92,14 @@ def pipeline_run(slurm_cluster, tiny_model_dir, text_dir, tmp_path_factory):  # 
         time.sleep(0.1)
     signalled = slurm_cluster.run("scancel", "--batch", "--signal=USR1", train_id, check=False)
     idle = slurm_cluster.wait_idle(420)
-    yield SimpleNamespace(work=work, jobs=jobs, deps=deps, stdout=out.stdout, log_dir=log_dir, idle=idle,
-                          signalled=signalled, squeue=slurm_cluster.run("squeue", check=False).stdout)
+    ended = time.strftime("%Y-%m-%dT%H:%M:%S")
+    yield SimpleNamespace(ended=ended, work=work, jobs=jobs, deps=deps, stdout=out.stdout, log_dir=log_dir,
+                          idle=idle, signalled=signalled, squeue=slurm_cluster.run("squeue", check=False).stdout)
 
 
-def finished_jobs(cluster: SlurmCluster, first_id: str) -> list[dict]:
-    return [r for r in cluster.completed() if int(r["JobId"]) >= int(first_id)]
+def finished_jobs(cluster: SlurmCluster, first_id: str, submitted_by: str) -> list[dict]:
+    """This run's jobs: ids from its first one on (array tasks get later ids), submitted before it ended."""
+    return [r for r in cluster.completed() if int(r["JobId"]) >= int(first_id) and r["SubmitTime"] <= submitted_by]
 
 
 def test_pipeline_sh_runs_the_four_stages_in_order_through_sbatch(slurm_cluster, pipeline_run):  # noqa: F811
@@ -109,7 +111,7 @@ def test_pipeline_sh_runs_the_four_stages_in_order_through_sbatch(slurm_cluster,
     for before, after in [("cache-array", "cache-commit"), ("cache-commit", "train"), ("train", "evaluate"),
                           ("evaluate", "publish")]:
         assert run.deps[after].startswith(f"afterok:{ids[before]}"), run.deps  # as submitted
-    done = finished_jobs(slurm_cluster, ids["cache-array"])
+    done = finished_jobs(slurm_cluster, ids["cache-array"], run.ended)
     final = {}
     for rec in done:
         final.setdefault(rec["Name"], []).append(rec)
@@ -247,7 +249,8 @@ def test_site_settings_and_overrides_reach_sbatch(tmp_path):
                 "--gpus-per-task=1", "--dependency=afterok:77", f"--output={tmp_path}/slurm-logs/%x-%A_%a.out"):
         assert opt in array, (opt, array)
     assert array.endswith("slurm/cache.sbatch n_tokens=5 seed=3")
-    assert "--dependency=afterok:<cache>" in commit and commit.endswith("cache.sbatch commit_only=true n_tokens=5 seed=3")
+    assert "--dependency=afterok:<cache>" in commit
+    assert commit.endswith("cache.sbatch commit_only=true n_tokens=5 seed=3")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -226,3 +226,14 @@ def test_config_errors():
         SAEConfig(architecture="gated")
     with pytest.raises(ConfigError, match="sae.k=99"):
         SAEConfig(architecture="topk", n_features=40, k=99)
+
+
+def test_auxk_with_no_dead_latent_in_a_shard():
+    """A shard without dead latents still takes part in AuxK's global selection (empty code)."""
+    sae = make("topk", range(0, 20)).train()
+    with torch.no_grad():
+        sae.tokens_since_fired.fill_(0)
+    sae.comm.sum_features = lambda t: t + 5  # as if another shard held 5 dead latents
+    out = sae(data())
+    assert out.aux > 0  # e_hat = 0 here: the aux loss is the residual's energy
+    out.loss.backward()

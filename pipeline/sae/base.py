@@ -177,6 +177,13 @@ class SparseAutoencoder(nn.Module):
         """Latents that fired on none of the last cfg.dead_tokens tokens (before this batch)."""
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
+    @staticmethod
+    def count_fired(f: Tensor) -> Tensor:
+        """[features] tokens on which each latent of a non-negative dense code [batch, features]
+        fired. (sign().sum(0) is ~5x faster on CPU than (f > 0).sum(0), which widens bools to int64.)"""
+        with torch.no_grad():
+            return torch.sign(f).sum(0).long()
+
     def _finish(self, x: Tensor, x_hat: Tensor, sparsity: Tensor, aux: Tensor, fired: Tensor) -> ForwardOutput:
         """The common tail of forward(): MSE, L0 and the dead-latent counter."""
         mse = (x - x_hat).pow(2).sum(-1).mean()

@@ -80,5 +80,4 @@ class JumpReLU(SparseAutoencoder):
         x_hat = self.comm.reduce((f * self.inv_decoder_norm()) @ self.W_dec) + self.b_dec
         l0 = _Step.apply(z, theta, self.cfg.bandwidth).sum(1).mean()
         sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * l0)
-        fired = (f > 0).sum(0)
-        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), fired)
+        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), self.count_fired(f))

@@ -27,11 +27,15 @@ class ReluL1(SparseAutoencoder):
         return F.relu(F.linear(self.comm.enter(x), self.W_enc, self.b_enc))
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
-        f = self.encode(x)
+        # ReLU in place: addmm's backward does not need its output (saves a [batch, features] pass)
+        f = F.linear(self.comm.enter(x), self.W_enc, self.b_enc).relu_()
         W = self.decoder_weight()
+        d = W.shape[1]
+        # One matmul decodes and gives the penalty: column d of [W | norms | 0] is sum_i f_i ||W_i||,
+        # and its backward adds the penalty's gradient to the code's without another [batch, features]
+        # pass. Zero columns pad the width to a multiple of 8 (an odd width is ~30% slower on CPU).
+        out = f @ F.pad(torch.cat([W, W.norm(dim=1, keepdim=True)], dim=1), (0, -(d + 1) % 8))
         # each shard decodes its features; the partial reconstructions are summed over shards
-        x_hat = self.comm.reduce(f @ W) + self.b_dec
-        penalty = (f @ W.norm(dim=1)).mean()
-        sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * penalty)
-        fired = (f > 0).sum(0)
-        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), fired)
+        x_hat = self.comm.reduce(out[:, :d]) + self.b_dec
+        sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * out[:, d].mean())
+        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), self.count_fired(f))

@@ -16,6 +16,7 @@ encoder's forward matmul is dense; decoding and gradients use the k active rows 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.sae.base import ForwardOutput, SparseAutoencoder
@@ -26,33 +27,36 @@ class TopK(SparseAutoencoder):
     architecture = "topk"
 
     def pre_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(encoder input, dense pre-activations without grad) for this shard's features."""
-        xin = self.comm.enter(x - self.b_dec)
+        """(encoder bias, dense pre-activations without grad) for this shard's features.
+        W_enc (x - b_dec) + b_enc = W_enc x + (b_enc - W_enc b_dec): b_dec enters the sharded
+        encoder through a [features] bias, so no [batch, d_model] gradient is ever formed."""
+        bias = self.b_enc - self.W_enc @ self.comm.enter(self.b_dec)
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, xin, self.W_enc.t())
-        return xin, pre
+            pre = torch.addmm(bias, x, self.W_enc.t())
+        return bias, pre
 
     def select(self, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Global top-k per row of `scores` [batch, local features]: local indices [batch, <=k]
         and a mask of those that are among the k largest over all shards."""
         top, idx = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)
-        kth = self.comm.gather_features(top).topk(k, dim=1).values[:, -1:]
+        proposals = F.pad(top, (0, k - top.shape[1]), value=float("-inf"))  # k from every shard
+        kth = self.comm.gather_features(proposals).topk(k, dim=1).values[:, -1:]
         return idx, top >= kth
 
     def select_code(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """Which latents are active: the k largest of each token (batchtopk overrides this)."""
         return self.select(pre, self.cfg.k)
 
-    def code(self, xin: Tensor, pre: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
+    def code(self, x: Tensor, bias: Tensor, pre: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
         """Differentiable ReLU'd values of the selected latents; zero where not kept."""
-        vals = gather_linear(xin, self.W_enc, self.b_enc, idx, pre)
+        vals = gather_linear(x, self.W_enc, bias, idx, pre)
         return torch.where(keep, vals.relu(), torch.zeros_like(vals))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Sparse code (vals [batch, k], local idx [batch, k])."""
-        xin, pre = self.pre_acts(x)
+        bias, pre = self.pre_acts(x)
         idx, keep = self.select_code(pre)
-        return self.code(xin, pre, idx, keep), idx
+        return self.code(x, bias, pre, idx, keep), idx
 
     def decode(self, vals: Tensor, idx: Tensor) -> Tensor:
         """This shard's partial reconstruction (no bias)."""
@@ -60,16 +64,16 @@ class TopK(SparseAutoencoder):
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
         dead = self.dead_mask()
-        xin, pre = self.pre_acts(x)
+        bias, pre = self.pre_acts(x)
         idx, keep = self.select_code(pre)
-        vals = self.code(xin, pre, idx, keep)
+        vals = self.code(x, bias, pre, idx, keep)
         x_hat = self.comm.reduce(self.decode(vals, idx)) + self.b_dec
-        aux = self.auxk(x, x_hat, xin, pre, dead)
+        aux = self.auxk(x, x_hat, bias, pre, dead)
         fired = torch.bincount(idx[vals > 0], minlength=len(self.features))
         zero = torch.zeros((), device=x.device, dtype=x_hat.dtype)
         return self._finish(x, x_hat, zero, aux, fired)
 
-    def auxk(self, x: Tensor, x_hat: Tensor, xin: Tensor, pre: Tensor, dead: Tensor) -> Tensor:
+    def auxk(self, x: Tensor, x_hat: Tensor, bias: Tensor, pre: Tensor, dead: Tensor) -> Tensor:
         """alpha * ||e - e_hat||^2, e_hat decoded from the top k_aux dead latents (0 if none)."""
         zero = torch.zeros((), device=x.device, dtype=x_hat.dtype)
         if not self.training or self.cfg.k_aux == 0:
@@ -77,8 +81,9 @@ class TopK(SparseAutoencoder):
         n_dead = int(self.comm.sum_features(dead.sum()).item())
         if n_dead == 0:
             return zero
-        scores = pre.masked_fill(~dead, float("-inf"))
-        idx, keep = self.select(scores, min(self.cfg.k_aux, n_dead))
-        e_hat = self.comm.reduce(self.decode(self.code(xin, pre, idx, keep), idx))
+        dead_idx = dead.nonzero().squeeze(1)  # select among the dead columns only (may be none here)
+        local, keep = self.select(pre.index_select(1, dead_idx), min(self.cfg.k_aux, n_dead))
+        idx = dead_idx[local]
+        e_hat = self.comm.reduce(self.decode(self.code(x, bias, pre, idx, keep), idx))
         e = (x - x_hat).detach()
         return self.cfg.aux_coef * (e - e_hat).pow(2).sum(-1).mean()

@@ -28,6 +28,7 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
             "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay,
             "torch_adam": True,      # torch.optim.Adam: no compiled op, the same on CPU and GPU
+            "fused": True,           # its one-pass kernel (CPU and CUDA)
             "adam_w_mode": False}},  # Adam, not AdamW (weight decay is 0 anyway)
         "gradient_clipping": cfg.optim.gradient_clipping,  # DeepSpeed's default is 1.0: never implicit
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage,

@@ -1,40 +1,49 @@
-"""Batches for the trainer: this rank's share of each global batch, resumable.
-
-Interim: rows in store order (the shuffled, prefetching ActivationLoader of
-pipeline/store/loader.py replaces this once it is in).
-"""
+"""Batches for the trainer: this rank's share of each global batch from the shuffled,
+prefetching ActivationLoader, resumable from a checkpoint."""
 
 from __future__ import annotations
 
 import torch
 
-from pipeline.store import ActivationStore
+from pipeline.store import ActivationLoader, ActivationStore
 
 
-class StoreBatches:
-    """Global batch t holds rows [t * B, (t + 1) * B) of the store (wrapping around); data-parallel
-    rank r gets rows [r * B / dp, (r + 1) * B / dp) of it. Identical on feature-parallel ranks."""
+class RankBatches:
+    """Iterator of this rank's `[batch_size / data_parallel, d_model]` batches.
 
-    def __init__(self, store: ActivationStore, hook: str, batch_size: int, dp_rank: int, dp_size: int):
-        self.store, self.hook = store, hook
-        self.n = batch_size // dp_size
-        self.offset = dp_rank * self.n
-        self.batch_size = batch_size
-        self.step = 0
+    By default each data-parallel replica reads its own disjoint share of the store. With
+    `same_batches_at_any_layout`, every replica reads the whole global batch and keeps its slice,
+    so the global batches, and the trajectory, do not depend on the layout (the equivalence tests
+    compare layouts this way). Feature-parallel ranks of one replica always get identical batches:
+    they read with the same seed and data-parallel rank."""
+
+    def __init__(self, store: ActivationStore, hook: str, cfg, dp_rank: int, dp_size: int, device):
+        global_view = cfg.data.same_batches_at_any_layout and dp_size > 1
+        per_rank = cfg.batch_size // dp_size
+        self.slice = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank) if global_view else None
+        self.loader = ActivationLoader(
+            store, cfg.batch_size if global_view else per_rank, hook=hook, seed=cfg.seed,
+            dp_rank=0 if global_view else dp_rank, dp_size=1 if global_view else dp_size,
+            shuffle_buffer=cfg.data.shuffle_buffer, epochs=None, drop_last=True, device=device,
+            expected_d_model=store.d_model, exclude_positions_below=cfg.data.exclude_positions_below,
+            exclude_norm_factor=cfg.data.exclude_norm_factor)
+        self._it = None
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        start = (self.step * self.batch_size + self.offset) % self.store.n_tokens
-        rows = [self.store.acts(start, min(start + self.n, self.store.n_tokens), self.hook)]
-        while sum(len(r) for r in rows) < self.n:  # wrap around the end of the store
-            rows.append(self.store.acts(0, self.n - sum(len(r) for r in rows), self.hook))
-        self.step += 1
-        return torch.cat(rows)
+        if self._it is None:
+            self._it = iter(self.loader)
+        x = next(self._it)
+        return x[self.slice] if self.slice is not None else x
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.loader.load_state_dict(state)
+        self._it = None
+
+    def close(self) -> None:
+        self.loader.close()

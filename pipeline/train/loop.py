@@ -17,7 +17,7 @@ from pipeline.sae import SAEConfig, checkpoint as export
 from pipeline.store import ActivationStore
 from pipeline.train.checkpoint import Checkpoints
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import StoreBatches
+from pipeline.train.data import RankBatches
 from pipeline.train.engine import build_engine, precision, sparsity_scale
 from pipeline.train.metrics import Logger, step_stats
 
@@ -37,7 +37,7 @@ def train(cfg: TrainConfig) -> Path | None:
     sae = mesh.build_sae(sae_cfg, cfg.seed, mean=stats.mean * scale)
     engine = build_engine(cfg, sae, mesh, device)
     dtype = torch.bfloat16 if precision(cfg, device) == "bf16" else torch.float32
-    batches = StoreBatches(store, hook, cfg.batch_size, mesh.dp_rank, cfg.parallel.data_parallel)
+    batches = RankBatches(store, hook, cfg, mesh.dp_rank, cfg.parallel.data_parallel, device)
     out_dir = Path(cfg.out_dir)
     ckpts = Checkpoints(out_dir / "checkpoints", mesh, cfg.keep_checkpoints)
     start = ckpts.resume(engine, batches) if cfg.resume else 0
@@ -72,6 +72,7 @@ def train(cfg: TrainConfig) -> Path | None:
     finally:
         stop.restore()
         log.close()
+        batches.close()
     if not cfg.export:
         return None
     folder = out_dir / "sae"

@@ -26,8 +26,23 @@ $(STAMP): setup.cfg
 	$(PY) -c "from pipeline.models import embedded_model_dir; embedded_model_dir('smollm2-135m')"
 	touch $@
 
-demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M, offline corpus)
-	$(PY) -m pipeline.cache $(ARGS)
+DEMO := runs/demo
+demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M, offline corpus), ~20 min on 2 cores
+	$(PY) -m pipeline.cache n_tokens=100000 store.url=$(DEMO)/activations $(ARGS)
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node=2 -m pipeline.train sae=relu_l1 \
+	    parallel.feature_parallel=2 data.url=$(DEMO)/activations n_tokens=200000 optim.lr=4e-4 \
+	    out_dir=$(DEMO)/train/relu_l1
+	$(PY) -m pipeline.evaluate checkpoint=$(DEMO)/train/relu_l1/sae n_tokens=20000 out_dir=$(DEMO)/evaluate
+	$(PY) -m pipeline.interpret checkpoint=$(DEMO)/train/relu_l1/sae n_tokens=50000 out_dir=$(DEMO)/interpret
+	@# steer with the sparsest feature of largest activation (firing on < 1% of tokens), clamped to 10x its max
+	FEATURE=$$($(PY) -c "import json; f = json.load(open('$(DEMO)/interpret/features.json'))['features']; \
+	    print(max((x for x in f if 0 < x['density'] < 0.01), key=lambda x: x['max_act'])['index'])") && \
+	$(PY) -m pipeline.steer checkpoint=$(DEMO)/train/relu_l1/sae features=$(DEMO)/interpret/features.json \
+	    "clamp=[\"$$FEATURE:10x\"]" out_dir=$(DEMO)/steer
+	$(PY) -m pipeline.publish dry_run=true checkpoints=[$(DEMO)/train/relu_l1/sae] \
+	    eval_dirs=[$(DEMO)/evaluate] dashboard_dirs=[$(DEMO)/interpret] out_dir=$(DEMO)/release
+	@echo; echo "metrics:   $(DEMO)/evaluate/metrics.json"; cat $(DEMO)/evaluate/metrics.json | head -40
+	@echo "dashboard: file://$(CURDIR)/$(DEMO)/interpret/index.html"
 
 test: setup  ## run the test suite
 	$(PY) -m pytest $(ARGS)

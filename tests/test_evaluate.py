@@ -55,7 +55,7 @@ def heldout(text_dir):
 
 
 def cfg_for(tiny_model_dir, heldout, tmp_path, **kw):
-    base = dict(sae=str(tmp_path / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+    base = dict(checkpoint=str(tmp_path / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
                 data=heldout, context_size=32, n_tokens=32 * 6, batch_size=3, progress=False,
                 out_dir=str(tmp_path / "eval"))
     base.update(kw)

@@ -34,7 +34,7 @@ def tiny(tiny_model_dir):
 
 
 def interpret_cfg(tiny_model_dir, text_dir, tmp, **kw):
-    base = dict(sae=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+    base = dict(checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
                 data=DataConfig(source="files", path=[str(text_dir / "*.txt")]), context_size=32,
                 n_tokens=32 * 12, batch_size=4, top_k=5, n_samples=6, n_quantiles=3, context_before=6,
                 context_after=2, out_dir=str(tmp / "dash"), progress=False)
@@ -74,7 +74,7 @@ def test_collector_matches_brute_force_with_bounded_state():
     all_acts = torch.cat([d.reshape(-1, 10) for _, d in seen])
     for i in range(P):
         col = all_acts[:, 2 + i]
-        torch.testing.assert_close(c.top.score[i], col.topk(K).values)
+        torch.testing.assert_close(c.top.score[i].sort(descending=True).values, col.topk(K).values)
         assert int(c.count[i]) == int((col > 0).sum()) == int(c.hist[i].sum())
         assert c.summary()["density"][i] == pytest.approx(float((col > 0).float().mean()))
         for e in examples_of(c.top, i, 3):  # the window is the example's own context
@@ -129,7 +129,7 @@ def test_search_lists_the_top_features_of_each_token(dashboard, tiny, capsys):
     from dataclasses import replace
     result = run(replace(cfg, task="search", prompt="The Golden Gate Bridge is orange"))
     printed = capsys.readouterr().out
-    d = Dictionary.load(cfg.sae, tiny)
+    d = Dictionary.load(cfg.checkpoint, tiny)
     ids, acts = prompt_activations(d, tiny, "The Golden Gate Bridge is orange")
     assert len(result["tokens"]) == len(ids) - 1  # BOS left out
     for t, row in zip(result["tokens"], acts[1:]):

@@ -115,7 +115,7 @@ def test_clamp_parsing_and_bad_clamps(tiny, tmp_path):
 
 def test_run_prints_clean_and_steered_side_by_side(tiny_model_dir, tmp_path, capsys):
     save(topk_sae(), tmp_path / "sae", meta={"hook": "model.layers.3", "model": {"id": str(tiny_model_dir)}})
-    out = run(SteerConfig(sae=str(tmp_path / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+    out = run(SteerConfig(checkpoint=str(tmp_path / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
                           prompt="The bridge", clamp=["5:200"], features=str(tmp_path / "none.json"),
                           max_new_tokens=6, out_dir=str(tmp_path / "steer")))
     printed = capsys.readouterr().out

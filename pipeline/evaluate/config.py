@@ -18,7 +18,7 @@ def _test_split() -> DataConfig:
 
 @dataclass
 class EvalConfig:
-    sae: str = "runs/demo/train/topk/sae"
+    checkpoint: str = "runs/demo/train/topk/sae"
     """The exported SAE (the trainer's <out_dir>/sae folder, docs in pipeline/sae/checkpoint.py)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The language model the SAE is spliced into: the one whose activations it was trained on."""

@@ -24,9 +24,9 @@ HISTOGRAM_FILE = "density_histogram.png"
 
 
 def run(cfg: EvalConfig) -> dict:
-    """Evaluate the SAE at cfg.sae; write cfg.out_dir/metrics.json (returned) and the histogram."""
+    """Evaluate the SAE at cfg.checkpoint; write cfg.out_dir/metrics.json (returned) and the histogram."""
     loaded = load_model(cfg.model)
-    dictionary = Dictionary.load(cfg.sae, loaded, cfg.hook)
+    dictionary = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
     metrics = evaluate(dictionary, loaded, cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,11 +48,13 @@ class _Sums:
         self.fired = torch.zeros(n_features, dtype=torch.int64, device=device)
 
 
-def evaluate(d: Dictionary, loaded: LoadedModel, cfg: EvalConfig) -> dict:
-    """The metrics of one SAE on the held-out contexts of cfg.data (no files written)."""
+def evaluate(d: Dictionary, loaded: LoadedModel, cfg: EvalConfig, batches: list | None = None) -> dict:
+    """The metrics of one SAE on the held-out contexts of cfg.data (no files written); `batches`
+    ([batch, context_size] token ids) replaces cfg.data when given."""
     model, tok = loaded.model, loaded.tokenizer
     device = loaded.device
-    batches = list(context_batches(cfg.data, tok, cfg.context_size, cfg.n_tokens, cfg.batch_size))
+    if batches is None:
+        batches = list(context_batches(cfg.data, tok, cfg.context_size, cfg.n_tokens, cfg.batch_size))
     p = cfg.exclude_positions_below
     masked_ids = {i for i in (tok.bos_token_id, tok.pad_token_id) if i is not None and i != tok.eos_token_id}
     mean = None
@@ -88,6 +90,8 @@ def evaluate(d: Dictionary, loaded: LoadedModel, cfg: EvalConfig) -> dict:
         clean_lp = F.log_softmax(clean_logits[:, p:-1].float(), dim=-1)
         del clean_logits
         ce["clean"] += _ce_sum(clean_lp, targets, keep)
+        clean_p = clean_lp.exp()
+        neg_entropy = _rowdot(clean_p, clean_lp)  # KL(p || q) = sum p log p - sum p log q
         variants = {"spliced": x_hat.to(x.dtype)}
         if "zero" in cfg.ablations:
             variants["zero"] = torch.zeros((), dtype=x.dtype, device=device)
@@ -101,7 +105,7 @@ def evaluate(d: Dictionary, loaded: LoadedModel, cfg: EvalConfig) -> dict:
             with torch.inference_mode(), replace_output(model, d.hook, splice):
                 lp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, p:-1].float(), dim=-1)
             ce[name] += _ce_sum(lp, targets, keep)
-            kl[name] += float(((clean_lp.exp() * (clean_lp - lp)).sum(-1) * keep).sum())
+            kl[name] += float(((neg_entropy - _rowdot(clean_p, lp)) * keep).sum())
             del lp
         bar.update(ids.numel())
     bar.close()
@@ -136,6 +140,12 @@ def _reconstruct(d: Dictionary, x, norm_factor: float | None, s: _Sums):
     s.fired += out.fired.to(s.fired.device).long()
     s.l0 += float(out.l0) * int(valid.sum())
     return x_hat.reshape(x.shape)
+
+
+def _rowdot(a, b):
+    """sum over the last dim of a * b, as a batched matmul (no [batch, t, vocab] temporary)."""
+    n, v = a.shape[0] * a.shape[1], a.shape[-1]
+    return torch.bmm(a.reshape(n, 1, v), b.reshape(n, v, 1)).view(a.shape[:-1])
 
 
 def _ce_sum(logprobs, targets, keep) -> float:

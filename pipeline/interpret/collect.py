@@ -73,38 +73,44 @@ class FeatureCollector:
         self.sum.index_add_(0, f, vals.double())
         b = ((vals.log10() - HIST_LO) / (HIST_HI - HIST_LO) * HIST_BINS).floor().clamp(0, HIST_BINS - 1).long()
         self.hist.view(-1).index_add_(0, f * HIST_BINS + b, torch.ones_like(b))
-        B, T = ids.shape
-        dense = torch.zeros(B * T, p, device=vals.device)
-        dense[rows, f] = vals
-        dense = dense.view(B, T, p)
-        self._merge(self.top, f, rows, vals, vals, ids, dense)
+        # sparse lookup table of this batch's activations for the context windows: key row * p + f
+        lookup = torch.sort(rows * p + f)
+        table = (lookup.values, vals[lookup.indices])
+        self._merge(self.top, f, rows, vals, vals, ids, table)
         keys = torch.rand(len(f), generator=self.gen, device=vals.device)
-        self._merge(self.samples, f, rows, keys, vals, ids, dense)
+        self._merge(self.samples, f, rows, keys, vals, ids, table)
 
     def _merge(self, ex: Examples, f: Tensor, rows: Tensor, scores: Tensor, vals: Tensor, ids: Tensor,
-               dense: Tensor) -> None:
+               table: tuple[Tensor, Tensor]) -> None:
+        """Keep each feature's n best scores. Slots are unordered; with a feature's slots sorted
+        ascending (o_1 <= ... <= o_n) and its candidates descending (c_1 >= c_2 >= ...), putting
+        c_j into o_j's slot wherever c_j > o_j leaves exactly the n best of both, so only the
+        replaced slots are written."""
         n = ex.score.shape[1]
+        # only entries above their feature's current n-th best can enter: after the first batches
+        # that is a small fraction, so the sort and the window gathers stay cheap
+        enter = scores > ex.score.amin(1)[f]
+        f, rows, scores, vals = f[enter], rows[enter], scores[enter], vals[enter]
+        if not len(f):
+            return
         keep, rank = segment_topk(f, scores, n)
         fk = f[keep]
         touched, inv = torch.unique(fk, return_inverse=True)
-        u = len(touched)
-        cand = torch.full((u, n), float("-inf"), device=scores.device)
+        cand = torch.full((len(touched), n), float("-inf"), device=scores.device)
         cand[inv, rank] = scores[keep]
-        entry = torch.zeros((u, n), dtype=torch.long, device=scores.device)
+        old, slot = ex.score[touched].sort(dim=1)
+        i, j = (cand > old).nonzero(as_tuple=True)
+        entry = torch.zeros((len(touched), n), dtype=torch.long, device=scores.device)
         entry[inv, rank] = torch.arange(len(keep), device=scores.device)
-        merged, sel = torch.cat([ex.score[touched], cand], 1).topk(n, dim=1)
-        from_old = sel < n
-        old = sel.clamp(max=n - 1)
-        new = entry.gather(1, (sel - n).clamp(min=0))
-        tok_e, act_e = self._windows(rows[keep], fk, ids, dense)
-        w = tok_e.shape[1]
-        m3 = from_old[..., None]
-        ex.tokens[touched] = torch.where(m3, ex.tokens[touched].gather(1, old[..., None].expand(-1, -1, w)), tok_e[new])
-        ex.acts[touched] = torch.where(m3, ex.acts[touched].gather(1, old[..., None].expand(-1, -1, w)), act_e[new])
-        ex.value[touched] = torch.where(from_old, ex.value[touched].gather(1, old), vals[keep][new])
-        ex.score[touched] = merged
+        e = entry[i, j]                       # which kept entry goes in
+        fi, si = touched[i], slot[i, j]       # into which feature's which slot
+        tok_e, act_e = self._windows(rows[keep][e], fk[e], ids, table)
+        ex.tokens[fi, si] = tok_e
+        ex.acts[fi, si] = act_e
+        ex.value[fi, si] = vals[keep][e]
+        ex.score[fi, si] = cand[i, j]
 
-    def _windows(self, rows: Tensor, f: Tensor, ids: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
+    def _windows(self, rows: Tensor, f: Tensor, ids: Tensor, table: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Token ids and feature-f activations from `before` tokens before to `after` after each row."""
         B, T = ids.shape
         b, t = rows // T, rows % T
@@ -112,14 +118,18 @@ class FeatureCollector:
         ok = (pos >= 0) & (pos < T)
         pc = pos.clamp(0, T - 1)
         tok = torch.where(ok, ids[b[:, None], pc], -1).int()
-        act = torch.where(ok, dense[b[:, None], pc, f[:, None]], 0.0)
+        keys, values = table
+        want = (b[:, None] * T + pc) * (self.hi - self.lo) + f[:, None]
+        at = torch.searchsorted(keys, want).clamp(max=len(keys) - 1)
+        act = torch.where(ok & (keys[at] == want), values[at], 0.0)
         return tok, act
 
     def summary(self) -> dict[str, Tensor]:
         n = max(self.n_tokens, 1)
         live = self.count > 0
+        best = self.top.score.amax(1)
         return {"density": self.count.double() / n,
-                "max_act": torch.where(live, self.top.score[:, 0], torch.zeros_like(self.top.score[:, 0])),
+                "max_act": torch.where(live, best, torch.zeros_like(best)),
                 "mean_act": torch.where(live, self.sum / self.count.clamp(min=1), torch.zeros_like(self.sum)),
                 "count": self.count}
 
@@ -128,7 +138,7 @@ def examples_of(ex: Examples, i: int, before: int) -> list[dict]:
     """The non-empty examples of local feature i, best first: {value, tokens, acts, center}, where
     tokens[center] is the example's own token (windows are cut at the context's edges)."""
     out = []
-    for j in range(ex.score.shape[1]):
+    for j in ex.score[i].argsort(descending=True).tolist():
         if ex.score[i, j] == float("-inf"):
             continue
         tok = ex.tokens[i, j]

@@ -17,7 +17,7 @@ class InterpretConfig:
     """dashboard (stream a corpus sample, write features.json and the HTML dashboard), search (the
     top features of `prompt`, in the terminal and as search.html) or crosslingual (features shared
     by the same sentences in several languages: crosslingual.json and .html)."""
-    sae: str = "runs/demo/train/topk/sae"
+    checkpoint: str = "runs/demo/train/topk/sae"
     """The exported SAE (the trainer's <out_dir>/sae folder)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

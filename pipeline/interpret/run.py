@@ -43,7 +43,7 @@ class TokenText:
 
 def run(cfg: InterpretConfig) -> dict:
     loaded = load_model(cfg.model)
-    d = Dictionary.load(cfg.sae, loaded, cfg.hook)
+    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
     out = Path(cfg.out_dir)
     if cfg.task == "search":
         return run_search(d, loaded, cfg)
@@ -58,14 +58,17 @@ def run(cfg: InterpretConfig) -> dict:
 
 
 def collect(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig, lo: int, hi: int,
-            desc: str = "interpret") -> FeatureCollector:
-    """One pass over the corpus sample, collecting features [lo, hi)."""
+            desc: str = "interpret", batches=None, collector: FeatureCollector | None = None) -> FeatureCollector:
+    """One pass over the corpus sample (or `batches` of token ids), collecting features [lo, hi)
+    (into `collector` when given, to continue one)."""
     capture = ActivationCapture(loaded, [d.hook])
-    c = FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before, cfg.context_after,
-                         device=loaded.device, seed=cfg.seed)
+    c = collector or FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before, cfg.context_after,
+                                      device=loaded.device, seed=cfg.seed)
     p = cfg.exclude_positions_below
+    if batches is None:
+        batches = context_batches(cfg.data, loaded.tokenizer, cfg.context_size, cfg.n_tokens, cfg.batch_size)
     bar = tqdm(total=cfg.n_tokens, unit="tok", unit_scale=True, disable=not cfg.progress, desc=desc, mininterval=2)
-    for ids in context_batches(cfg.data, loaded.tokenizer, cfg.context_size, cfg.n_tokens, cfg.batch_size):
+    for ids in batches:
         ids = ids.to(loaded.device)
         x = capture(ids)[d.hook]
         B, T = ids.shape

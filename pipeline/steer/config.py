@@ -29,7 +29,7 @@ class Clamp:
 
 @dataclass
 class SteerConfig:
-    sae: str = "runs/demo/train/topk/sae"
+    checkpoint: str = "runs/demo/train/topk/sae"
     """The exported SAE (the trainer's <out_dir>/sae folder)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     hook: str | None = None

@@ -105,7 +105,7 @@ def generate(loaded: LoadedModel, d: Dictionary, ids: Tensor, values: dict[int, 
 
 def run(cfg: SteerConfig) -> dict:
     loaded = load_model(cfg.model)
-    d = Dictionary.load(cfg.sae, loaded, cfg.hook)
+    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
     values = resolve_clamps(d, cfg.clamps(), cfg.features, cfg.allow_dead)
     ids = prompt_ids(loaded, cfg.prompt, cfg.chat)
     clean = generate(loaded, d, ids, {}, cfg.max_new_tokens, cfg.temperature, cfg.seed)

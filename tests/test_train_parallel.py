@@ -1,7 +1,7 @@
 """Equivalence of layouts: for every architecture, training with feature_parallel = 2 and 3
-(32 features: shards of 11, 11, 10), data_parallel = 2, and 2 x 2, launched with torchrun as
-users launch it, gives the same losses and final weights as a single process with the same
-global batch, within 1e-5 relative (fp32, gloo, DeepSpeed ZeRO-1, global-norm clipping on)."""
+(32 features: shards of 11, 11, 10), data_parallel = 2, and 2 x 2 (ZeRO-1, and ZeRO-2), launched
+with torchrun as users launch it, gives the same losses and final weights as a single process
+with the same global batch, within 1e-5 relative (fp32, gloo, global-norm clipping on)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from test_train import run_train, synthetic_store
 
 pytestmark = pytest.mark.slow
 
-LAYOUTS = {"fp2": (1, 2), "fp3": (1, 3), "dp2": (2, 1), "2x2": (2, 2)}
+LAYOUTS = {"fp2": (1, 2), "fp3": (1, 3), "dp2": (2, 1), "2x2": (2, 2), "2x2-zero2": (2, 2)}
 STEPS = 6
 RTOL = 1e-5
 
@@ -34,8 +34,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, (dp, fp) in {"single": (1, 1), **LAYOUTS}.items():
         out[name] = root / name
-        run_train(common + [f"out_dir={out[name]}/${{sae.architecture}}", f"parallel.data_parallel={dp}",
-                            f"parallel.feature_parallel={fp}"], nproc=dp * fp, timeout=600)
+        zero = ["deepspeed.zero_stage=2"] if name.endswith("zero2") else []
+        run_train(common + zero + [f"out_dir={out[name]}/${{sae.architecture}}", f"parallel.data_parallel={dp}",
+                                   f"parallel.feature_parallel={fp}"], nproc=dp * fp, timeout=600)
     return out
 
 
@@ -56,7 +57,7 @@ def test_layout_matches_single_process(runs, layout, arch):
         for key in ("loss", "mse", "sparsity", "aux", "l0", "fvu"):
             assert g[key] == pytest.approx(r[key], rel=RTOL, abs=1e-7), (g["step"], key)
     a, b = load(runs["single"] / arch / "sae"), load(runs[layout] / arch / "sae")
-    assert b.meta["training"]["data_parallel"], b.meta["training"]["feature_parallel"] == LAYOUTS[layout]
+    assert (b.meta["training"]["data_parallel"], b.meta["training"]["feature_parallel"]) == LAYOUTS[layout]
     for name, t in a.state_dict().items():
         if name in ("tokens_since_fired", "threshold_steps"):
             continue

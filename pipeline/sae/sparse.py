@@ -15,12 +15,13 @@ from torch import Tensor
 
 def rows_grad(idx: Tensor, g: Tensor, x: Tensor, n_rows: int) -> Tensor:
     """[n_rows, d] with row r = sum over (b, j) with idx[b, j] = r of g[b, j] * x[b]: the weight
-    gradient of a row gather, as one sparse-dense matmul."""
+    gradient of a row gather, as one sparse-dense matmul (in fp32: sparse kernels lack bf16 on
+    some devices, and the sums are over many tokens)."""
     b, m = idx.shape
     cols = torch.arange(b, device=idx.device).repeat_interleave(m)
-    s = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), cols]), g.reshape(-1).to(x.dtype), (n_rows, b),
+    s = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), cols]), g.reshape(-1).float(), (n_rows, b),
                                 check_invariants=False)
-    return torch.sparse.mm(s, x)
+    return torch.sparse.mm(s, x.float())
 
 
 class _GatherLinear(torch.autograd.Function):

@@ -3,6 +3,7 @@ are submitted by slurm/pipeline.sh, run through sbatch in dependency order, and 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -218,8 +219,14 @@ def test_two_hosts_train_the_same_dictionary_as_one_process(uninterrupted):
     assert p.returncode == 0, p.stderr[-4000:]
     a, b = weights(single / "sae"), weights(uninterrupted.sae)
     assert a.keys() == b.keys()
+    # 400 fp32 steps of top-k: the two reductions sum in different orders, and a rare top-k tie can
+    # flip one latent for a step, so single elements may drift; whole tensors agree to ~2e-5 and the
+    # final loss to ~3e-7 (seen here), which is what a wrong sharding could never produce.
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+        diff = (b[name].double() - a[name].double()).norm() / a[name].double().norm().clamp_min(1e-12)
+        assert diff < 1e-4, (name, float(diff))
+    last = [json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (single, uninterrupted.sae.parent)]
+    assert last[1]["loss"] == pytest.approx(last[0]["loss"], rel=1e-5)
 
 
 def test_a_failed_stage_cancels_the_stages_after_it(slurm_cluster, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -164,3 +165,27 @@ def test_bad_config():
         InterpretConfig(task="search")
     with pytest.raises(ConfigError, match="task='plot'"):
         InterpretConfig(task="plot")
+
+
+def test_massive_activation_rows_are_never_examples(tiny, tiny_model_dir, text_dir, tmp_path):
+    from pipeline.evaluate.common import context_batches, typical_rows
+    from pipeline.interpret.run import collect
+    from pipeline.models import ActivationCapture
+
+    rows = torch.ones(9, 4)
+    rows[3] *= 50  # one massive row among typical ones
+    assert typical_rows(rows, 8.0).tolist() == [True] * 3 + [False] + [True] * 5
+    assert typical_rows(rows, None).all()
+
+    save(topk_sae(), tmp_path / "sae", meta={"hook": HOOK})
+    cfg = interpret_cfg(tiny_model_dir, text_dir, tmp_path, exclude_norm_factor=1.05)  # drops many rows
+    d = Dictionary.load(cfg.checkpoint, tiny, cfg.hook)
+    batches = list(context_batches(cfg.data, tiny.tokenizer, cfg.context_size, cfg.n_tokens, cfg.batch_size))
+    capture = ActivationCapture(tiny, [d.hook])
+    typical = torch.cat([typical_rows(capture(ids)[d.hook].reshape(-1, d.d_model), 1.05).view(ids.shape)[:, 1:]
+                         for ids in batches])
+    assert 0 < int(typical.sum()) < typical.numel()
+    kept = collect(d, tiny, cfg, 0, d.n_features, batches=batches)
+    every = collect(d, tiny, replace(cfg, exclude_norm_factor=None), 0, d.n_features, batches=batches)
+    assert kept.n_tokens == int(typical.sum()) and every.n_tokens == typical.numel()
+    assert int(kept.count.sum()) < int(every.count.sum())

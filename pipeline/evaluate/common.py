@@ -1,5 +1,5 @@
 """Pieces the evaluation, interpretation and steering stages share: context batches, the
-unembedding (for logit effects) and token text for display."""
+massive-activation rule, the unembedding (for logit effects) and token text for display."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ def final_norm(model: nn.Module) -> nn.Module | None:
         if isinstance(mod, nn.Module):
             return mod
     return None
+
+
+def typical_rows(rows: Tensor, norm_factor: float | None) -> Tensor:
+    """[n] mask of the rows [n, d] whose norm is at most norm_factor x the median norm (all where
+    None). Some positions (often the first tokens) carry massive activations of 10-100x the
+    typical norm; they would dominate reconstruction metrics and every top-activation list."""
+    if norm_factor is None:
+        return torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    norms = rows.float().norm(dim=1)
+    return norms <= norm_factor * norms.median()
 
 
 @torch.no_grad()

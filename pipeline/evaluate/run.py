@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError
-from pipeline.evaluate.common import context_batches
+from pipeline.evaluate.common import context_batches, typical_rows
 from pipeline.evaluate.config import EvalConfig
 from pipeline.evaluate.dictionary import Dictionary
 from pipeline.models import ActivationCapture, LoadedModel, load_model, replace_output
@@ -121,10 +121,7 @@ def _reconstruct(d: Dictionary, x, norm_factor: float | None, s: _Sums):
     """The SAE's reconstruction of x [batch, t, d] (every row, for splicing); the reconstruction
     sums are taken over the rows that are not norm outliers."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    norms = rows.norm(dim=1)
-    valid = torch.ones_like(norms, dtype=torch.bool)
-    if norm_factor is not None:
-        valid = norms <= norm_factor * norms.median()
+    valid = typical_rows(rows, norm_factor)
     x_hat = torch.empty_like(rows)
     out = d.forward(rows[valid])
     x_hat[valid] = out.x_hat.float()
@@ -170,9 +167,7 @@ def _ablation_mean(d: Dictionary, loaded: LoadedModel, cfg: EvalConfig, batches)
     for ids in batches:
         rows = capture(ids)[d.hook][:, cfg.exclude_positions_below:].reshape(-1, d.d_model).double()
         d.check_width(rows)
-        norms = rows.norm(dim=1)
-        if cfg.exclude_norm_factor is not None:
-            rows = rows[norms <= cfg.exclude_norm_factor * norms.median()]
+        rows = rows[typical_rows(rows, cfg.exclude_norm_factor)]
         total += rows.sum(0)
         count += rows.shape[0]
     return (total / max(count, 1)).float()

@@ -30,6 +30,10 @@ class InterpretConfig:
     batch_size: int = 8
     exclude_positions_below: int = 1
     """Positions below this are never examples (position 0 is BOS, which the SAE never saw)."""
+    exclude_norm_factor: float | None = 8.0
+    """Rows whose norm exceeds this multiple of the batch's median norm are never examples and do
+    not count towards density (the massive activations of the first tokens, which otherwise top
+    most features' lists); the evaluation stage's rule. null keeps every row."""
     top_k: int = 20
     """Top-activating contexts kept per feature."""
     n_samples: int = 20
@@ -81,5 +85,7 @@ class InterpretConfig:
         if not 0 <= self.exclude_positions_below < self.context_size:
             raise ConfigError(f"exclude_positions_below={self.exclude_positions_below} must be in "
                               f"[0, context_size={self.context_size})")
+        if self.exclude_norm_factor is not None and self.exclude_norm_factor <= 1:
+            raise ConfigError(f"exclude_norm_factor={self.exclude_norm_factor} must be > 1 (or null to keep all rows)")
         if len(self.languages) < 2:
             raise ConfigError(f"languages={list(self.languages)}: the cross-lingual check needs at least two")

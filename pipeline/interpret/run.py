@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.evaluate.common import context_batches, logit_directions
+from pipeline.evaluate.common import context_batches, logit_directions, typical_rows
 from pipeline.evaluate.dictionary import Dictionary
 from pipeline.interpret import dashboard as H
 from pipeline.interpret.collect import FeatureCollector, examples_of, hist_edges
@@ -72,9 +72,12 @@ def collect(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig, lo: int, h
         ids = ids.to(loaded.device)
         x = capture(ids)[d.hook]
         B, T = ids.shape
-        rows, feats, vals = d.encode_sparse(x.reshape(B * T, -1))
-        keep = rows % T >= p
-        c.update(ids, rows[keep], feats[keep], vals[keep], B * (T - p))
+        flat = x.reshape(B * T, -1)
+        scored = typical_rows(flat, cfg.exclude_norm_factor).view(B, T)
+        scored[:, :p] = False
+        rows, feats, vals = d.encode_sparse(flat)
+        keep = scored.view(-1)[rows]
+        c.update(ids, rows[keep], feats[keep], vals[keep], int(scored.sum()))
         bar.update(ids.numel())
     bar.close()
     return c

@@ -6,7 +6,7 @@ FLOPs and expected step time.
 
 from pipeline.plan.model import Plan, PlanConfig, best_plan, make_plan, rank_memory
 
-__all__ = ["Plan", "PlanConfig", "best_plan", "make_plan", "rank_memory", "run", "format_plan"]
+__all__ = ["Plan", "PlanConfig", "best_plan", "dry_run_command", "make_plan", "rank_memory", "run", "format_plan"]
 
 
 def _gib(x: float) -> str:
@@ -42,7 +42,17 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def dry_run_command(plan: Plan) -> str:
+    """The trainer's dry run of this exact layout (meta device, one process, nothing allocated)."""
+    c = plan.cfg
+    return (f"python -m pipeline.train dry_run=true sae.architecture={c.architecture} sae.n_features={c.n_features} "
+            f"sae.d_model={c.d_model} sae.k={c.k} parallel.data_parallel={plan.data_parallel} "
+            f"parallel.feature_parallel={plan.feature_parallel} batch_size={c.batch_size} "
+            f"deepspeed.zero_stage={c.zero_stage} deepspeed.precision={'fp32' if c.param_dtype == 'float32' else 'bf16'}")
+
+
 def run(cfg: PlanConfig) -> Plan:
     plan = best_plan(cfg)
     print(format_plan(plan))
+    print(f"\ncheck the layout against the real modules:\n  {dry_run_command(plan)}")
     return plan

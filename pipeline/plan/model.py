@@ -74,10 +74,10 @@ def shard_parameters(architecture: str, d: int, n_local: int) -> int:
     return n_local * per_feature + d
 
 
-def shard_buffers_bytes(architecture: str, n_local: int) -> int:
+def shard_buffers_bytes(architecture: str, n_local: int, float_bytes: int = 4) -> int:
     """Non-trainable state: the int64 tokens-since-fired counter per feature, and batchtopk's
-    running threshold (two scalars)."""
-    return 8 * n_local + (12 if architecture == "batchtopk" else 0)
+    running threshold (a float in the module's dtype: DeepSpeed casts buffers too) and its step count."""
+    return 8 * n_local + (8 + float_bytes if architecture == "batchtopk" else 0)
 
 
 @dataclass
@@ -101,7 +101,9 @@ def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
     w = BYTES[cfg.param_dtype]
     part = dp if cfg.zero_stage >= 1 else 1          # ZeRO-1 partitions fp32 masters and Adam m, v
     gpart = dp if cfg.zero_stage >= 2 else 1         # ZeRO-2 also the gradients
-    master = 0 if cfg.param_dtype == "float32" else 4 * math.ceil(p / part)
+    # DeepSpeed keeps an fp32 master partition under bf16, and under ZeRO >= 1 even in fp32 (its
+    # optimizer steps a flat clone of the partition, not the module's own parameters)
+    master = 0 if cfg.param_dtype == "float32" and cfg.zero_stage == 0 else 4 * math.ceil(p / part)
     b = math.ceil(cfg.batch_size / dp)
     tile = min(cfg.feature_tile or n, n)
     d = cfg.d_model
@@ -115,7 +117,7 @@ def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
     activations = b * tile * w * 2 + kept + 4 * b * d * 4   # tile + its gradient; x, x_hat, error, grad
     communication = 2 * b * d * 4 + (2 * b * cfg.k * 12 * fp if cfg.architecture in ("topk", "batchtopk") else 0)
     return RankMemory(weights=p * w, gradients=math.ceil(p / gpart) * w, master_weights=master,
-                      optimizer_state=8 * math.ceil(p / part), buffers=shard_buffers_bytes(cfg.architecture, n),
+                      optimizer_state=8 * math.ceil(p / part), buffers=shard_buffers_bytes(cfg.architecture, n, w),
                       activations=activations, communication=communication)
 
 

@@ -99,6 +99,9 @@ class TrainConfig:
     """Show a progress bar (rank 0)."""
     export: bool = True
     """Write the consolidated, framework-free dictionary to out_dir/sae at the end."""
+    dry_run: bool = False
+    """Build the sharded layout for data_parallel x feature_parallel on the meta device in this
+    one process, print per-rank parameters and bytes checked against the planner, and stop."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.n_tokens < self.batch_size:

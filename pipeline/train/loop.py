@@ -24,6 +24,10 @@ from pipeline.train.metrics import Logger, step_stats
 
 def train(cfg: TrainConfig) -> Path | None:
     """Train (or resume) the SAE of `cfg`; returns the export folder, or None when stopped by a signal."""
+    if cfg.dry_run:
+        from pipeline.train.dry_run import dry_run
+        dry_run(cfg)
+        return None
     # every check that needs no process group comes first, so that bad input fails fast everywhere
     cfg.parallel.validate(int(os.environ.get("WORLD_SIZE", "1")), cfg.sae.n_features)
     store = ActivationStore.open(cfg.data.url, cfg.data.storage_options)

@@ -152,7 +152,7 @@ def test_sparse_kernels_equal_dense_references():
     ts = [t.clone().requires_grad_() for t in (x, W, b)]
     tr = [t.clone().requires_grad_() for t in (x, W, b)]
     pre = F.linear(*ts).detach()
-    a, r = gather_linear(*ts, idx, pre), dense_gather_linear(*tr, idx)
+    a, r = gather_linear(*ts, idx, pre.gather(1, idx)), dense_gather_linear(*tr, idx)
     torch.testing.assert_close(a, r)
     a.pow(2).sum().backward(), r.pow(2).sum().backward()
     for p, q in zip(ts, tr):
@@ -237,3 +237,80 @@ def test_auxk_with_no_dead_latent_in_a_shard():
     out = sae(data())
     assert out.aux > 0  # e_hat = 0 here: the aux loss is the residual's energy
     out.loss.backward()
+
+
+def _step(sae, x):
+    """Forward in training mode and the gradients of the loss: everything a step depends on."""
+    out = sae(x)
+    names = [n for n, p in sae.named_parameters()]
+    grads = torch.autograd.grad(out.loss, list(sae.parameters()), allow_unused=True)
+    return out, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("dead", [None, slice(0, 2), slice(None, None, 3)])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_feature_tiles_equal_the_untiled_step(arch, dead):
+    """Tiles of 7 (not dividing the 40 features, nor the 13 of a shard of 3): same outputs,
+    gradients, dead-latent counters and batchtopk threshold as one tile, to float rounding; with
+    no dead latent, a few (AuxK copies their columns out) and many (AuxK masks the tile in place)."""
+    kw = dict(sparsity_coef=0.5, threshold_init=0.05, bandwidth=0.1, decoder_init_norm=0.5)
+    for features in (None, range(13, 26)):
+        ref, tiled = make(arch, features, **kw).train(), make(arch, features, feature_tile=7, **kw).train()
+        for sae in (ref, tiled):
+            with torch.no_grad():
+                sae.b_enc.fill_(0.2)  # some relu_l1 latents fire
+                if dead:
+                    sae.tokens_since_fired[dead] = 1000
+        assert tiled.tile() == 7 and ref.tile() == len(ref.features)
+        x = data(64)
+        (a, ga), (b, gb) = _step(ref, x), _step(tiled, x)
+        for field in a._fields:
+            torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-6, msg=field)
+        assert (a.aux > 0) == (dead is not None and arch in ("topk", "batchtopk"))
+        assert a.fired.sum() > 0
+        for name in ga:
+            assert gb[name] is not None and ga[name].abs().sum() > 0, name
+            torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6, msg=name)
+        for name, buf in ref.named_buffers():
+            torch.testing.assert_close(dict(tiled.named_buffers())[name], buf, msg=name)
+        ref.eval(), tiled.eval()
+        torch.testing.assert_close(tiled(x).x_hat, ref(x).x_hat, rtol=1e-5, atol=1e-6)
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest number of elements of any dense tensor an op produced (forward and backward;
+    a sparse tensor's numel is its logical size, not what it holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tiled_step_never_forms_the_batch_by_features_matrix(arch):
+    batch = 128
+    sizes = {}
+    for tile in (0, 7):
+        sae = make(arch, feature_tile=tile).train()
+        with torch.no_grad():
+            sae.tokens_since_fired[::3] = 1000  # AuxK on
+        x = data(batch)
+        with _LargestOutput() as mode:
+            sae(x).loss.backward()
+        sizes[tile] = mode.largest
+    assert sizes[0] >= batch * N       # the untiled step does form it
+    # tiled: nothing larger than [batch, d_model (+ relu_l1's penalty column and padding)]; the
+    # tiles, running top-k's and gradients are smaller still
+    assert sizes[7] <= batch * (D + 8) < batch * N
+
+
+def test_feature_tile_must_not_be_negative():
+    with pytest.raises(ConfigError, match="sae.feature_tile=-1"):
+        SAEConfig(feature_tile=-1)

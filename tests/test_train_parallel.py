@@ -1,5 +1,6 @@
 """Equivalence of layouts: for every architecture, training with feature_parallel = 2 and 3
-(32 features: shards of 11, 11, 10), data_parallel = 2, and 2 x 2 (ZeRO-1, and ZeRO-2), launched
+(32 features: shards of 11, 11, 10), data_parallel = 2, 2 x 2 (ZeRO-1, and ZeRO-2), and 2 feature
+shards whose encoders run in tiles of 5 (sae.feature_tile), launched
 with torchrun as users launch it, gives the same losses and final weights as a single process
 with the same global batch, within 1e-5 relative (fp32, gloo, global-norm clipping on)."""
 
@@ -16,7 +17,9 @@ from test_train import run_train, synthetic_store
 
 pytestmark = pytest.mark.slow
 
-LAYOUTS = {"fp2": (1, 2), "fp3": (1, 3), "dp2": (2, 1), "2x2": (2, 2), "2x2-zero2": (2, 2)}
+LAYOUTS = {"fp2": (1, 2), "fp3": (1, 3), "dp2": (2, 1), "2x2": (2, 2), "2x2-zero2": (2, 2), "fp2-tile5": (1, 2)}
+EXTRA = {"2x2-zero2": ["deepspeed.zero_stage=2"],
+         "fp2-tile5": ["sae.feature_tile=5"]}  # encoder in tiles of 5 of each 16-feature shard
 STEPS = 6
 RTOL = 1e-5
 
@@ -34,8 +37,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, (dp, fp) in {"single": (1, 1), **LAYOUTS}.items():
         out[name] = root / name
-        zero = ["deepspeed.zero_stage=2"] if name.endswith("zero2") else []
-        run_train(common + zero + [f"out_dir={out[name]}/${{sae.architecture}}", f"parallel.data_parallel={dp}",
+        run_train(common + EXTRA.get(name, []) + [f"out_dir={out[name]}/${{sae.architecture}}", f"parallel.data_parallel={dp}",
                                    f"parallel.feature_parallel={fp}"], nproc=dp * fp, timeout=600)
     return out
 

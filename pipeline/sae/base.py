@@ -50,6 +50,11 @@ class SAEConfig:
     unit_norm_decoder: bool | None = None
     """Decoder rows used as W_dec,i / ||W_dec,i||. None: the architecture's default (all but
     relu_l1). Exported checkpoints set False: their rows carry the folded input scale."""
+    feature_tile: int = 0
+    """Features per encoder tile in training (0: the whole local shard at once). Tiled, no
+    [batch, local features] matrix is ever formed: topk/batchtopk keep a running top-k over the
+    tiles; relu_l1/jumprelu recompute each tile in backward (one more encoder matmul per step).
+    Results equal the untiled step to float rounding (pipeline/sae/tiled.py)."""
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -62,6 +67,8 @@ class SAEConfig:
             raise ConfigError(f"sae.k_aux={self.k_aux} must be >= 0 and sae.dead_tokens={self.dead_tokens} >= 1")
         if self.b_dec_init not in ("mean", "zero"):
             raise ConfigError(f"sae.b_dec_init={self.b_dec_init!r} must be 'mean' or 'zero'")
+        if self.feature_tile < 0:
+            raise ConfigError(f"sae.feature_tile={self.feature_tile} must be >= 0 (0: no tiling)")
         if self.bandwidth <= 0 or self.threshold_init <= 0:
             raise ConfigError(f"sae.bandwidth={self.bandwidth} and sae.threshold_init={self.threshold_init} "
                               "must be positive")
@@ -161,17 +168,26 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.copy_(mean if mean is not None and self.cfg.b_dec_init == "mean" else torch.zeros_like(self.b_dec))
         self.tokens_since_fired.zero_()
 
-    def decoder_weight(self) -> Tensor:
-        """W_dec as used: rows divided by their norm for unit-norm architectures. Autograd then
-        removes each row's gradient component parallel to the row (Gao et al.), and the
-        constraint holds exactly whatever the optimizer does (no step hook, no ZeRO surgery)."""
-        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True) if self.unit_norm else self.W_dec
+    def decoder_weight(self, W_dec: Tensor | None = None) -> Tensor:
+        """W_dec (or a block of its rows) as used: rows divided by their norm for unit-norm
+        architectures. Autograd then removes each row's gradient component parallel to the row
+        (Gao et al.), and the constraint holds exactly whatever the optimizer does (no step hook,
+        no ZeRO surgery)."""
+        W = self.W_dec if W_dec is None else W_dec
+        return W / W.norm(dim=1, keepdim=True) if self.unit_norm else W
 
-    def inv_decoder_norm(self) -> Tensor:
-        """[local features] factor that turns W_dec rows into the rows used (1 if the norm is free)."""
+    def tile(self) -> int:
+        """Features per encoder tile of this shard (all of them when untiled)."""
+        n = len(self.features)
+        return min(self.cfg.feature_tile, n) if self.cfg.feature_tile > 0 else n
+
+    def inv_decoder_norm(self, W_dec: Tensor | None = None) -> Tensor:
+        """[local features] (or [rows of W_dec]) factor that turns W_dec rows into the rows used
+        (1 if the norm is free)."""
+        W = self.W_dec if W_dec is None else W_dec
         if not self.unit_norm:
-            return torch.ones(len(self.features), device=self.W_dec.device, dtype=self.W_dec.dtype)
-        return self.W_dec.norm(dim=1).reciprocal()
+            return torch.ones(W.shape[0], device=W.device, dtype=W.dtype)
+        return W.norm(dim=1).reciprocal()
 
     def dead_mask(self) -> Tensor:
         """Latents that fired on none of the last cfg.dead_tokens tokens (before this batch)."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder
+from pipeline.sae.tiled import tiled_sum
 
 
 def _kernel(z: Tensor, theta: Tensor, eps: float) -> Tensor:
@@ -74,10 +75,23 @@ class JumpReLU(SparseAutoencoder):
         return _JumpReLU.apply(self.pre_acts(x), self.log_threshold.exp(), self.cfg.bandwidth)
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
-        z = self.pre_acts(x)
-        theta = self.log_threshold.exp()
+        x, d = self.comm.enter(x), x.shape[1]
+        if self.tile() < len(self.features):  # tiled: no [batch, features] tensor kept for backward
+            out, fired = tiled_sum(self.decode_tile, self.tile(), x, self.W_enc, self.b_enc, self.W_dec,
+                                   self.log_threshold)
+        else:
+            out, f = self.decode_tile(x, self.W_enc, self.b_enc, self.W_dec, self.log_threshold)
+            fired = self.count_fired(f)
+        x_hat = self.comm.reduce(out[:, :d]) + self.b_dec
+        sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * out[:, d].mean())
+        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), fired)
+
+    def decode_tile(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
+                    log_threshold: Tensor) -> tuple[Tensor, Tensor]:
+        """([batch, d + 1] partial reconstruction | L0, code f) of a block of features."""
+        z = F.linear(x, W_enc, b_enc)
+        theta = log_threshold.exp()
         f = _JumpReLU.apply(z, theta, self.cfg.bandwidth)
-        x_hat = self.comm.reduce((f * self.inv_decoder_norm()) @ self.W_dec) + self.b_dec
-        l0 = _Step.apply(z, theta, self.cfg.bandwidth).sum(1).mean()
-        sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * l0)
-        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), self.count_fired(f))
+        x_hat = (f * self.inv_decoder_norm(W_dec)) @ W_dec
+        l0 = _Step.apply(z, theta, self.cfg.bandwidth).sum(1, keepdim=True)
+        return torch.cat([x_hat, l0], dim=1), f

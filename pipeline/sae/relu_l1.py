@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.sae.base import ForwardOutput, SparseAutoencoder
+from pipeline.sae.tiled import tiled_sum
 
 
 class ReluL1(SparseAutoencoder):
@@ -27,15 +28,25 @@ class ReluL1(SparseAutoencoder):
         return F.relu(F.linear(self.comm.enter(x), self.W_enc, self.b_enc))
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
+        x, d = self.comm.enter(x), x.shape[1]
+        if self.tile() < len(self.features):  # tiled: no [batch, features] code kept for backward
+            out, fired = tiled_sum(self.decode_tile, self.tile(), x, self.W_enc, self.b_enc, self.W_dec)
+        else:
+            out, f = self.decode_tile(x, self.W_enc, self.b_enc, self.W_dec)
+            fired = self.count_fired(f)
+        # each shard decodes its features; the partial reconstructions are summed over shards
+        x_hat = self.comm.reduce(out[:, :d]) + self.b_dec
+        sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * out[:, d].mean())
+        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), fired)
+
+    def decode_tile(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+        """([batch, d + 1 (+ pad)] partial reconstruction | sum_i f_i ||W_dec,i||, code f) of a block
+        of features (the whole shard, or one tile of it)."""
         # ReLU in place: addmm's backward does not need its output (saves a [batch, features] pass)
-        f = F.linear(self.comm.enter(x), self.W_enc, self.b_enc).relu_()
-        W = self.decoder_weight()
+        f = F.linear(x, W_enc, b_enc).relu_()
+        W = self.decoder_weight(W_dec)
         d = W.shape[1]
         # One matmul decodes and gives the penalty: column d of [W | norms | 0] is sum_i f_i ||W_i||,
         # and its backward adds the penalty's gradient to the code's without another [batch, features]
         # pass. Zero columns pad the width to a multiple of 8 (an odd width is ~30% slower on CPU).
-        out = f @ F.pad(torch.cat([W, W.norm(dim=1, keepdim=True)], dim=1), (0, -(d + 1) % 8))
-        # each shard decodes its features; the partial reconstructions are summed over shards
-        x_hat = self.comm.reduce(out[:, :d]) + self.b_dec
-        sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * out[:, d].mean())
-        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), self.count_fired(f))
+        return f @ F.pad(torch.cat([W, W.norm(dim=1, keepdim=True)], dim=1), (0, -(d + 1) % 8)), f

@@ -25,13 +25,13 @@ def rows_grad(idx: Tensor, g: Tensor, x: Tensor, n_rows: int) -> Tensor:
 
 
 class _GatherLinear(torch.autograd.Function):
-    """vals[b, j] = x[b] . W[idx[b, j]] + bias[idx[b, j]]: read from the dense pre-activations in
-    forward; backward touches only the selected rows."""
+    """vals[b, j] = x[b] . W[idx[b, j]] + bias[idx[b, j]]: given by the caller in forward (the
+    encoder computed them already, tile by tile); backward touches only the selected rows."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
         ctx.save_for_backward(x, W, idx)
-        return pre.gather(1, idx)
+        return vals.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -46,10 +46,10 @@ class _GatherLinear(torch.autograd.Function):
         return gx, gW, gb, None, None
 
 
-def gather_linear(x: Tensor, W: Tensor, bias: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
-    """The selected entries of `pre = x @ W.T + bias` (computed without grad by the caller),
-    differentiable in x, W and bias through the selected rows only."""
-    return _GatherLinear.apply(x, W, bias, idx, pre)
+def gather_linear(x: Tensor, W: Tensor, bias: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
+    """The entries `vals` = (x @ W.T + bias).gather(1, idx), computed without grad by the caller,
+    made differentiable in x, W and bias through the selected rows only."""
+    return _GatherLinear.apply(x, W, bias, idx, vals.detach())
 
 
 class _SparseDecode(torch.autograd.Function):

@@ -11,6 +11,8 @@ b_dec (Gao's b_pre) starts at the data mean.
 Under feature sharding the top-k is global: each shard proposes its local top k, every shard
 sees all proposals, and keeps its candidates that are at least the k-th largest overall. Only the
 encoder's forward matmul is dense; decoding and gradients use the k active rows (sparse.py).
+The encoder runs tile by tile (SAEConfig.feature_tile) into running top-k's (tiled.py): the code
+and the AuxK candidates, so no [batch, local features] matrix is needed even for AuxK.
 """
 
 from __future__ import annotations
@@ -21,42 +23,61 @@ from torch import Tensor
 
 from pipeline.sae.base import ForwardOutput, SparseAutoencoder
 from pipeline.sae.sparse import gather_linear, sparse_decode
+from pipeline.sae.tiled import RunningTopK, tiles
 
 
 class TopK(SparseAutoencoder):
     architecture = "topk"
 
-    def pre_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(encoder bias, dense pre-activations without grad) for this shard's features.
-        W_enc (x - b_dec) + b_enc = W_enc x + (b_enc - W_enc b_dec): b_dec enters the sharded
+    def encoder_bias(self) -> Tensor:
+        """W_enc (x - b_dec) + b_enc = W_enc x + (b_enc - W_enc b_dec): b_dec enters the sharded
         encoder through a [features] bias, so no [batch, d_model] gradient is ever formed."""
-        bias = self.b_enc - self.W_enc @ self.comm.enter(self.b_dec)
+        return self.b_enc - self.W_enc @ self.comm.enter(self.b_dec)
+
+    def scan(self, x: Tensor, bias: Tensor, aux_k: int = 0, dead: Tensor | None = None) -> tuple:
+        """One pass over the encoder's tiles, without grad: (the code's selector, the running
+        top aux_k over the dead latents or None)."""
+        sel = self.selector(x)
+        aux = RunningTopK(aux_k, x.shape[0], x.device, x.dtype) if aux_k else None
         with torch.no_grad():
-            pre = torch.addmm(bias, x, self.W_enc.t())
-        return bias, pre
+            bias = bias.detach()
+            for t in tiles(len(self.features), self.tile()):
+                pre = torch.addmm(bias[t], x, self.W_enc[t].t())
+                sel.add(pre, lambda i, s=t.start: i + s)
+                if aux is not None:  # only this tile's dead columns compete
+                    cols = dead[t].nonzero().squeeze(1)
+                    if 4 * len(cols) <= pre.shape[1]:  # few: copy them out (at most a quarter tile)
+                        aux.add(pre.index_select(1, cols), lambda i, c=cols + t.start: c[i])
+                    else:  # many: hide the live ones in place (-inf is never among the k kept)
+                        aux.add(pre.masked_fill_(~dead[t], float("-inf")), lambda i, s=t.start: i + s)
+        return sel, aux
 
-    def select(self, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Global top-k per row of `scores` [batch, local features]: local indices [batch, <=k]
-        and a mask of those that are among the k largest over all shards."""
-        top, idx = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)
-        proposals = F.pad(top, (0, k - top.shape[1]), value=float("-inf"))  # k from every shard
+    def selector(self, x: Tensor) -> RunningTopK:
+        """What the code keeps while the tiles go by: the k largest per token (batchtopk overrides)."""
+        return RunningTopK(self.cfg.k, x.shape[0], x.device, x.dtype)
+
+    def choose(self, sel: RunningTopK) -> tuple[Tensor, Tensor, Tensor]:
+        """(local idx [batch, m], their pre-activations, mask of the kept ones) of the code."""
+        return sel.idx, sel.vals, self.keep_global(sel.vals, self.cfg.k)
+
+    def keep_global(self, top: Tensor, k: int) -> Tensor:
+        """Which of this shard's per-row candidates `top` [batch, <=k] are among the k largest of
+        their row over all shards: every shard proposes k (padded), all see all proposals."""
+        proposals = F.pad(top, (0, k - top.shape[1]), value=float("-inf"))
         kth = self.comm.gather_features(proposals).topk(k, dim=1).values[:, -1:]
-        return idx, top >= kth
+        return top >= kth
 
-    def select_code(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """Which latents are active: the k largest of each token (batchtopk overrides this)."""
-        return self.select(pre, self.cfg.k)
-
-    def code(self, x: Tensor, bias: Tensor, pre: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
-        """Differentiable ReLU'd values of the selected latents; zero where not kept."""
+    def code(self, x: Tensor, bias: Tensor, idx: Tensor, pre: Tensor, keep: Tensor) -> Tensor:
+        """Differentiable ReLU'd values of the selected latents (pre: their pre-activations, no
+        grad); zero where not kept."""
         vals = gather_linear(x, self.W_enc, bias, idx, pre)
         return torch.where(keep, vals.relu(), torch.zeros_like(vals))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Sparse code (vals [batch, k], local idx [batch, k])."""
-        bias, pre = self.pre_acts(x)
-        idx, keep = self.select_code(pre)
-        return self.code(x, bias, pre, idx, keep), idx
+        """Sparse code (vals [batch, m], local idx [batch, m])."""
+        bias = self.encoder_bias()
+        idx, pre, keep = self.choose(self.scan(x, bias)[0])
+        return self.code(x, bias, idx, pre, keep), idx
 
     def decode(self, vals: Tensor, idx: Tensor) -> Tensor:
         """This shard's partial reconstruction (no bias)."""
@@ -64,26 +85,29 @@ class TopK(SparseAutoencoder):
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
         dead = self.dead_mask()
-        bias, pre = self.pre_acts(x)
-        idx, keep = self.select_code(pre)
-        vals = self.code(x, bias, pre, idx, keep)
+        aux_k = self.aux_k(dead)
+        bias = self.encoder_bias()
+        sel, aux_sel = self.scan(x, bias, aux_k, dead)
+        idx, pre, keep = self.choose(sel)
+        vals = self.code(x, bias, idx, pre, keep)
         x_hat = self.comm.reduce(self.decode(vals, idx)) + self.b_dec
-        aux = self.auxk(x, x_hat, bias, pre, dead)
+        aux = self.auxk(x, x_hat, bias, aux_sel, aux_k)
         fired = torch.bincount(idx[vals > 0], minlength=len(self.features))
         zero = torch.zeros((), device=x.device, dtype=x_hat.dtype)
         return self._finish(x, x_hat, zero, aux, fired)
 
-    def auxk(self, x: Tensor, x_hat: Tensor, bias: Tensor, pre: Tensor, dead: Tensor) -> Tensor:
-        """alpha * ||e - e_hat||^2, e_hat decoded from the top k_aux dead latents (0 if none)."""
-        zero = torch.zeros((), device=x.device, dtype=x_hat.dtype)
+    def aux_k(self, dead: Tensor) -> int:
+        """Latents AuxK decodes: k_aux, at most the dead ones of all shards; 0 when AuxK is off."""
         if not self.training or self.cfg.k_aux == 0:
-            return zero
-        n_dead = int(self.comm.sum_features(dead.sum()).item())
-        if n_dead == 0:
-            return zero
-        dead_idx = dead.nonzero().squeeze(1)  # select among the dead columns only (may be none here)
-        local, keep = self.select(pre.index_select(1, dead_idx), min(self.cfg.k_aux, n_dead))
-        idx = dead_idx[local]
-        e_hat = self.comm.reduce(self.decode(self.code(x, bias, pre, idx, keep), idx))
+            return 0
+        return min(self.cfg.k_aux, int(self.comm.sum_features(dead.sum()).item()))
+
+    def auxk(self, x: Tensor, x_hat: Tensor, bias: Tensor, sel: RunningTopK | None, k: int) -> Tensor:
+        """alpha * ||e - e_hat||^2, e_hat decoded from the top k dead latents (0 if none). A shard
+        may hold no dead latent: it still takes part in the global selection, with an empty code."""
+        if sel is None:
+            return torch.zeros((), device=x.device, dtype=x_hat.dtype)
+        idx = sel.idx
+        e_hat = self.comm.reduce(self.decode(self.code(x, bias, idx, sel.vals, self.keep_global(sel.vals, k)), idx))
         e = (x - x_hat).detach()
         return self.cfg.aux_coef * (e - e_hat).pow(2).sum(-1).mean()

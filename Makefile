@@ -11,7 +11,7 @@ ARGS ?=
 NPROC ?= 1
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup demo test cache train evaluate interpret steer publish plan slurm docker bench clean
+.PHONY: help setup demo test cache train evaluate interpret steer audit publish plan slurm docker bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -61,6 +61,9 @@ interpret: setup  ## stage 3: feature dashboard, feature search, cross-lingual c
 
 steer: setup  ## generate with SAE features clamped (python -m pipeline.steer)
 	$(PY) -m pipeline.steer $(ARGS)
+
+audit: setup  ## concept search (held-out AUROC, steering), feature splitting (python -m pipeline.audit)
+	$(PY) -m pipeline.audit $(ARGS)
 
 publish: setup  ## stage 4: release folder (SAELens layout), Hub or fsspec upload (python -m pipeline.publish)
 	$(PY) -m pipeline.publish $(ARGS)

@@ -1,0 +1,77 @@
+"""Configuration of the audit stage (`python -m pipeline.audit`, conf/audit.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import ConfigError
+from pipeline.models import ModelConfig
+
+TASKS = ("concepts", "splitting")
+
+NEUTRAL_PROMPTS = [
+    "I would like to tell you about",
+    "The next thing we talked about was",
+    "Here is a short story about",
+    "My favourite topic is",
+]
+
+
+@dataclass
+class AuditConfig:
+    task: str = "concepts"
+    """concepts (rank features by how well they separate each concept set's prompts, check the top
+    ones on held-out prompts and by steering) or splitting (match the features of two dictionaries
+    of different sizes on the same hook by decoder cosine). Each task writes its own section of
+    audit.json; sections of the other task already there are kept, and audit.html shows them all."""
+    checkpoint: str = "runs/demo/train/topk/sae"
+    """task=concepts: the exported SAE (the trainer's <out_dir>/sae folder)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hook: str | None = None
+    """The hook the SAE reads; default: the hook named in the checkpoint's cfg.json."""
+    concepts: list[str] = field(default_factory=list)
+    """Concept sets: names of sets shipped in pipeline/audit/concepts/ (water, deception, ...) or
+    paths to YAML files of the same form. Empty: every shipped set."""
+    top: int = 5
+    """Features per concept set reported, checked on the held-out prompts and by steering."""
+    clamp_multiple: float = 5.0
+    """The steering check clamps each top feature to this multiple of its largest activation on
+    the concept's positive prompts (error term kept, as in pipeline.steer)."""
+    neutral_prompts: list[str] = field(default_factory=lambda: list(NEUTRAL_PROMPTS))
+    """Prompts after which the steering check measures the change in log-probability of the
+    concept words (each word with a leading space, all its tokens) and the next-token KL."""
+    exclude_positions_below: int = 1
+    """Positions below this are left out of the per-prompt max and mean (position 0 is BOS)."""
+    dashboard: str | None = "runs/demo/interpret"
+    """The interpretation stage's dashboard folder: features with a page there are linked (for
+    task=splitting: the small dictionary's dashboard). null or missing: no links."""
+    small: str | None = None
+    """task=splitting: the smaller exported SAE."""
+    large: str | None = None
+    """task=splitting: the larger exported SAE on the same hook."""
+    large_dashboard: str | None = None
+    """task=splitting: the large dictionary's dashboard folder, for links."""
+    threshold: float = 0.7
+    """task=splitting: a large-dictionary feature is a child of the small-dictionary feature whose
+    decoder row is closest in cosine if that cosine is at least this; otherwise it is novel."""
+    out_dir: str = "runs/demo/audit"
+    """audit.json and audit.html are written here."""
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is not one of {list(TASKS)}")
+        if self.top < 1:
+            raise ConfigError(f"top={self.top} must be at least 1 (features reported per concept set)")
+        if self.clamp_multiple == 0:
+            raise ConfigError("clamp_multiple=0 would clamp every feature to 0 (ablation, not steering toward the "
+                              "concept). Fix: e.g. clamp_multiple=5")
+        if self.task == "concepts" and not self.neutral_prompts:
+            raise ConfigError("neutral_prompts is empty; the steering check needs at least one prompt. Fix: e.g. "
+                              "neutral_prompts=[\"I would like to tell you about\"]")
+        if self.exclude_positions_below < 0:
+            raise ConfigError(f"exclude_positions_below={self.exclude_positions_below} must be >= 0")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold={self.threshold} is a cosine similarity and must lie in [-1, 1]")
+        if self.task == "splitting" and not (self.small and self.large):
+            raise ConfigError(f"task=splitting needs two exported SAEs on the same hook; got small={self.small!r}, "
+                              f"large={self.large!r}. Fix: small=runs/sae-1k large=runs/sae-4k")

@@ -11,7 +11,7 @@ ARGS ?=
 NPROC ?= 1
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup demo test cache train evaluate interpret steer audit publish plan slurm docker bench clean
+.PHONY: help setup demo test cache train evaluate interpret steer audit publish plan sweep scaling slurm docker bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -70,6 +70,24 @@ publish: setup  ## stage 4: release folder (SAELens layout), Hub or fsspec uploa
 
 plan: setup  ## plan a run: memory per rank, smallest layout, step time (python -m pipeline.plan)
 	$(PY) -m pipeline.plan $(ARGS)
+
+# A scaling-law sweep on the embedded default: cache a training and a held-out (data.split=test) store,
+# then a Hydra multirun of training runs (conf/sweep/$(SWEEP).yaml: gao = topk, sm = relu_l1). Rerun
+# to finish a killed sweep: finished points are skipped. On SLURM: ARGS="+sweep/launcher=slurm ...".
+SWEEP ?= gao
+SWEEP_DIR ?= runs/sweep/$(SWEEP)
+SWEEP_TRAIN ?= runs/sweep/acts-train
+SWEEP_TEST ?= runs/sweep/acts-test
+SWEEP_TOKENS ?= 200000
+SWEEP_TEST_TOKENS ?= 20000
+sweep: setup  ## scaling-law sweep: sizes x token budgets as one Hydra multirun (SWEEP=gao|sm; rerun to finish)
+	$(PY) -m pipeline.cache n_tokens=$(SWEEP_TOKENS) store.url=$(SWEEP_TRAIN) progress=false
+	$(PY) -m pipeline.cache n_tokens=$(SWEEP_TEST_TOKENS) data.split=test store.url=$(SWEEP_TEST) progress=false
+	$(PY) -m pipeline.train +sweep=$(SWEEP) data.url=$(SWEEP_TRAIN) heldout_url=$(SWEEP_TEST) \
+	    hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
+
+scaling: setup  ## fit scaling laws to a sweep: scaling.json, plots, a budget's size/tokens/plan (ARGS="budget=1e18")
+	$(PY) -m pipeline.scaling $(SWEEP_DIR) $(ARGS)
 
 slurm:  ## submit the stages to SLURM, chained (slurm/pipeline.sh; ARGS: [STAGE:]KEY=VALUE, options)
 	slurm/pipeline.sh $(ARGS)

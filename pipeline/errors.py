@@ -35,3 +35,8 @@ class StorageAccessError(StoreError):
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; a checkpoint of the last finite state was saved."""
+
+
+class ScalingFitError(ConfigError):
+    """A scaling-law fit cannot be made from the sweep: too few finished runs, or runs that cannot
+    be compared (different architectures, widths or held-out stores)."""

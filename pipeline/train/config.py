@@ -99,6 +99,12 @@ class TrainConfig:
     """Show a progress bar (rank 0)."""
     export: bool = True
     """Write the consolidated, framework-free dictionary to out_dir/sae at the end."""
+    heldout_url: str | None = None
+    """A store of held-out activations (python -m pipeline.cache data.split=test ...): after the export,
+    held-out FVU, MSE, L0 and loss go to out_dir/heldout.json (pipeline/train/heldout.py), and a rerun
+    finding that file for the same configuration does nothing (sweeps skip finished points)."""
+    heldout_tokens: int = 100_000
+    """Rows of heldout_url evaluated (fewer if the store is smaller)."""
     dry_run: bool = False
     """Build the sharded layout for data_parallel x feature_parallel on the meta device in this
     one process, print per-rank parameters and bytes checked against the planner, and stop."""

@@ -16,6 +16,7 @@ from pipeline.parallel import Mesh, init_distributed
 from pipeline.sae import SAEConfig, checkpoint as export
 from pipeline.store import ActivationStore
 from pipeline.train.checkpoint import Checkpoints
+from pipeline.train import heldout
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import RankBatches
 from pipeline.train.engine import build_engine, precision, sparsity_scale
@@ -30,6 +31,8 @@ def train(cfg: TrainConfig) -> Path | None:
         return None
     # every check that needs no process group comes first, so that bad input fails fast everywhere
     cfg.parallel.validate(int(os.environ.get("WORLD_SIZE", "1")), cfg.sae.n_features)
+    if (done := heldout.finished(cfg)) is not None:  # a finished sweep point: nothing to do
+        return done
     store = ActivationStore.open(cfg.data.url, cfg.data.storage_options)
     hook = store.hook(cfg.data.hook)
     sae_cfg = with_d_model(cfg.sae, store)
@@ -88,6 +91,8 @@ def train(cfg: TrainConfig) -> Path | None:
         export.save_config(folder, sae_cfg, shards, scale, export_meta(cfg, store, hook, stats, log.last))
         print(f"exported {sae_cfg.architecture} SAE ({sae_cfg.n_features} features) to {folder}", flush=True)
     dist.barrier()
+    if cfg.heldout_url:
+        heldout.evaluate(engine.module, cfg, hook, scale, dtype, device)
     return folder
 
 

@@ -172,6 +172,9 @@ def test_steering_check_moves_the_concept_words_the_right_way(tiny):
     assert up["delta_logprob"] > 0.3, up
     assert up["delta_logprob_per_word"][0] > 0.3  # " water" itself
     assert up["kl"] > 0.01 and up["promoted_tokens"][0] == " water"
+    assert up["added_norm"] == pytest.approx(20.0, rel=1e-5)  # |clamp| x a unit decoder row
+    x = ActivationCapture(tiny, [hook])(check.batch[:1])[hook][0, 1:len(check.prompts[0])]
+    assert up["added_norm_ratio"] == pytest.approx(20.0 / float(x.norm(dim=-1).median()), rel=1e-4)
     assert down["delta_logprob"] < -0.3, down
     # clamping a feature to its own value changes nothing: the SAE error term is kept
     assert abs(same["delta_logprob"]) < 1e-4 and same["kl"] < 1e-6
@@ -262,6 +265,11 @@ def test_splitting_matches_every_child_to_its_parent_and_reports_novel_features(
     assert r["counts"] == {"small_with_no_child": 0, "small_with_one_child": 0, "small_split": 64,
                            "large_children": 128, "large_novel": 20}
     assert sum(r["best_cosine_histogram"]["counts"]) == 148
+    # blocked matching (memory bound for large dictionaries) gives the same answer
+    from pipeline.audit.splitting import best_match
+    (i7, c7), (i, c) = best_match(small, large, block=7), best_match(small, large)
+    assert torch.equal(i7, i)
+    torch.testing.assert_close(c7, c)
     # a threshold above every copy's cosine makes everything novel
     r = match_features(small, large, threshold=0.999)
     assert r["counts"]["large_novel"] == 148 and r["counts"]["small_with_no_child"] == 64

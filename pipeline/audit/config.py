@@ -68,6 +68,9 @@ class AuditConfig:
         if self.task == "concepts" and not self.neutral_prompts:
             raise ConfigError("neutral_prompts is empty; the steering check needs at least one prompt. Fix: e.g. "
                               "neutral_prompts=[\"I would like to tell you about\"]")
+        if any(not str(p).strip() for p in self.neutral_prompts):
+            raise ConfigError(f"neutral_prompts={list(self.neutral_prompts)} holds an empty prompt; the steering "
+                              "check reads the next token after each. Fix: remove it")
         if self.exclude_positions_below < 0:
             raise ConfigError(f"exclude_positions_below={self.exclude_positions_below} must be >= 0")
         if not -1.0 <= self.threshold <= 1.0:

@@ -114,6 +114,7 @@ class SteeringCheck:
         tok = loaded.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.batch = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=loaded.device)
+        self.residual_norm = float("nan")
         self.clean = self._measure({})
 
     @torch.no_grad()
@@ -123,7 +124,12 @@ class SteeringCheck:
             with replace_output(model, self.d.hook, clamp_fn(self.d, values)):
                 logits = model(input_ids=self.batch, use_cache=False).logits
         else:
-            logits = model(input_ids=self.batch, use_cache=False).logits
+            def record(x):  # the clean run also measures the typical norm at the hook (prompts, after BOS)
+                rows = [x[pi * len(self.words), 1:len(p)] for pi, p in enumerate(self.prompts)]
+                self.residual_norm = float(torch.cat(rows).float().norm(dim=-1).median())
+                return x
+            with replace_output(model, self.d.hook, record):
+                logits = model(input_ids=self.batch, use_cache=False).logits
         logp = torch.log_softmax(logits.float(), -1)
         nw = len(self.words)
         word_lp = torch.empty(len(self.prompts), nw)
@@ -142,7 +148,10 @@ class SteeringCheck:
         kl = (c["next"].exp() * (c["next"] - s["next"])).sum(-1)  # KL(clean || steered) per prompt
         lift = (s["next"].exp().mean(0) + 1e-12).log() - (c["next"].exp().mean(0) + 1e-12).log()
         promoted = lift.topk(8).indices.tolist()
+        added = abs(value) * float(self.d.decoder()[feature].norm())
         return {"clamp_value": float(value),
+                "added_norm": added,
+                "added_norm_ratio": added / self.residual_norm,
                 "concept_logprob_clean": float(concept_clean.mean()),
                 "concept_logprob_steered": float(concept_steered.mean()),
                 "delta_logprob": float((concept_steered - concept_clean).mean()),

@@ -19,10 +19,12 @@ from pipeline.evaluate.dictionary import Dictionary
 from pipeline.sae import load
 
 
-def best_match(small: Tensor, large: Tensor, block: int = 8192) -> tuple[Tensor, Tensor]:
+def best_match(small: Tensor, large: Tensor, block: int | None = None) -> tuple[Tensor, Tensor]:
     """For each row of large [L, d]: the index of the row of small [S, d] with the highest cosine,
-    and that cosine ([L], [L]). Computed in blocks of large rows: memory block x S."""
+    and that cosine ([L], [L]). Computed in blocks of large rows: memory block x S (default: about
+    32M cosines, 128 MB, at a time)."""
     s = small.float() / small.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    block = block or max(1, min(8192, 2 ** 25 // max(small.shape[0], 1)))
     idx, cos = [], []
     for lo in range(0, large.shape[0], block):
         part = large[lo:lo + block].float()

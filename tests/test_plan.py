@@ -49,3 +49,38 @@ def test_cli_prints_a_plan():
     out = subprocess.run([sys.executable, "-m", "pipeline.plan", "plan/target=smollm2-135m", "plan/size=1m",
                           "gpu_memory_gb=24", "param_dtype=float32"], capture_output=True, text=True, check=True).stdout
     assert "n_features=1,048,576" in out and "FITS" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("architecture", ["relu_l1", "topk", "jumprelu", "batchtopk"])
+def test_feature_tiles_bound_the_step_transients(architecture):
+    """Untiled, a step holds [batch, n_local] matrices; tiled, its transients grow with the tile,
+    not with n_features, and the forward pass (no gradients yet) no longer sets the peak."""
+    cfg = dict(d_model=576, architecture=architecture, param_dtype="float32", zero_stage=1, batch_size=4096)
+    b, tile = 4096, 8192
+    for n_features in (2**20, 2**22):
+        n = n_features // 2
+        untiled = rank_memory(PlanConfig(n_features=n_features, **cfg), 1, 2)
+        tiled = rank_memory(PlanConfig(n_features=n_features, feature_tile=tile, **cfg), 1, 2)
+        assert untiled.forward >= b * n * 4 and untiled.total >= untiled.weights + untiled.forward
+        assert tiled.forward < 3 * b * tile * 4 + 2**27
+        assert tiled.total < untiled.total
+        assert tiled.total == (tiled.weights + tiled.master_weights + tiled.optimizer_state + tiled.buffers
+                               + tiled.communication + tiled.gradients + max(tiled.backward, tiled.optimizer_step))
+    small = rank_memory(PlanConfig(n_features=2**20, feature_tile=tile, **cfg), 1, 2)
+    big = rank_memory(PlanConfig(n_features=2**22, feature_tile=tile, **cfg), 1, 2)
+    assert big.forward == small.forward  # nothing in the forward transients scales with n_features
+
+
+@pytest.mark.parametrize("architecture", ["relu_l1", "topk"])
+def test_zero_keeps_a_flat_gradient_copy_in_the_optimizer_step(architecture):
+    """DeepSpeed's ZeRO-1 reduces through a bucket and flattens the gradient partition into a new
+    tensor while the module's gradients still exist, and keeps an fp32 master copy; ZeRO-0 in fp32
+    steps in place."""
+    cfg = dict(d_model=576, n_features=2**18, architecture=architecture, param_dtype="float32", feature_tile=4096)
+    zero1, zero0 = rank_memory(PlanConfig(zero_stage=1, **cfg), 1, 2), rank_memory(PlanConfig(zero_stage=0, **cfg), 1, 2)
+    assert zero1.optimizer_step == 2 * zero1.gradients and zero0.optimizer_step == 0  # bucket + flat copy
+    assert zero1.backward == zero0.backward
+    extra = zero1.master_weights + max(0, zero1.optimizer_step - zero1.backward)
+    assert zero1.total - zero0.total == extra
+    if architecture == "relu_l1":  # small tiled transients: the optimizer step sets the peak
+        assert extra > zero1.master_weights

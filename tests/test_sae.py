@@ -144,14 +144,16 @@ def test_sharded_init_equals_rows_of_unsharded(arch):
         torch.testing.assert_close(part.b_dec, full.b_dec)
 
 
-def test_sparse_kernels_equal_dense_references():
+@pytest.mark.parametrize("unit_norm", [False, True])
+def test_sparse_kernels_equal_dense_references(unit_norm):
     g = torch.Generator().manual_seed(0)
-    x, W, b = torch.randn(8, D, generator=g), torch.randn(N, D, generator=g), torch.randn(N, generator=g)
+    x, W, b, c = torch.randn(8, D, generator=g), torch.randn(N, D, generator=g), torch.randn(N, generator=g), torch.randn(D, generator=g)
     idx = torch.stack([torch.randperm(N, generator=g)[:5] for _ in range(8)])
+    idx[1, 0] = idx[0, 0]  # a row used twice
     vals = torch.randn(8, 5, generator=g)
-    ts = [t.clone().requires_grad_() for t in (x, W, b)]
-    tr = [t.clone().requires_grad_() for t in (x, W, b)]
-    pre = F.linear(*ts).detach()
+    ts = [t.clone().requires_grad_() for t in (x, W, b, c)]
+    tr = [t.clone().requires_grad_() for t in (x, W, b, c)]
+    pre = F.linear(ts[0] - ts[3], ts[1], ts[2]).detach()
     a, r = gather_linear(*ts, idx, pre.gather(1, idx)), dense_gather_linear(*tr, idx)
     torch.testing.assert_close(a, r)
     a.pow(2).sum().backward(), r.pow(2).sum().backward()
@@ -159,11 +161,12 @@ def test_sparse_kernels_equal_dense_references():
         torch.testing.assert_close(p.grad, q.grad)
     v1, W1 = vals.clone().requires_grad_(), W.clone().requires_grad_()
     v2, W2 = vals.clone().requires_grad_(), W.clone().requires_grad_()
-    a, r = sparse_decode(v1, idx, W1), dense_decode(v2, idx, W2)
+    a, r = sparse_decode(v1, idx, W1, unit_norm), dense_decode(v2, idx, W2, unit_norm)
     torch.testing.assert_close(a, r)
     a.pow(2).sum().backward(), r.pow(2).sum().backward()
     torch.testing.assert_close(v1.grad, v2.grad)
     torch.testing.assert_close(W1.grad, W2.grad)
+    assert (W1.grad.abs().sum(1) > 0).sum() == len(idx.unique())  # only the rows used have gradients
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

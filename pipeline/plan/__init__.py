@@ -26,8 +26,9 @@ def format_plan(plan: Plan) -> str:
         ("fp32 master weights", _gib(m.master_weights)), ("Adam state (m, v)", _gib(m.optimizer_state)),
         ("buffers (dead-latent counters)", _gib(m.buffers)),
         ("activations per step" + (f" (tile {c.feature_tile})" if c.feature_tile else ""), _gib(m.activations)),
+        ("optimizer-step temporaries", _gib(m.optimizer_step)),
         ("communication buffers", _gib(m.communication)),
-        ("total", f"{_gib(m.total)} of {_gib(c.gpu_memory_gb * 2**30 * c.usable_fraction)} usable -> "
+        ("total (state + largest phase)", f"{_gib(m.total)} of {_gib(c.gpu_memory_gb * 2**30 * c.usable_fraction)} usable -> "
                   + ("FITS" if plan.fits else "DOES NOT FIT")),
         ("loader shuffle buffer (host)", _gib(c.shuffle_buffer_rows * c.d_model * 4)),
         ("-- per step", ""),

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pipeline.errors import ConfigError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's default zero_optimization.reduce_bucket_size (pipeline/train/engine.py keeps it)."""
 
 
 @dataclass
@@ -82,17 +84,62 @@ def shard_buffers_bytes(architecture: str, n_local: int, float_bytes: int = 4) -
 
 @dataclass
 class RankMemory:
+    """Per-rank bytes. The state (weights, master weights, optimizer state, buffers, communication
+    buffers) lives all along; the gradients exist from backward to the end of the optimizer step
+    (ZeRO and zero_grad free them); the transients of the three phases never coexist."""
+
     weights: int
     gradients: int
     master_weights: int
     optimizer_state: int
     buffers: int
-    activations: int
     communication: int
+    forward: int
+    """Forward transients (no gradients yet): encoder tiles, codes kept for backward."""
+    backward: int
+    """Backward transients beside the gradients: codes, their gradients, gradient temporaries."""
+    optimizer_step: int
+    """Gradient reduction and optimizer-step transients beside the gradients: ZeRO's reduce
+    bucket, its flat gradient partition, the gradient norm's fp64 copy."""
+
+    @property
+    def activations(self) -> int:
+        """The larger forward/backward transient (the plan's "activations per step")."""
+        return max(self.forward, self.backward)
 
     @property
     def total(self) -> int:
-        return sum(vars(self).values())
+        """Peak bytes of a step: the state, plus the largest phase."""
+        return (self.weights + self.master_weights + self.optimizer_state + self.buffers + self.communication
+                + max(self.forward, self.gradients + self.backward, self.gradients + self.optimizer_step))
+
+
+def activation_bytes(architecture: str, b: int, n: int, d: int, k: int, tile: int, w: int) -> tuple[int, int]:
+    """(forward, backward) transient bytes on one rank, as pipeline/sae builds them (b local tokens,
+    n local features, `tile` features at a time, w bytes per value). Checked against measured
+    steps by benchmarks/train_scaling.py (BENCHMARKS.md).
+
+    topk/batchtopk (sparse.py, tiled.py): forward holds one [b, tile] pre-activation tile (no grad),
+    at most a quarter tile of AuxK's dead columns and batchtopk's ReLU'd copy of the tile; the
+    running top-k's are O(b k). Backward makes each weight gradient as one dense [n, d] tensor;
+    with AuxK on (the worst case), its code's gradients for W_enc and W_dec are two more, held
+    until autograd adds the main path's.
+    relu_l1/jumprelu untiled: autograd keeps [b, n] codes (relu_l1: the code, then its gradient and
+    the masked gradient; jumprelu: pre-activations, code, scaled code and their gradients), and
+    relu_l1 its [n, d + 8] decode-and-penalty matrix and that matrix's gradient. Tiled (tiled.py):
+    the same per [b, tile] block, recomputed in backward; nothing [b, n] is kept.
+    Both phases: a few [b, d] fp32 tensors (x, x_hat, the error, their gradients)."""
+    rows = 6 * b * d * 4
+    if architecture in ("topk", "batchtopk"):
+        tiles = 1.25 + (architecture == "batchtopk")
+        running = 4 * b * k * (w + 8) * (1 + (architecture == "batchtopk"))
+        return int(tiles * b * tile * w) + running + rows, 2 * n * d * w + running + rows
+    blocks = 3 if architecture == "relu_l1" else 5
+    if tile >= n:  # plain autograd: forward keeps what backward needs
+        decode = n * (d + 8) * w if architecture == "relu_l1" else 0
+        kept = (1 if architecture == "relu_l1" else 3) * b * n * w
+        return kept + decode + rows, blocks * b * n * w + 2 * decode + rows
+    return 2 * b * tile * w + rows, blocks * b * tile * w + rows
 
 
 def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
@@ -107,18 +154,21 @@ def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
     b = math.ceil(cfg.batch_size / dp)
     tile = min(cfg.feature_tile or n, n)
     d = cfg.d_model
-    # Pre-activations of one tile in the compute dtype, and what backward keeps: a dense code
-    # [b, n] for relu_l1/jumprelu unless tiled (then recomputed per tile), values + int64 indices
-    # of the top k for topk/batchtopk.
-    if cfg.architecture in ("topk", "batchtopk"):
-        kept = b * cfg.k * (w + 8) * 2              # code and AuxK candidates
+    forward, backward = activation_bytes(cfg.architecture, b, n, d, cfg.k, tile, w)
+    # After backward (DeepSpeed, stage_1_and_2.py): ZeRO >= 1 reduces the gradients through a
+    # contiguous fp32 bucket of up to reduce_bucket_size elements, kept until the next backward;
+    # in the step the global norm converts each gradient to fp64 in turn (the largest: [n, d]),
+    # then this rank's gradient partition is flattened into a new fp32 tensor while the module's
+    # gradients still exist. ZeRO-0 in fp32 steps in place.
+    if cfg.zero_stage >= 1:
+        bucket = 4 * min(REDUCE_BUCKET_ELEMENTS, p)
+        step = bucket + max(8 * n * d, math.ceil(p / part) * (w + (4 if w != 4 else 0)))
     else:
-        kept = b * n * w if not cfg.feature_tile else b * cfg.k * (w + 8)
-    activations = b * tile * w * 2 + kept + 4 * b * d * 4   # tile + its gradient; x, x_hat, error, grad
+        step = 0 if w == 4 else 4 * n * d
     communication = 2 * b * d * 4 + (2 * b * cfg.k * 12 * fp if cfg.architecture in ("topk", "batchtopk") else 0)
     return RankMemory(weights=p * w, gradients=math.ceil(p / gpart) * w, master_weights=master,
                       optimizer_state=8 * math.ceil(p / part), buffers=shard_buffers_bytes(cfg.architecture, n, w),
-                      activations=activations, communication=communication)
+                      communication=communication, forward=forward, backward=backward, optimizer_step=step)
 
 
 def step_flops(cfg: PlanConfig) -> tuple[float, float]:

@@ -16,75 +16,92 @@ from torch import Tensor
 def rows_grad(idx: Tensor, g: Tensor, x: Tensor, n_rows: int) -> Tensor:
     """[n_rows, d] with row r = sum over (b, j) with idx[b, j] = r of g[b, j] * x[b]: the weight
     gradient of a row gather, as one sparse-dense matmul (in fp32: sparse kernels lack bf16 on
-    some devices, and the sums are over many tokens)."""
+    some devices, and the sums are over many tokens). Into zeros with addmm_: torch.sparse.mm
+    makes a second [n_rows, d] tensor on the way (and is ~1.6x slower on CPU)."""
     b, m = idx.shape
     cols = torch.arange(b, device=idx.device).repeat_interleave(m)
     s = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), cols]), g.reshape(-1).float(), (n_rows, b),
                                 check_invariants=False)
-    return torch.sparse.mm(s, x.float())
+    return torch.zeros(n_rows, x.shape[1], device=x.device, dtype=torch.float32).addmm_(s, x.float())
 
 
 class _GatherLinear(torch.autograd.Function):
-    """vals[b, j] = x[b] . W[idx[b, j]] + bias[idx[b, j]]: given by the caller in forward (the
-    encoder computed them already, tile by tile); backward touches only the selected rows."""
+    """vals[b, j] = W[idx[b, j]] . (x[b] - c) + bias[idx[b, j]]: given by the caller in forward
+    (the encoder computed them already, tile by tile); backward touches only the selected rows.
+    The centre c (topk's b_dec) is an input of its own so that W's gradient is one sparse
+    product with x - c, not that plus a dense rank-one [features, d] term from W @ c."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
-        ctx.save_for_backward(x, W, idx)
+    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor, c: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
+        ctx.save_for_backward(x, W, c, idx)
         return vals.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, W, idx = ctx.saved_tensors
-        gx = gW = gb = None
-        if ctx.needs_input_grad[0]:
+        x, W, c, idx = ctx.saved_tensors
+        gx = gW = gb = gc = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:  # sum_j g[b, j] W[idx[b, j]]
             gx = F.embedding_bag(idx, W, per_sample_weights=g.to(W.dtype), mode="sum")
+            gc = -gx.sum(0) if ctx.needs_input_grad[3] else None
         if ctx.needs_input_grad[1]:
-            gW = rows_grad(idx, g, x, W.shape[0]).to(W.dtype)
+            gW = rows_grad(idx, g, x - c, W.shape[0]).to(W.dtype)
         if ctx.needs_input_grad[2]:
             gb = torch.zeros(W.shape[0], device=g.device, dtype=W.dtype).index_add_(0, idx.reshape(-1), g.reshape(-1).to(W.dtype))
-        return gx, gW, gb, None, None
+        return gx if ctx.needs_input_grad[0] else None, gW, gb, gc, None, None
 
 
-def gather_linear(x: Tensor, W: Tensor, bias: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
-    """The entries `vals` = (x @ W.T + bias).gather(1, idx), computed without grad by the caller,
-    made differentiable in x, W and bias through the selected rows only."""
-    return _GatherLinear.apply(x, W, bias, idx, vals.detach())
+def gather_linear(x: Tensor, W: Tensor, bias: Tensor, c: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
+    """The entries `vals` = ((x - c) @ W.T + bias).gather(1, idx), computed without grad by the
+    caller, made differentiable in x, W, bias and c through the selected rows only."""
+    return _GatherLinear.apply(x, W, bias, c, idx, vals.detach())
 
 
 class _SparseDecode(torch.autograd.Function):
     """embedding_bag, with W's gradient as one sparse matmul: its own backward sorts the indices
-    and fills a dense gradient first, about twice the time."""
+    and fills a dense gradient first, about twice the time. With unit-norm rows the rows are
+    divided by their norms inside, so W's gradient stays that one [features, d] tensor (autograd
+    through W / ||W|| would add a second, dense one)."""
 
     @staticmethod
-    def forward(ctx, vals: Tensor, idx: Tensor, W: Tensor) -> Tensor:
-        ctx.save_for_backward(vals, idx, W)
-        return F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
+    def forward(ctx, vals: Tensor, idx: Tensor, W: Tensor, unit_norm: bool) -> Tensor:
+        inv = W.norm(dim=1).reciprocal() if unit_norm else None
+        v = vals * inv[idx] if unit_norm else vals  # weights of the raw rows
+        ctx.save_for_backward(v, idx, W, inv)
+        ctx.unit_norm = unit_norm
+        return F.embedding_bag(idx, W, per_sample_weights=v, mode="sum")
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        vals, idx, W = ctx.saved_tensors
+        v, idx, W, inv = ctx.saved_tensors
         gvals = gW = None
         if ctx.needs_input_grad[0]:  # g[b] . W[idx[b, j]]: embedding_bag's own kernel for it is the fastest
             with torch.enable_grad():
-                v = vals.detach().requires_grad_()
-                gvals, = torch.autograd.grad(F.embedding_bag(idx, W.detach(), per_sample_weights=v, mode="sum"), v, g)
+                v_ = v.detach().requires_grad_()
+                gvals, = torch.autograd.grad(F.embedding_bag(idx, W.detach(), per_sample_weights=v_, mode="sum"), v_, g)
+            if ctx.unit_norm:
+                gvals = gvals * inv[idx]
         if ctx.needs_input_grad[2]:
-            gW = rows_grad(idx, vals, g, W.shape[0]).to(W.dtype)
-        return gvals, None, gW
+            gW = rows_grad(idx, v, g, W.shape[0]).to(W.dtype)
+            if ctx.unit_norm:  # d(W_r / |W_r|): remove the part along W_r, on the rows used only,
+                for rows in idx.unique().split(16384):  # a block at a time (temporaries [16384, d])
+                    Wr = W[rows]
+                    coef = (gW[rows] * Wr).sum(1, keepdim=True) * inv[rows, None] ** 2
+                    gW.index_add_(0, rows, Wr * coef, alpha=-1)
+        return gvals, None, gW, None
 
 
-def sparse_decode(vals: Tensor, idx: Tensor, W: Tensor) -> Tensor:
-    """sum_j vals[b, j] * W[idx[b, j]]  ->  [batch, d]; gradients only for the rows used."""
+def sparse_decode(vals: Tensor, idx: Tensor, W: Tensor, unit_norm: bool = False) -> Tensor:
+    """sum_j vals[b, j] * W[idx[b, j]] (rows divided by their norms if unit_norm)  ->  [batch, d];
+    gradients only for the rows used."""
     if idx.shape[1] == 0:  # nothing selected in this shard (embedding_bag rejects empty bags)
         return W.new_zeros(idx.shape[0], W.shape[1])
-    return _SparseDecode.apply(vals.to(W.dtype), idx, W)
+    return _SparseDecode.apply(vals.to(W.dtype), idx, W, unit_norm)
 
 
-def dense_gather_linear(x: Tensor, W: Tensor, bias: Tensor, idx: Tensor) -> Tensor:
-    return F.linear(x, W, bias).gather(1, idx)
+def dense_gather_linear(x: Tensor, W: Tensor, bias: Tensor, c: Tensor, idx: Tensor) -> Tensor:
+    return F.linear(x - c, W, bias).gather(1, idx)
 
 
-def dense_decode(vals: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+def dense_decode(vals: Tensor, idx: Tensor, W: Tensor, unit_norm: bool = False) -> Tensor:
     code = torch.zeros(vals.shape[0], W.shape[0], dtype=W.dtype, device=W.device).scatter_add(1, idx, vals.to(W.dtype))
-    return code @ W
+    return code @ (W / W.norm(dim=1, keepdim=True) if unit_norm else W)

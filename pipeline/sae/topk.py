@@ -30,9 +30,10 @@ class TopK(SparseAutoencoder):
     architecture = "topk"
 
     def encoder_bias(self) -> Tensor:
-        """W_enc (x - b_dec) + b_enc = W_enc x + (b_enc - W_enc b_dec): b_dec enters the sharded
-        encoder through a [features] bias, so no [batch, d_model] gradient is ever formed."""
-        return self.b_enc - self.W_enc @ self.comm.enter(self.b_dec)
+        """b_enc - W_enc b_dec [features], no grad: W_enc (x - b_dec) + b_enc = W_enc x + this, so
+        the tiles' pre-activations are one addmm each (gradients: sparse.gather_linear)."""
+        with torch.no_grad():
+            return self.b_enc - self.W_enc @ self.b_dec
 
     def scan(self, x: Tensor, bias: Tensor, aux_k: int = 0, dead: Tensor | None = None) -> tuple:
         """One pass over the encoder's tiles, without grad: (the code's selector, the running
@@ -40,7 +41,6 @@ class TopK(SparseAutoencoder):
         sel = self.selector(x)
         aux = RunningTopK(aux_k, x.shape[0], x.device, x.dtype) if aux_k else None
         with torch.no_grad():
-            bias = bias.detach()
             for t in tiles(len(self.features), self.tile()):
                 pre = torch.addmm(bias[t], x, self.W_enc[t].t())
                 sel.add(pre, lambda i, s=t.start: i + s)
@@ -67,31 +67,30 @@ class TopK(SparseAutoencoder):
         kth = self.comm.gather_features(proposals).topk(k, dim=1).values[:, -1:]
         return top >= kth
 
-    def code(self, x: Tensor, bias: Tensor, idx: Tensor, pre: Tensor, keep: Tensor) -> Tensor:
+    def code(self, x: Tensor, idx: Tensor, pre: Tensor, keep: Tensor) -> Tensor:
         """Differentiable ReLU'd values of the selected latents (pre: their pre-activations, no
-        grad); zero where not kept."""
-        vals = gather_linear(x, self.W_enc, bias, idx, pre)
+        grad); zero where not kept. b_dec enters the sharded encoder here (its gradient is summed
+        over the shards in backward)."""
+        vals = gather_linear(x, self.W_enc, self.b_enc, self.comm.enter(self.b_dec), idx, pre)
         return torch.where(keep, vals.relu(), torch.zeros_like(vals))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Sparse code (vals [batch, m], local idx [batch, m])."""
-        bias = self.encoder_bias()
-        idx, pre, keep = self.choose(self.scan(x, bias)[0])
-        return self.code(x, bias, idx, pre, keep), idx
+        idx, pre, keep = self.choose(self.scan(x, self.encoder_bias())[0])
+        return self.code(x, idx, pre, keep), idx
 
     def decode(self, vals: Tensor, idx: Tensor) -> Tensor:
         """This shard's partial reconstruction (no bias)."""
-        return sparse_decode(vals * self.inv_decoder_norm()[idx], idx, self.W_dec)
+        return sparse_decode(vals, idx, self.W_dec, self.unit_norm)
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
         dead = self.dead_mask()
         aux_k = self.aux_k(dead)
-        bias = self.encoder_bias()
-        sel, aux_sel = self.scan(x, bias, aux_k, dead)
+        sel, aux_sel = self.scan(x, self.encoder_bias(), aux_k, dead)
         idx, pre, keep = self.choose(sel)
-        vals = self.code(x, bias, idx, pre, keep)
+        vals = self.code(x, idx, pre, keep)
         x_hat = self.comm.reduce(self.decode(vals, idx)) + self.b_dec
-        aux = self.auxk(x, x_hat, bias, aux_sel, aux_k)
+        aux = self.auxk(x, x_hat, aux_sel, aux_k)
         fired = torch.bincount(idx[vals > 0], minlength=len(self.features))
         zero = torch.zeros((), device=x.device, dtype=x_hat.dtype)
         return self._finish(x, x_hat, zero, aux, fired)
@@ -102,12 +101,12 @@ class TopK(SparseAutoencoder):
             return 0
         return min(self.cfg.k_aux, int(self.comm.sum_features(dead.sum()).item()))
 
-    def auxk(self, x: Tensor, x_hat: Tensor, bias: Tensor, sel: RunningTopK | None, k: int) -> Tensor:
+    def auxk(self, x: Tensor, x_hat: Tensor, sel: RunningTopK | None, k: int) -> Tensor:
         """alpha * ||e - e_hat||^2, e_hat decoded from the top k dead latents (0 if none). A shard
         may hold no dead latent: it still takes part in the global selection, with an empty code."""
         if sel is None:
             return torch.zeros((), device=x.device, dtype=x_hat.dtype)
         idx = sel.idx
-        e_hat = self.comm.reduce(self.decode(self.code(x, bias, idx, sel.vals, self.keep_global(sel.vals, k)), idx))
+        e_hat = self.comm.reduce(self.decode(self.code(x, idx, sel.vals, self.keep_global(sel.vals, k)), idx))
         e = (x - x_hat).detach()
         return self.cfg.aux_coef * (e - e_hat).pow(2).sum(-1).mean()

@@ -1,0 +1,324 @@
+"""Step time and peak memory against n_features, dense vs tiled/sparse, beside the planner's prediction.
+
+    python benchmarks/train_scaling.py [--sizes 16384,65536,262144,1048576] [--batch 1024] [--tile 8192] [--json]
+    python benchmarks/train_scaling.py --trainer [--n-features 262144] [--nproc 2] [--batch 4096] [--tile 8192]
+
+Default mode: one fresh process per (variant, n_features) point, so that each peak is its own. A
+point is one SAE module in one process, fp32, with torch.optim.Adam (fused): a warm-up step, then
+`--steps` timed steps (forward + backward, and the optimizer step, timed apart). Peak memory is the
+process's peak RSS (getrusage) minus its RSS after the imports and the input batch; the planner's
+prediction is pipeline.plan.rank_memory for that configuration (ZeRO-0: plain Adam, no master copy).
+Variants:
+
+    relu_l1          the untiled step: autograd keeps the [batch, n_features] code for backward
+    relu_l1 tiled    feature_tile=--tile: each tile recomputed in backward, nothing [batch, n] kept
+    topk dense       reference: the obvious dense step (dense code [batch, n], dense decode)
+    topk sparse      the sparse step as trained (one [batch, n] pre-activation tile, no grad)
+    topk tiled       the sparse step with feature_tile=--tile: running top-k, no [batch, n] matrix
+
+Points the planner says need more than --max-gib are not run (the machine is shared). The encoder
+matmul's time (the tiled pre-activations alone) is measured after each point; the growth table
+compares how the rest of the sparse step (forward + backward minus encoder, and the optimizer step)
+grows with n_features against n_features itself.
+
+--trainer: the real trainer (`python -m torch.distributed.run --nproc-per-node=2 -m pipeline.train`
+with feature_parallel=2, ZeRO-1, fp32, gloo) on a synthetic d=576 store, once untiled and once tiled;
+each rank records its peak RSS over the training steps (before the final checkpoint) minus its RSS
+after the imports, against the planner's per-rank memory plus the loader's shuffle buffer (host
+memory on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = {  # name -> (architecture, tiled, dense reference)
+    "relu_l1": ("relu_l1", False, False), "relu_l1 tiled": ("relu_l1", True, False),
+    "topk dense": ("topk", False, True), "topk sparse": ("topk", False, False), "topk tiled": ("topk", True, False)}
+
+
+def rss() -> int:
+    """Current resident set size in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def plan_bytes(arch: str, n: int, d: int, k: int, batch: int, tile: int, zero: int = 0, fp: int = 1,
+               shuffle_rows: int = 0):
+    from pipeline.plan import PlanConfig, rank_memory
+    cfg = PlanConfig(d_model=d, n_features=n, architecture=arch, k=k, param_dtype="float32", zero_stage=zero,
+                     batch_size=batch, feature_tile=tile, shuffle_buffer_rows=shuffle_rows)
+    return rank_memory(cfg, 1, fp)
+
+
+# ---------------------------------------------------------------- one point, in its own process
+
+def point(variant: str, n: int, d: int, k: int, batch: int, tile: int, steps: int) -> dict:
+    import torch
+
+    from pipeline.sae import SAEConfig, create
+    from pipeline.sae.sparse import dense_decode, dense_gather_linear
+    from pipeline.sae.tiled import tiles
+
+    arch, tiled, dense = VARIANTS[variant]
+    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(0))
+    base = rss()
+    sae = create(SAEConfig(architecture=arch, n_features=n, d_model=d, k=k, feature_tile=tile if tiled else 0))
+    sae.reset_parameters(0, mean=x.mean(0))
+    if dense:  # the obvious dense topk step, for reference: dense code, dense decode and gradients
+        sae.code = lambda x, idx, pre, keep: torch.where(
+            keep, dense_gather_linear(x, sae.W_enc, sae.b_enc, sae.b_dec, idx).relu(), 0.0)
+        sae.decode = lambda vals, idx: dense_decode(vals, idx, sae.W_dec, unit_norm=True)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+    fb, st = [], []
+    for i in range(steps + 1):  # the first step is the warm-up (Adam allocates its state there)
+        t0 = time.perf_counter()
+        sae(x).loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if i:
+            fb.append(t1 - t0), st.append(t2 - t1)
+    peak = peak_rss() - base
+    with torch.no_grad():  # the encoder matmul alone, tile by tile (never [batch, n] at once)
+        t0 = time.perf_counter()
+        for t in tiles(n, min(n, 8192)):
+            torch.addmm(sae.b_enc[t], x, sae.W_enc[t].t())
+        enc = time.perf_counter() - t0
+    fb_s, st_s = min(fb), min(st)
+    return {"variant": variant, "n_features": n, "fwd_bwd_s": fb_s, "optim_s": st_s, "step_s": fb_s + st_s,
+            "encoder_s": enc, "tokens_per_s": batch / (fb_s + st_s), "peak_bytes": peak}
+
+
+def run_point(a, variant: str, n: int) -> dict:
+    cmd = [sys.executable, __file__, "--point", variant, "--n-features", str(n), "--d-model", str(a.d_model),
+           "--k", str(a.k), "--batch", str(a.batch), "--tile", str(a.tile), "--steps", str(a.steps)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if p.returncode != 0:
+        return {"variant": variant, "n_features": n, "error": p.stderr.strip().splitlines()[-1:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def scaling(a) -> dict:
+    import torch
+    sizes = [int(s) for s in a.sizes.split(",")]
+    rows = []
+    for n in sizes:
+        for variant, (arch, tiled, dense) in VARIANTS.items():
+            mem = plan_bytes(arch, n, a.d_model, a.k, a.batch, a.tile if tiled else 0)
+            plan = None if dense else mem.total
+            # the dense topk reference: about the relu_l1 step's activations plus the sparse step's state
+            need = plan if plan is not None else plan_bytes("relu_l1", n, a.d_model, a.k, a.batch, 0).total
+            if need > a.max_gib * 2**30:
+                rows.append({"variant": variant, "n_features": n, "skipped": f"planner {need / 2**30:.1f} GiB > "
+                             f"--max-gib {a.max_gib}", "plan_bytes": plan})
+                continue
+            if arch == "relu_l1" and n > a.relu_max:
+                rows.append({"variant": variant, "n_features": n, "skipped": f"n > --relu-max {a.relu_max} (time)",
+                             "plan_bytes": plan})
+                continue
+            r = run_point(a, variant, n)
+            r["plan_bytes"] = plan
+            if plan and "peak_bytes" in r:
+                r["measured_over_plan"] = r["peak_bytes"] / plan
+            rows.append(r)
+            if not a.json:
+                print(f"  {variant:<14} {n:>9,}: {r.get('step_s', float('nan')):.2f} s", file=sys.stderr, flush=True)
+    growth = {}
+    for variant in ("topk sparse", "topk tiled"):
+        pts = [r for r in rows if r["variant"] == variant and "step_s" in r]
+        if len(pts) >= 2:
+            lo, hi = pts[0], pts[-1]
+            growth[variant] = {
+                "from": lo["n_features"], "to": hi["n_features"], "n_features_x": hi["n_features"] / lo["n_features"],
+                "step_x": hi["step_s"] / lo["step_s"], "encoder_x": hi["encoder_s"] / lo["encoder_s"],
+                "fwd_bwd_beyond_encoder_x": max(hi["fwd_bwd_s"] - hi["encoder_s"], 1e-9) /
+                max(lo["fwd_bwd_s"] - lo["encoder_s"], 1e-9),
+                "optimizer_x": hi["optim_s"] / lo["optim_s"]}
+    return {"mode": "scaling", "d_model": a.d_model, "batch": a.batch, "k": a.k, "tile": a.tile, "steps": a.steps,
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "points": rows, "growth": growth}
+
+
+def print_scaling(res: dict) -> None:
+    gib = 2**30
+    print(f"d={res['d_model']}, batch={res['batch']}, k={res['k']}, tile={res['tile']}, fp32, one process, "
+          f"{res['threads']} threads, fused Adam, best of {res['steps']} steps; load average {res['load_average']:.1f}")
+    print(f"{'variant':<14} {'n_features':>10} {'step s':>7} {'fwd+bwd':>8} {'encoder':>8} {'Adam':>6} "
+          f"{'tokens/s':>9} {'peak GiB':>9} {'plan GiB':>9} {'peak/plan':>9}")
+    for r in res["points"]:
+        plan = f"{r['plan_bytes'] / gib:>9.2f}" if r.get("plan_bytes") else f"{'-':>9}"
+        if "step_s" not in r:
+            print(f"{r['variant']:<14} {r['n_features']:>10,} {'not run: ' + str(r.get('skipped') or r.get('error'))}")
+            continue
+        ratio = f"{r['measured_over_plan']:>9.2f}" if "measured_over_plan" in r else f"{'-':>9}"
+        print(f"{r['variant']:<14} {r['n_features']:>10,} {r['step_s']:>7.2f} {r['fwd_bwd_s']:>8.2f} "
+              f"{r['encoder_s']:>8.2f} {r['optim_s']:>6.2f} {r['tokens_per_s']:>9,.0f} "
+              f"{r['peak_bytes'] / gib:>9.2f} {plan} {ratio}")
+    for variant, g in res["growth"].items():
+        print(f"{variant}: n_features x{g['n_features_x']:.0f} ({g['from']:,} -> {g['to']:,}): step x{g['step_x']:.1f}, "
+              f"encoder matmul x{g['encoder_x']:.1f}, forward+backward beyond the encoder "
+              f"x{g['fwd_bwd_beyond_encoder_x']:.1f}, optimizer step x{g['optimizer_x']:.1f}")
+
+
+# ---------------------------------------------------------------- the real trainer, 2 ranks
+
+def store(url: str, d: int, rows: int = 32768) -> str:
+    """A committed synthetic store (sparse combinations of 1024 directions plus a mean), cached."""
+    import torch
+
+    from pipeline.store import ActivationStore, ActivationStoreWriter, StoreLayout, commit
+    try:
+        if ActivationStore.open(url).d_model == d:
+            return url
+    except Exception:  # not there yet (or from an older run): write it
+        pass
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.randn(1024, d, generator=g)
+    per_ctx = 128
+    layout = StoreLayout(("blocks.0",), d, "float32", rows // per_ctx, per_ctx, 64, 32)
+    w = ActivationStoreWriter(url, layout, {"fingerprint": f"scaling-{d}", "model": {"id": "synthetic"}})
+    for shard in range(layout.n_shards):
+        span = layout.shard_contexts_range(shard)
+        n = len(span) * per_ctx
+        codes = torch.rand(n, 1024, generator=g) * (torch.rand(n, 1024, generator=g) < 0.02)
+        x = codes @ dirs + torch.randn(d, generator=torch.Generator().manual_seed(1))
+        w.begin_shard(shard)
+        w.append({"blocks.0": x}, torch.zeros(n, dtype=torch.int32), torch.arange(span.start, span.stop).repeat_interleave(per_ctx),
+                 torch.arange(n) % per_ctx)
+        w.end_shard(len(span))
+    w.close()
+    commit(w)
+    return url
+
+
+def rank_worker(out: str, overrides: list[str]) -> None:
+    """Inside torchrun: the real `pipeline.train` entry point, with its peak RSS recorded before the
+    final checkpoint (the training steps) and after the engine is built (the static state)."""
+    import pipeline.train.loop as loop
+    from pipeline.train.__main__ import main
+    base, marks = rss(), {}
+
+    def engine(*args, **kw):
+        e = build(*args, **kw)
+        marks["after_engine"] = rss() - base
+        return e
+    build, loop.build_engine = loop.build_engine, engine
+    save = loop.Checkpoints.save
+
+    def first_save(self, *args, **kw):
+        marks.setdefault("steps_peak", peak_rss() - base)
+        return save(self, *args, **kw)
+    loop.Checkpoints.save = first_save
+    sys.argv = [sys.argv[0], *overrides]
+    try:
+        main()
+    finally:
+        marks["peak_incl_checkpoint"] = peak_rss() - base
+        Path(f"{out}.{os.environ.get('RANK', '0')}").write_text(json.dumps(marks))
+
+
+def trainer(a) -> dict:
+    runs = REPO / "runs" / "bench" / "scaling"
+    url = store(str(runs / f"store-d{a.d_model}"), a.d_model)
+    rows = []
+    for tile in ([0, a.tile] if a.tile else [0]):
+        out = runs / f"{a.arch}-{a.n_features}-tile{tile}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        steps = a.steps + 1
+        overrides = [f"data.url={url}", f"sae={a.arch}", f"sae.n_features={a.n_features}", f"sae.k={a.k}",
+                     f"sae.feature_tile={tile}", f"batch_size={a.batch}", f"n_tokens={a.batch * steps}",
+                     f"parallel.feature_parallel={a.nproc}", "parallel.data_parallel=1", "deepspeed.zero_stage=1",
+                     f"data.shuffle_buffer={a.shuffle}", f"sae.dead_tokens={a.dead_tokens or a.batch}", "log_every=1", "checkpoint_every=0", "export=false",
+                     "progress=false", f"out_dir={out}", "hydra.output_subdir=null", "hydra/job_logging=none",
+                     "hydra/hydra_logging=none", f"hydra.run.dir={out}/hydra"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1"}
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={a.nproc}", __file__, "--rank-worker", str(out / "rss"), "--", *overrides],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            rows.append({"tile": tile, "error": p.stderr[-3000:]})
+            continue
+        ranks = [json.loads((out / f"rss.{r}").read_text()) for r in range(a.nproc)]
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        tps = sorted(m["tokens_per_s"] for m in metrics[1:]) or [metrics[-1]["tokens_per_s"]]
+        mem = plan_bytes(a.arch, a.n_features, a.d_model, a.k, a.batch, tile, zero=1, fp=a.nproc)
+        loader = a.shuffle * a.d_model * 4  # the loader's shuffle buffer: host memory, here the same memory
+        predicted = mem.total + loader
+        measured = max(r["steps_peak"] for r in ranks)
+        rows.append({"tile": tile, "ranks": ranks, "measured_peak_bytes": measured, "plan_bytes": mem.total,
+                     "plan": vars(mem), "loader_buffer_bytes": loader, "predicted_bytes": predicted,
+                     "measured_over_predicted": measured / predicted, "within_15pct": abs(measured / predicted - 1) <= 0.15,
+                     "tokens_per_s": tps[len(tps) // 2], "steps": steps, "wall_s": wall})
+    return {"mode": "trainer", "arch": a.arch, "d_model": a.d_model, "n_features": a.n_features, "nproc": a.nproc,
+            "batch": a.batch, "k": a.k, "threads_per_rank": a.threads, "load_average": os.getloadavg()[0], "runs": rows}
+
+
+def print_trainer(res: dict) -> None:
+    gib = 2**30
+    print(f"real trainer: {res['arch']}, d={res['d_model']}, n_features={res['n_features']:,}, "
+          f"{res['nproc']} ranks (feature_parallel), ZeRO-1, fp32, batch {res['batch']}, "
+          f"{res['threads_per_rank']} thread(s) per rank; load average {res['load_average']:.1f}")
+    print(f"{'tile':>6} {'measured GiB/rank':>18} {'planner GiB':>12} {'+ loader':>9} {'measured/pred':>14} "
+          f"{'within 15%':>10} {'tokens/s':>9}")
+    for r in res["runs"]:
+        if "error" in r:
+            print(f"{r['tile']:>6} failed: {r['error'][-500:]}")
+            continue
+        print(f"{r['tile']:>6} {r['measured_peak_bytes'] / gib:>18.2f} {r['plan_bytes'] / gib:>12.2f} "
+              f"{r['loader_buffer_bytes'] / gib:>9.2f} {r['measured_over_predicted']:>14.2f} "
+              f"{'yes' if r['within_15pct'] else 'NO':>10} {r['tokens_per_s']:>9,.0f}")
+        print("       planner parts (GiB): " + ", ".join(f"{k} {v / gib:.2f}" for k, v in r["plan"].items()))
+
+
+def main() -> None:
+    if "--rank-worker" in sys.argv:  # inside torchrun: everything after "--" goes to Hydra
+        i = sys.argv.index("--")
+        return rank_worker(sys.argv[sys.argv.index("--rank-worker") + 1], sys.argv[i + 1:])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="16384,65536,262144,1048576")
+    ap.add_argument("--d-model", type=int, default=576)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--tile", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--max-gib", type=float, default=8.0)
+    ap.add_argument("--relu-max", type=int, default=262144, help="largest relu_l1 point (its steps are slow)")
+    ap.add_argument("--point", help=argparse.SUPPRESS)
+    ap.add_argument("--n-features", type=int, default=262144)
+    ap.add_argument("--trainer", action="store_true")
+    ap.add_argument("--arch", default="topk")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="--trainer: threads per rank")
+    ap.add_argument("--shuffle", type=int, default=8192, help="--trainer: the loader's shuffle buffer (rows)")
+    ap.add_argument("--dead-tokens", type=int, default=0,
+                    help="--trainer: sae.dead_tokens (default: one batch, so AuxK runs from the second step: "
+                         "the planner's worst case)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if a.point:
+        print(json.dumps(point(a.point, a.n_features, a.d_model, a.k, a.batch, a.tile, a.steps)))
+        return
+    res = trainer(a) if a.trainer else scaling(a)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        (print_trainer if a.trainer else print_scaling)(res)
+
+
+if __name__ == "__main__":
+    main()

@@ -326,7 +326,7 @@ def test_cli_writes_audit_json_and_report(audited):
     best = zebra["features"][0]
     assert best["feature"] == FEATURE and best["heldout_auroc"] >= 0.95
     st = best["steering"]
-    assert st["clamp_value"] == pytest.approx(5.0 * best["pos_max"])
+    assert st["clamp_value"] == pytest.approx(sec["clamp_multiple"] * best["pos_max"]) and sec["clamp_multiple"] == 10.0
     assert st["delta_logprob"] > 0.2 and st["kl"] > 0 and st["promoted_tokens"][0] == " zebra", st
     assert len(sec["concepts"][1]["features"]) == 3  # the shipped dog set ran too (random features)
     # splitting: every copy is its parent's child, the random rows are novel

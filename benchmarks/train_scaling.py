@@ -1,7 +1,7 @@
 """Step time and peak memory against n_features, dense vs tiled/sparse, beside the planner's prediction.
 
-    python benchmarks/train_scaling.py [--sizes 16384,65536,262144,1048576] [--batch 1024] [--tile 8192] [--json]
-    python benchmarks/train_scaling.py --trainer [--n-features 262144] [--nproc 2] [--batch 4096] [--tile 8192]
+    python benchmarks/train_scaling.py [--sizes 16384,65536,262144,524288] [--batch 1024] [--tile 8192] [--json]
+    python benchmarks/train_scaling.py --trainer [--n-features 262144] [--nproc 2] [--batch 4096] [--tiles 0,8192]
 
 Default mode: one fresh process per (variant, n_features) point, so that each peak is its own. A
 point is one SAE module in one process, fp32, with torch.optim.Adam (fused): a warm-up step, then
@@ -16,13 +16,15 @@ Variants:
     topk sparse      the sparse step as trained (one [batch, n] pre-activation tile, no grad)
     topk tiled       the sparse step with feature_tile=--tile: running top-k, no [batch, n] matrix
 
-Points the planner says need more than --max-gib are not run (the machine is shared). The encoder
+Points the planner says need more than --max-gib are not run (the machine is shared), or run forward
++ backward only where that fits but Adam's state does not (marked; such a point's peak is compared
+with the planner's weights, gradients and forward/backward transients). The encoder
 matmul's time (the tiled pre-activations alone) is measured after each point; the growth table
 compares how the rest of the sparse step (forward + backward minus encoder, and the optimizer step)
 grows with n_features against n_features itself.
 
 --trainer: the real trainer (`python -m torch.distributed.run --nproc-per-node=2 -m pipeline.train`
-with feature_parallel=2, ZeRO-1, fp32, gloo) on a synthetic d=576 store, once untiled and once tiled;
+with feature_parallel=2, ZeRO-1, fp32, gloo) on a synthetic d=576 store, untiled and tiled (--tiles);
 each rank records its peak RSS over the training steps (before the final checkpoint) minus its RSS
 after the imports, against the planner's per-rank memory plus the loader's shuffle buffer (host
 memory on CPU).
@@ -51,6 +53,11 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -65,7 +72,7 @@ def plan_bytes(arch: str, n: int, d: int, k: int, batch: int, tile: int, zero: i
 
 # ---------------------------------------------------------------- one point, in its own process
 
-def point(variant: str, n: int, d: int, k: int, batch: int, tile: int, steps: int) -> dict:
+def point(variant: str, n: int, d: int, k: int, batch: int, tile: int, steps: int, optimizer: bool = True) -> dict:
     import torch
 
     from pipeline.sae import SAEConfig, create
@@ -81,14 +88,15 @@ def point(variant: str, n: int, d: int, k: int, batch: int, tile: int, steps: in
         sae.code = lambda x, idx, pre, keep: torch.where(
             keep, dense_gather_linear(x, sae.W_enc, sae.b_enc, sae.b_dec, idx).relu(), 0.0)
         sae.decode = lambda vals, idx: dense_decode(vals, idx, sae.W_dec, unit_norm=True)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True) if optimizer else None
     fb, st = [], []
     for i in range(steps + 1):  # the first step is the warm-up (Adam allocates its state there)
         t0 = time.perf_counter()
         sae(x).loss.backward()
         t1 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+        sae.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         if i:
             fb.append(t1 - t0), st.append(t2 - t1)
@@ -98,14 +106,16 @@ def point(variant: str, n: int, d: int, k: int, batch: int, tile: int, steps: in
         for t in tiles(n, min(n, 8192)):
             torch.addmm(sae.b_enc[t], x, sae.W_enc[t].t())
         enc = time.perf_counter() - t0
-    fb_s, st_s = min(fb), min(st)
-    return {"variant": variant, "n_features": n, "fwd_bwd_s": fb_s, "optim_s": st_s, "step_s": fb_s + st_s,
-            "encoder_s": enc, "tokens_per_s": batch / (fb_s + st_s), "peak_bytes": peak}
+    fb_s, st_s = min(fb), (min(st) if optimizer else None)
+    step = fb_s + (st_s or 0)
+    return {"variant": variant, "n_features": n, "fwd_bwd_s": fb_s, "optim_s": st_s, "step_s": step if optimizer else None,
+            "encoder_s": enc, "tokens_per_s": batch / step, "peak_bytes": peak, "optimizer": optimizer}
 
 
-def run_point(a, variant: str, n: int) -> dict:
+def run_point(a, variant: str, n: int, optimizer: bool) -> dict:
     cmd = [sys.executable, __file__, "--point", variant, "--n-features", str(n), "--d-model", str(a.d_model),
            "--k", str(a.k), "--batch", str(a.batch), "--tile", str(a.tile), "--steps", str(a.steps)]
+    cmd += [] if optimizer else ["--no-optimizer"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if p.returncode != 0:
         return {"variant": variant, "n_features": n, "error": p.stderr.strip().splitlines()[-1:]}
@@ -119,35 +129,40 @@ def scaling(a) -> dict:
     for n in sizes:
         for variant, (arch, tiled, dense) in VARIANTS.items():
             mem = plan_bytes(arch, n, a.d_model, a.k, a.batch, a.tile if tiled else 0)
-            plan = None if dense else mem.total
-            # the dense topk reference: about the relu_l1 step's activations plus the sparse step's state
-            need = plan if plan is not None else plan_bytes("relu_l1", n, a.d_model, a.k, a.batch, 0).total
+            # without Adam: the weights, and the larger of forward and gradients + backward
+            bare = mem.weights + mem.buffers + max(mem.forward, mem.gradients + mem.backward)
+            # the dense topk reference: about the relu_l1 step's memory (no prediction of its own)
+            proxy = plan_bytes("relu_l1", n, a.d_model, a.k, a.batch, 0).total
+            need, optimizer = (proxy if dense else mem.total), True
+            if need > a.max_gib * 2**30 and not dense and bare <= a.max_gib * 2**30:
+                need, optimizer = bare, False  # forward + backward only: Adam's state does not fit here
+            row = {"variant": variant, "n_features": n, "plan_bytes": None if dense else need}
             if need > a.max_gib * 2**30:
-                rows.append({"variant": variant, "n_features": n, "skipped": f"planner {need / 2**30:.1f} GiB > "
-                             f"--max-gib {a.max_gib}", "plan_bytes": plan})
+                rows.append({**row, "skipped": f"planner {need / 2**30:.1f} GiB > --max-gib {a.max_gib}"})
                 continue
-            if arch == "relu_l1" and n > a.relu_max:
-                rows.append({"variant": variant, "n_features": n, "skipped": f"n > --relu-max {a.relu_max} (time)",
-                             "plan_bytes": plan})
+            if arch == "relu_l1" and n > a.relu_max or dense and n > a.relu_max:
+                rows.append({**row, "skipped": f"n > --relu-max {a.relu_max} (time)"})
                 continue
-            r = run_point(a, variant, n)
-            r["plan_bytes"] = plan
-            if plan and "peak_bytes" in r:
-                r["measured_over_plan"] = r["peak_bytes"] / plan
+            r = {**run_point(a, variant, n, optimizer), **row}
+            if row["plan_bytes"] and "peak_bytes" in r:
+                r["measured_over_plan"] = r["peak_bytes"] / row["plan_bytes"]
             rows.append(r)
             if not a.json:
-                print(f"  {variant:<14} {n:>9,}: {r.get('step_s', float('nan')):.2f} s", file=sys.stderr, flush=True)
+                print(f"  {variant:<14} {n:>9,}: {r.get('fwd_bwd_s', float('nan')):.2f} s forward+backward",
+                      file=sys.stderr, flush=True)
     growth = {}
-    for variant in ("topk sparse", "topk tiled"):
-        pts = [r for r in rows if r["variant"] == variant and "step_s" in r]
+    for variant in ("topk sparse", "topk tiled", "relu_l1", "relu_l1 tiled"):
+        pts = [r for r in rows if r["variant"] == variant and "fwd_bwd_s" in r]
         if len(pts) >= 2:
             lo, hi = pts[0], pts[-1]
+            with_adam = [r for r in pts if r["optimizer"]]
             growth[variant] = {
                 "from": lo["n_features"], "to": hi["n_features"], "n_features_x": hi["n_features"] / lo["n_features"],
-                "step_x": hi["step_s"] / lo["step_s"], "encoder_x": hi["encoder_s"] / lo["encoder_s"],
+                "fwd_bwd_x": hi["fwd_bwd_s"] / lo["fwd_bwd_s"], "encoder_x": hi["encoder_s"] / lo["encoder_s"],
                 "fwd_bwd_beyond_encoder_x": max(hi["fwd_bwd_s"] - hi["encoder_s"], 1e-9) /
                 max(lo["fwd_bwd_s"] - lo["encoder_s"], 1e-9),
-                "optimizer_x": hi["optim_s"] / lo["optim_s"]}
+                "optimizer_x": with_adam[-1]["optim_s"] / lo["optim_s"] if len(with_adam) >= 2 else None,
+                "optimizer_to": with_adam[-1]["n_features"] if with_adam else None}
     return {"mode": "scaling", "d_model": a.d_model, "batch": a.batch, "k": a.k, "tile": a.tile, "steps": a.steps,
             "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "points": rows, "growth": growth}
 
@@ -158,19 +173,25 @@ def print_scaling(res: dict) -> None:
           f"{res['threads']} threads, fused Adam, best of {res['steps']} steps; load average {res['load_average']:.1f}")
     print(f"{'variant':<14} {'n_features':>10} {'step s':>7} {'fwd+bwd':>8} {'encoder':>8} {'Adam':>6} "
           f"{'tokens/s':>9} {'peak GiB':>9} {'plan GiB':>9} {'peak/plan':>9}")
+    dash = lambda w: f"{'-':>{w}}"  # noqa: E731
     for r in res["points"]:
-        plan = f"{r['plan_bytes'] / gib:>9.2f}" if r.get("plan_bytes") else f"{'-':>9}"
-        if "step_s" not in r:
-            print(f"{r['variant']:<14} {r['n_features']:>10,} {'not run: ' + str(r.get('skipped') or r.get('error'))}")
+        if "fwd_bwd_s" not in r:
+            print(f"{r['variant']:<14} {r['n_features']:>10,} not run: {r.get('skipped') or r.get('error')}")
             continue
-        ratio = f"{r['measured_over_plan']:>9.2f}" if "measured_over_plan" in r else f"{'-':>9}"
-        print(f"{r['variant']:<14} {r['n_features']:>10,} {r['step_s']:>7.2f} {r['fwd_bwd_s']:>8.2f} "
-              f"{r['encoder_s']:>8.2f} {r['optim_s']:>6.2f} {r['tokens_per_s']:>9,.0f} "
-              f"{r['peak_bytes'] / gib:>9.2f} {plan} {ratio}")
+        plan = f"{r['plan_bytes'] / gib:>9.2f}" if r.get("plan_bytes") else dash(9)
+        ratio = f"{r['measured_over_plan']:>9.2f}" if "measured_over_plan" in r else dash(9)
+        step = f"{r['step_s']:>7.2f}" if r["step_s"] else dash(7)
+        adam = f"{r['optim_s']:>6.2f}" if r["optim_s"] is not None else f"{'none':>6}"
+        tps = f"{r['tokens_per_s']:>9,.0f}" if r["step_s"] else f"{'(' + format(r['tokens_per_s'], ',.0f') + ')':>9}"
+        print(f"{r['variant']:<14} {r['n_features']:>10,} {step} {r['fwd_bwd_s']:>8.2f} {r['encoder_s']:>8.2f} "
+              f"{adam} {tps} {r['peak_bytes'] / gib:>9.2f} {plan} {ratio}")
+    print("Adam 'none': forward + backward only (Adam's state does not fit beside the others' jobs); "
+          "tokens/s in parentheses then counts forward + backward only")
     for variant, g in res["growth"].items():
-        print(f"{variant}: n_features x{g['n_features_x']:.0f} ({g['from']:,} -> {g['to']:,}): step x{g['step_x']:.1f}, "
-              f"encoder matmul x{g['encoder_x']:.1f}, forward+backward beyond the encoder "
-              f"x{g['fwd_bwd_beyond_encoder_x']:.1f}, optimizer step x{g['optimizer_x']:.1f}")
+        opt = (f", optimizer step x{g['optimizer_x']:.1f} (to {g['optimizer_to']:,})" if g["optimizer_x"] else "")
+        print(f"{variant}: n_features x{g['n_features_x']:.0f} ({g['from']:,} -> {g['to']:,}): forward+backward "
+              f"x{g['fwd_bwd_x']:.1f}, encoder matmul x{g['encoder_x']:.1f}, forward+backward beyond the encoder "
+              f"x{g['fwd_bwd_beyond_encoder_x']:.1f}{opt}")
 
 
 # ---------------------------------------------------------------- the real trainer, 2 ranks
@@ -234,8 +255,14 @@ def trainer(a) -> dict:
     runs = REPO / "runs" / "bench" / "scaling"
     url = store(str(runs / f"store-d{a.d_model}"), a.d_model)
     rows = []
-    for tile in ([0, a.tile] if a.tile else [0]):
+    for tile in (int(t) for t in a.tiles.split(",")):
         out = runs / f"{a.arch}-{a.n_features}-tile{tile}"
+        mem = plan_bytes(a.arch, a.n_features, a.d_model, a.k, a.batch, tile, zero=1, fp=a.nproc)
+        need, free = a.nproc * mem.total, mem_available()
+        if need > free - a.margin_gib * 2**30:  # the machine is shared: never take the others' memory
+            rows.append({"tile": tile, "error": f"not run: the planner says {a.nproc} ranks need {need / 2**30:.1f} "
+                         f"GiB, {free / 2**30:.1f} GiB is available (margin {a.margin_gib} GiB)"})
+            continue
         subprocess.run(["rm", "-rf", str(out)], check=True)
         steps = a.steps + 1
         overrides = [f"data.url={url}", f"sae={a.arch}", f"sae.n_features={a.n_features}", f"sae.k={a.k}",
@@ -256,7 +283,6 @@ def trainer(a) -> dict:
         ranks = [json.loads((out / f"rss.{r}").read_text()) for r in range(a.nproc)]
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         tps = sorted(m["tokens_per_s"] for m in metrics[1:]) or [metrics[-1]["tokens_per_s"]]
-        mem = plan_bytes(a.arch, a.n_features, a.d_model, a.k, a.batch, tile, zero=1, fp=a.nproc)
         loader = a.shuffle * a.d_model * 4  # the loader's shuffle buffer: host memory, here the same memory
         predicted = mem.total + loader
         measured = max(r["steps_peak"] for r in ranks)
@@ -277,7 +303,7 @@ def print_trainer(res: dict) -> None:
           f"{'within 15%':>10} {'tokens/s':>9}")
     for r in res["runs"]:
         if "error" in r:
-            print(f"{r['tile']:>6} failed: {r['error'][-500:]}")
+            print(f"{r['tile']:>6} {r['error'][-500:]}")
             continue
         print(f"{r['tile']:>6} {r['measured_peak_bytes'] / gib:>18.2f} {r['plan_bytes'] / gib:>12.2f} "
               f"{r['loader_buffer_bytes'] / gib:>9.2f} {r['measured_over_predicted']:>14.2f} "
@@ -290,28 +316,33 @@ def main() -> None:
         i = sys.argv.index("--")
         return rank_worker(sys.argv[sys.argv.index("--rank-worker") + 1], sys.argv[i + 1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="16384,65536,262144,1048576")
+    ap.add_argument("--sizes", default="16384,65536,262144,524288")
     ap.add_argument("--d-model", type=int, default=576)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=0, help="tokens per step (default: 1024; --trainer: 4096)")
     ap.add_argument("--tile", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--max-gib", type=float, default=8.0)
     ap.add_argument("--relu-max", type=int, default=262144, help="largest relu_l1 point (its steps are slow)")
     ap.add_argument("--point", help=argparse.SUPPRESS)
+    ap.add_argument("--no-optimizer", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n-features", type=int, default=262144)
     ap.add_argument("--trainer", action="store_true")
     ap.add_argument("--arch", default="topk")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="--trainer: threads per rank")
     ap.add_argument("--shuffle", type=int, default=8192, help="--trainer: the loader's shuffle buffer (rows)")
+    ap.add_argument("--tiles", default="0,8192", help="--trainer: feature tiles to run (0: untiled)")
+    ap.add_argument("--margin-gib", type=float, default=3.0,
+                    help="--trainer: memory left to others: run only if the planner's need fits MemAvailable - this")
     ap.add_argument("--dead-tokens", type=int, default=0,
                     help="--trainer: sae.dead_tokens (default: one batch, so AuxK runs from the second step: "
                          "the planner's worst case)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    a.batch = a.batch or (4096 if a.trainer else 1024)
     if a.point:
-        print(json.dumps(point(a.point, a.n_features, a.d_model, a.k, a.batch, a.tile, a.steps)))
+        print(json.dumps(point(a.point, a.n_features, a.d_model, a.k, a.batch, a.tile, a.steps, not a.no_optimizer)))
         return
     res = trainer(a) if a.trainer else scaling(a)
     if a.json:

@@ -28,6 +28,7 @@ def format_plan(plan: Plan) -> str:
         ("activations per step" + (f" (tile {c.feature_tile})" if c.feature_tile else ""), _gib(m.activations)),
         ("optimizer-step temporaries", _gib(m.optimizer_step)),
         ("communication buffers", _gib(m.communication)),
+        ("runtime (framework, not tensors)", _gib(m.runtime)),
         ("total (state + largest phase)", f"{_gib(m.total)} of {_gib(c.gpu_memory_gb * 2**30 * c.usable_fraction)} usable -> "
                   + ("FITS" if plan.fits else "DOES NOT FIT")),
         ("loader shuffle buffer (host)", _gib(c.shuffle_buffer_rows * c.d_model * 4)),

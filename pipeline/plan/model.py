@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pipeline.errors import ConfigError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-REDUCE_BUCKET_ELEMENTS = 500_000_000
-"""DeepSpeed's default zero_optimization.reduce_bucket_size (pipeline/train/engine.py keeps it)."""
 
 
 @dataclass
@@ -35,7 +33,11 @@ class PlanConfig:
     gpu_memory_gb: float = 80.0
     gpus_per_node: int = 8
     usable_fraction: float = 0.9
-    """Share of GPU memory the plan may fill (the rest: CUDA context, allocator fragmentation)."""
+    """Share of GPU memory the plan may fill (the rest: allocator fragmentation)."""
+    runtime_gb: float = 0.5
+    """Per-rank memory that is no tensor of the step: the framework itself (CPU: torch, DeepSpeed,
+    gloo and loader threads, allocator arenas, ~0.5 GiB measured per rank, constant in n_features;
+    GPU: the CUDA context, similar)."""
     data_parallel: int = 0
     """0: the planner picks the smallest layout that fits, then replicates up to max_gpus."""
     feature_parallel: int = 0
@@ -99,8 +101,10 @@ class RankMemory:
     backward: int
     """Backward transients beside the gradients: codes, their gradients, gradient temporaries."""
     optimizer_step: int
-    """Gradient reduction and optimizer-step transients beside the gradients: ZeRO's reduce
-    bucket, its flat gradient partition, the gradient norm's fp64 copy."""
+    """Optimizer-step transients beside the gradients: ZeRO's flat gradient partition, the
+    gradient norm's fp64 copy."""
+    runtime: int = 0
+    """The framework's own memory (PlanConfig.runtime_gb)."""
 
     @property
     def activations(self) -> int:
@@ -111,7 +115,7 @@ class RankMemory:
     def total(self) -> int:
         """Peak bytes of a step: the state, plus the largest phase."""
         return (self.weights + self.master_weights + self.optimizer_state + self.buffers + self.communication
-                + max(self.forward, self.gradients + self.backward, self.gradients + self.optimizer_step))
+                + self.runtime + max(self.forward, self.gradients + self.backward, self.gradients + self.optimizer_step))
 
 
 def activation_bytes(architecture: str, b: int, n: int, d: int, k: int, tile: int, w: int) -> tuple[int, int]:
@@ -155,20 +159,20 @@ def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
     tile = min(cfg.feature_tile or n, n)
     d = cfg.d_model
     forward, backward = activation_bytes(cfg.architecture, b, n, d, cfg.k, tile, w)
-    # After backward (DeepSpeed, stage_1_and_2.py): ZeRO >= 1 reduces the gradients through a
-    # contiguous fp32 bucket of up to reduce_bucket_size elements, kept until the next backward;
-    # in the step the global norm converts each gradient to fp64 in turn (the largest: [n, d]),
-    # then this rank's gradient partition is flattened into a new fp32 tensor while the module's
-    # gradients still exist. ZeRO-0 in fp32 steps in place.
+    # After backward (DeepSpeed, stage_1_and_2.py): ZeRO >= 1 moves the gradients one at a time
+    # into a contiguous reduce bucket (they then live there: no second copy); in the step the
+    # global norm converts each gradient to fp64 in turn (the largest: [n, d]), then this rank's
+    # gradient partition is flattened into a new fp32 tensor while the gradients still exist.
+    # ZeRO-0 in fp32 steps in place.
     if cfg.zero_stage >= 1:
-        bucket = 4 * min(REDUCE_BUCKET_ELEMENTS, p)
-        step = bucket + max(8 * n * d, math.ceil(p / part) * (w + (4 if w != 4 else 0)))
+        step = max(8 * n * d, math.ceil(p / part) * (w + (4 if w != 4 else 0)))
     else:
         step = 0 if w == 4 else 4 * n * d
     communication = 2 * b * d * 4 + (2 * b * cfg.k * 12 * fp if cfg.architecture in ("topk", "batchtopk") else 0)
     return RankMemory(weights=p * w, gradients=math.ceil(p / gpart) * w, master_weights=master,
                       optimizer_state=8 * math.ceil(p / part), buffers=shard_buffers_bytes(cfg.architecture, n, w),
-                      communication=communication, forward=forward, backward=backward, optimizer_step=step)
+                      communication=communication, forward=forward, backward=backward, optimizer_step=step,
+                      runtime=int(cfg.runtime_gb * 2**30))
 
 
 def step_flops(cfg: PlanConfig) -> tuple[float, float]:

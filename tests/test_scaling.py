@@ -294,3 +294,28 @@ def test_two_point_sweep_runs_through_the_submitit_launcher_on_slurm(slurm_clust
     ours = [rec for rec in slurm_cluster.completed() if int(rec["JobId"]) >= int(array_id)]
     assert [rec["JobState"] for rec in ours] == ["COMPLETED", "COMPLETED"], ours
     assert all("held-out (512 rows" in (sweep / ".submitit" / t / f"{t}_0_log.out").read_text() for t in tasks)
+
+
+@pytest.mark.parametrize("preset, architecture, loss", [("gao", "topk", "fvu"), ("sm", "relu_l1", "proxy_loss")])
+def test_sweep_presets_compose_into_a_training_config(preset, architecture, loss):
+    """+sweep=<preset> selects the architecture, a grid of >= 3 sizes x >= 3 token budgets (what the
+    joint fit needs), one folder per point, and a held-out store; the fit picks the paper's loss."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import pipeline.train.__main__  # noqa: F401  (registers train_schema)
+    from pipeline.config import CONF_DIR
+    from pipeline.scaling.run import loss_key
+    from pipeline.train import TrainConfig
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        c = compose("train", overrides=[f"+sweep={preset}"], return_hydra_config=True)
+        # out_dir is ${hydra:runtime.output_dir}, which resolves only inside a run
+        job = compose("train", overrides=[f"+sweep={preset}", "out_dir=somewhere"])
+    params = c.hydra.sweeper.params
+    assert len(str(params["sae.n_features"]).split(",")) >= 3 and len(str(params["n_tokens"]).split(",")) >= 3
+    assert str(c.hydra.mode).endswith("MULTIRUN") and c.hydra.sweep.dir.endswith(f"sweep/{preset}")
+    assert c.hydra.sweep.subdir == f"n{c.sae.n_features}-t{c.n_tokens}"
+    cfg = OmegaConf.to_object(job)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.sae.architecture == architecture and cfg.heldout_url and cfg.heldout_url != cfg.data.url
+    assert loss_key(ScalingConfig(), {architecture}) == loss

@@ -92,7 +92,8 @@ def load_concept_set(path: str | Path) -> ConceptSet:
         if k == "concept_words" and not v:
             raise ConceptSetError(f"concept set file {str(path)!r}: field 'concept_words' is empty. Fix: list the "
                                   "words whose probability steering toward the concept should raise")
-    overlap = (set(doc["positive"]) | set(doc["negative"])) & (set(doc["heldout_positive"]) | set(doc["heldout_negative"]))
+    ranking = set(doc["positive"]) | set(doc["negative"])
+    overlap = ranking & (set(doc["heldout_positive"]) | set(doc["heldout_negative"]))
     if overlap:
         raise ConceptSetError(f"concept set file {str(path)!r}: held-out prompts {sorted(overlap)} also appear in "
                               "positive/negative; held-out prompts must be unseen by the ranking. Fix: remove them "

@@ -68,11 +68,13 @@ the feature's max activation on the positives</p>
 <p>Each prompt is summarised per feature by its max and its mean activation over positions &ge; {sec['skip']}.
 Features are ranked by the mean of the two AUROCs (max, mean) of the positive against the negative prompts, ties
 broken by the effect size (Cohen's d) of the max. <b>Held-out AUROC</b> is the AUROC of the max on prompts the
-ranking never saw (shaded below: positions &ge; {sec['skip']}). <b>&Delta; log P(words)</b>: the change in log-probability that the
+ranking never saw (shaded below: positions &ge; {sec['skip']}). <b>&Delta; log P(words)</b>: the change in
+log-probability that the
 text after a neutral prompt is one of the concept words, when the feature is clamped (SAE error term kept),
 averaged over {len(sec['neutral_prompts'])} neutral prompts; <b>KL</b>: KL(clean &#8214; steered) of the
 next-token distribution; <b>added / resid. norm</b>: the clamp times the feature's decoder norm over the median
-norm of the residual stream at the hook (how hard the clamp pushes). Small prompt sets: treat AUROCs on 4+4 held-out prompts as coarse.</p>
+norm of the residual stream at the hook (how hard the clamp pushes). Small prompt sets: treat AUROCs on 4+4
+held-out prompts as coarse, and read the shaded prompts: a feature can separate a dozen prompts by style alone.</p>
 {summary}"""]
     for c in sec["concepts"]:
         parts.append(concept_block(c, links))
@@ -100,7 +102,8 @@ def concept_block(c: dict, links) -> str:
         words = " ".join(f'{html.escape(w)} {d:+.2f}' for w, d in zip(c["concept_words"], st["delta_logprob_per_word"]))
         promoted = "".join(f"<span class=pill>{html.escape(H.show(t))}</span>" for t in st["promoted_tokens"][:6])
         rows.append(
-            f'<tr class="feature-row" data-feature="{f["feature"]}"><td class="num">{r}</td><td>{_link(f["feature"], links)}'
+            f'<tr class="feature-row" data-feature="{f["feature"]}"><td class="num">{r}</td>'
+            f'<td>{_link(f["feature"], links)}'
             f'</td><td class="num">{f["auroc"]:.3f}</td><td class="num">{f["effect_size"]:.2f}</td>'
             f'<td class="num">{f["auroc_mean"]:.3f}</td><td class="num heldout {_auroc_cls(f["heldout_auroc"])}">'
             f'{f["heldout_auroc"]:.3f}</td><td class="num">{f["pos_max"]:.3g}</td><td class="num">'

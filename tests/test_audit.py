@@ -176,6 +176,9 @@ def test_steering_check_moves_the_concept_words_the_right_way(tiny):
     x = ActivationCapture(tiny, [hook])(check.batch[:1])[hook][0, 1:len(check.prompts[0])]
     assert up["added_norm_ratio"] == pytest.approx(20.0 / float(x.norm(dim=-1).median()), rel=1e-4)
     assert down["delta_logprob"] < -0.3, down
+    # a random direction pushed as hard moves the word far less
+    assert abs(up["control_delta_logprob"]) < 0.3 * up["delta_logprob"], up
+    assert up["control_kl"] > 0
     # clamping a feature to its own value changes nothing: the SAE error term is kept
     assert abs(same["delta_logprob"]) < 1e-4 and same["kl"] < 1e-6
     # the clean log-probability agrees with a plain forward pass of the model
@@ -328,6 +331,7 @@ def test_cli_writes_audit_json_and_report(audited):
     st = best["steering"]
     assert st["clamp_value"] == pytest.approx(sec["clamp_multiple"] * best["pos_max"]) and sec["clamp_multiple"] == 10.0
     assert st["delta_logprob"] > 0.2 and st["kl"] > 0 and st["promoted_tokens"][0] == " zebra", st
+    assert st["delta_logprob"] > st["control_delta_logprob"] + 0.1
     assert len(sec["concepts"][1]["features"]) == 3  # the shipped dog set ran too (random features)
     # splitting: every copy is its parent's child, the random rows are novel
     sp = doc["splitting"]
@@ -358,6 +362,7 @@ def test_report_renders_in_headless_chromium(audited):
     # held-out evidence: highlighted tokens, shaded where the planted feature fires
     assert re.search(r'<span class="tok" style="background:rgba\(255,130,0,(0\.[1-9]\d|1\.00)\)"', dom)
     assert re.search(r'<td class="num" id="n-novel">10</td>', dom)
+    assert re.search(r'<td class="num control">[+-]\d\.\d{3}</td>', dom)
     shot = tmp / "audit.png"
     done = subprocess.run([CHROMIUM, *flags, f"--user-data-dir={tmp / 'profile2'}", f"--screenshot={shot}",
                            "--window-size=1200,1600", url], capture_output=True, text=True, timeout=120)

@@ -68,12 +68,13 @@ the feature's max activation on the positives</p>
 <p>Each prompt is summarised per feature by its max and its mean activation over positions &ge; {sec['skip']}.
 Features are ranked by the mean of the two AUROCs (max, mean) of the positive against the negative prompts, ties
 broken by the effect size (Cohen's d) of the max. <b>Held-out AUROC</b> is the AUROC of the max on prompts the
-ranking never saw (shaded below: positions &ge; {sec['skip']}). <b>&Delta; log P(words)</b>: the change in
-log-probability that the
-text after a neutral prompt is one of the concept words, when the feature is clamped (SAE error term kept),
-averaged over {len(sec['neutral_prompts'])} neutral prompts; <b>KL</b>: KL(clean &#8214; steered) of the
-next-token distribution; <b>added / resid. norm</b>: the clamp times the feature's decoder norm over the median
-norm of the residual stream at the hook (how hard the clamp pushes). Small prompt sets: treat AUROCs on 4+4
+ranking never saw (shaded below: positions &ge; {sec['skip']}). <b>&Delta; log P(words)</b>: the change
+in log-probability that the text after a neutral prompt is one of the concept words, when the feature is
+clamped (SAE error term kept), averaged over {len(sec['neutral_prompts'])} neutral prompts; <b>KL</b>:
+KL(clean &#8214; steered) of the next-token distribution; <b>control &Delta;</b>: the same change when a random
+direction of the same norm is added instead (a shift well above it is specific to the feature);
+<b>added / resid. norm</b>: the clamp times the feature's decoder norm over the median norm of the residual
+stream at the hook (how hard the clamp pushes). Small prompt sets: treat AUROCs on 4+4
 held-out prompts as coarse, and read the shaded prompts: a feature can separate a dozen prompts by style alone.</p>
 {summary}"""]
     for c in sec["concepts"]:
@@ -109,11 +110,13 @@ def concept_block(c: dict, links) -> str:
             f'{f["heldout_auroc"]:.3f}</td><td class="num">{f["pos_max"]:.3g}</td><td class="num">'
             f'{st["clamp_value"]:.3g}</td><td class="num">{st["added_norm_ratio"]:.2g}</td>'
             f'<td class="num delta">{st["delta_logprob"]:+.3f}</td>'
+            f'<td class="num control">{st["control_delta_logprob"]:+.3f}</td>'
             f'<td class="num">{st["kl"]:.3f}</td><td class="words">{words}</td><td>{promoted}</td></tr>')
     table = ('<table class="features"><thead><tr><th>#</th><th>feature</th><th>AUROC (max)</th><th>d (max)</th>'
              '<th>AUROC (mean)</th><th>held-out AUROC</th><th>max on positives</th><th>clamp</th>'
              '<th title="clamp x decoder norm / median residual norm at the hook">added / resid. norm</th>'
-             '<th>&Delta; log P(words)</th><th>KL</th><th>&Delta; per word</th><th>most promoted next tokens</th>'
+             '<th>&Delta; log P(words)</th><th title="a random direction of the same added norm">control &Delta;</th>'
+             '<th>KL</th><th>&Delta; per word</th><th>most promoted next tokens</th>'
              f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
     return head + table + evidence_block(c, links)
 

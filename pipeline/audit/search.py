@@ -118,10 +118,13 @@ class SteeringCheck:
         self.clean = self._measure({})
 
     @torch.no_grad()
-    def _measure(self, values: dict[int, float]) -> dict:
+    def _measure(self, values: dict[int, float], add: Tensor | None = None) -> dict:
         model = self.loaded.model
         if values:
             with replace_output(model, self.d.hook, clamp_fn(self.d, values)):
+                logits = model(input_ids=self.batch, use_cache=False).logits
+        elif add is not None:
+            with replace_output(model, self.d.hook, lambda x: x + add.to(x.dtype)):
                 logits = model(input_ids=self.batch, use_cache=False).logits
         else:
             def record(x):  # the clean run also measures the typical norm at the hook (prompts, after BOS)
@@ -142,13 +145,24 @@ class SteeringCheck:
         nxt = torch.stack([logp[pi * nw, len(p) - 1] for pi, p in enumerate(self.prompts)]).cpu()
         return {"word": word_lp, "next": nxt}
 
-    def __call__(self, feature: int, value: float) -> dict:
+    def _effect(self, s: dict) -> tuple[Tensor, Tensor]:
+        """(change in log P(any concept word), KL(clean || steered)) per prompt."""
+        c = self.clean
+        kl = (c["next"].exp() * (c["next"] - s["next"])).sum(-1)
+        return s["word"].logsumexp(1) - c["word"].logsumexp(1), kl
+
+    def __call__(self, feature: int, value: float, control_seed: int = 0) -> dict:
         s, c = self._measure({feature: value}), self.clean
         concept_clean, concept_steered = c["word"].logsumexp(1), s["word"].logsumexp(1)  # log P(any word)
-        kl = (c["next"].exp() * (c["next"] - s["next"])).sum(-1)  # KL(clean || steered) per prompt
+        kl = self._effect(s)[1]
+        added = abs(value) * float(self.d.decoder()[feature].norm())
+        # control: a random direction of the same added norm, added at every position
+        g = torch.Generator().manual_seed(control_seed)
+        r = torch.randn(self.d.d_model, generator=g)
+        push = (added * r / r.norm()).to(self.batch.device)
+        control_delta, control_kl = self._effect(self._measure({}, add=push))
         lift = (s["next"].exp().mean(0) + 1e-12).log() - (c["next"].exp().mean(0) + 1e-12).log()
         promoted = lift.topk(8).indices.tolist()
-        added = abs(value) * float(self.d.decoder()[feature].norm())
         return {"clamp_value": float(value),
                 "added_norm": added,
                 "added_norm_ratio": added / self.residual_norm,
@@ -157,6 +171,8 @@ class SteeringCheck:
                 "delta_logprob": float((concept_steered - concept_clean).mean()),
                 "delta_logprob_per_word": [float(x) for x in (s["word"] - c["word"]).mean(0)],
                 "kl": float(kl.mean()),
+                "control_delta_logprob": float(control_delta.mean()),
+                "control_kl": float(control_kl.mean()),
                 "promoted_tokens": token_texts(self.loaded.tokenizer, promoted)}
 
 

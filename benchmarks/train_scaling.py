@@ -8,7 +8,9 @@ point is one SAE module in one process, fp32, with torch.optim.Adam (fused): a w
 `--steps` timed steps (forward + backward, and the optimizer step, timed apart). Peak memory is the
 process's peak RSS (getrusage) minus its RSS after the imports and the input batch; the planner's
 prediction is pipeline.plan.rank_memory for that configuration (ZeRO-0: plain Adam, no master copy).
-Variants:
+(The planner's runtime term is a bare process's here, 0.2 GiB; AuxK does not run, nothing being dead.)
+Times are the process's CPU time (all threads), steadier than the wall clock on a shared machine;
+tokens/s is by the wall clock. Variants:
 
     relu_l1          the untiled step: autograd keeps the [batch, n_features] code for backward
     relu_l1 tiled    feature_tile=--tile: each tile recomputed in backward, nothing [batch, n] kept
@@ -62,11 +64,18 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+BARE_RUNTIME_GB = 0.2
+"""Runtime memory of a bare torch process beyond its imports (thread pools, allocator), measured
+here; the planner's default (0.5 GiB) is a trainer rank's: DeepSpeed, gloo, loader threads."""
+
+
 def plan_bytes(arch: str, n: int, d: int, k: int, batch: int, tile: int, zero: int = 0, fp: int = 1,
-               shuffle_rows: int = 0):
+               runtime_gb: float = BARE_RUNTIME_GB, k_aux: int = 0):
+    """The planner's per-rank memory for what a point runs (AuxK off: no latent is dead in a few
+    steps, unless a run makes them so, as --trainer does)."""
     from pipeline.plan import PlanConfig, rank_memory
     cfg = PlanConfig(d_model=d, n_features=n, architecture=arch, k=k, param_dtype="float32", zero_stage=zero,
-                     batch_size=batch, feature_tile=tile, shuffle_buffer_rows=shuffle_rows)
+                     batch_size=batch, feature_tile=tile, runtime_gb=runtime_gb, k_aux=k_aux)
     return rank_memory(cfg, 1, fp)
 
 
@@ -90,26 +99,29 @@ def point(variant: str, n: int, d: int, k: int, batch: int, tile: int, steps: in
         sae.decode = lambda vals, idx: dense_decode(vals, idx, sae.W_dec, unit_norm=True)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True) if optimizer else None
     fb, st = [], []
+    fb, st, wall = [], [], []
     for i in range(steps + 1):  # the first step is the warm-up (Adam allocates its state there)
-        t0 = time.perf_counter()
+        w0, t0 = time.perf_counter(), time.process_time()
         sae(x).loss.backward()
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         if opt is not None:
             opt.step()
         sae.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         if i:
-            fb.append(t1 - t0), st.append(t2 - t1)
+            fb.append(t1 - t0), st.append(t2 - t1), wall.append(time.perf_counter() - w0)
     peak = peak_rss() - base
+    encs = []
     with torch.no_grad():  # the encoder matmul alone, tile by tile (never [batch, n] at once)
-        t0 = time.perf_counter()
-        for t in tiles(n, min(n, 8192)):
-            torch.addmm(sae.b_enc[t], x, sae.W_enc[t].t())
-        enc = time.perf_counter() - t0
+        for _ in range(steps):
+            t0 = time.process_time()
+            for t in tiles(n, min(n, 8192)):
+                torch.addmm(sae.b_enc[t], x, sae.W_enc[t].t())
+            encs.append(time.process_time() - t0)
     fb_s, st_s = min(fb), (min(st) if optimizer else None)
-    step = fb_s + (st_s or 0)
-    return {"variant": variant, "n_features": n, "fwd_bwd_s": fb_s, "optim_s": st_s, "step_s": step if optimizer else None,
-            "encoder_s": enc, "tokens_per_s": batch / step, "peak_bytes": peak, "optimizer": optimizer}
+    return {"variant": variant, "n_features": n, "fwd_bwd_s": fb_s, "optim_s": st_s,
+            "step_s": fb_s + st_s if optimizer else None, "encoder_s": min(encs), "wall_s": min(wall),
+            "tokens_per_s": batch / min(wall), "peak_bytes": peak, "optimizer": optimizer}
 
 
 def run_point(a, variant: str, n: int, optimizer: bool) -> dict:
@@ -130,7 +142,7 @@ def scaling(a) -> dict:
         for variant, (arch, tiled, dense) in VARIANTS.items():
             mem = plan_bytes(arch, n, a.d_model, a.k, a.batch, a.tile if tiled else 0)
             # without Adam: the weights, and the larger of forward and gradients + backward
-            bare = mem.weights + mem.buffers + max(mem.forward, mem.gradients + mem.backward)
+            bare = mem.weights + mem.buffers + mem.runtime + max(mem.forward, mem.gradients + mem.backward)
             # the dense topk reference: about the relu_l1 step's memory (no prediction of its own)
             proxy = plan_bytes("relu_l1", n, a.d_model, a.k, a.batch, 0).total
             need, optimizer = (proxy if dense else mem.total), True
@@ -171,6 +183,7 @@ def print_scaling(res: dict) -> None:
     gib = 2**30
     print(f"d={res['d_model']}, batch={res['batch']}, k={res['k']}, tile={res['tile']}, fp32, one process, "
           f"{res['threads']} threads, fused Adam, best of {res['steps']} steps; load average {res['load_average']:.1f}")
+    print("times: CPU seconds of the process (2 threads), best of the timed steps; tokens/s: wall clock")
     print(f"{'variant':<14} {'n_features':>10} {'step s':>7} {'fwd+bwd':>8} {'encoder':>8} {'Adam':>6} "
           f"{'tokens/s':>9} {'peak GiB':>9} {'plan GiB':>9} {'peak/plan':>9}")
     dash = lambda w: f"{'-':>{w}}"  # noqa: E731
@@ -182,7 +195,7 @@ def print_scaling(res: dict) -> None:
         ratio = f"{r['measured_over_plan']:>9.2f}" if "measured_over_plan" in r else dash(9)
         step = f"{r['step_s']:>7.2f}" if r["step_s"] else dash(7)
         adam = f"{r['optim_s']:>6.2f}" if r["optim_s"] is not None else f"{'none':>6}"
-        tps = f"{r['tokens_per_s']:>9,.0f}" if r["step_s"] else f"{'(' + format(r['tokens_per_s'], ',.0f') + ')':>9}"
+        tps = f"{r['tokens_per_s']:>9,.0f}" if r["optimizer"] else f"{'(' + format(r['tokens_per_s'], ',.0f') + ')':>9}"
         print(f"{r['variant']:<14} {r['n_features']:>10,} {step} {r['fwd_bwd_s']:>8.2f} {r['encoder_s']:>8.2f} "
               f"{adam} {tps} {r['peak_bytes'] / gib:>9.2f} {plan} {ratio}")
     print("Adam 'none': forward + backward only (Adam's state does not fit beside the others' jobs); "
@@ -252,12 +265,14 @@ def rank_worker(out: str, overrides: list[str]) -> None:
 
 
 def trainer(a) -> dict:
+    from pipeline.plan import PlanConfig
     runs = REPO / "runs" / "bench" / "scaling"
     url = store(str(runs / f"store-d{a.d_model}"), a.d_model)
     rows = []
     for tile in (int(t) for t in a.tiles.split(",")):
         out = runs / f"{a.arch}-{a.n_features}-tile{tile}"
-        mem = plan_bytes(a.arch, a.n_features, a.d_model, a.k, a.batch, tile, zero=1, fp=a.nproc)
+        mem = plan_bytes(a.arch, a.n_features, a.d_model, a.k, a.batch, tile, zero=1, fp=a.nproc,
+                         runtime_gb=PlanConfig.runtime_gb, k_aux=PlanConfig.k_aux)  # AuxK on from step 2
         need, free = a.nproc * mem.total, mem_available()
         if need > free - a.margin_gib * 2**30:  # the machine is shared: never take the others' memory
             rows.append({"tile": tile, "error": f"not run: the planner says {a.nproc} ranks need {need / 2**30:.1f} "

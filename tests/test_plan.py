@@ -84,3 +84,10 @@ def test_zero_keeps_a_flat_gradient_copy_in_the_optimizer_step(architecture):
     assert zero1.total - zero0.total == extra
     if architecture == "relu_l1":  # small tiled transients: the optimizer step sets the peak
         assert extra > zero1.master_weights
+
+
+def test_auxk_adds_two_gradient_sized_temporaries_to_backward():
+    cfg = dict(d_model=576, n_features=2**18, architecture="topk", param_dtype="float32", feature_tile=8192)
+    on, off = rank_memory(PlanConfig(**cfg), 1, 2), rank_memory(PlanConfig(k_aux=0, **cfg), 1, 2)
+    assert on.backward - off.backward == 2 * 2**17 * 576 * 4
+    assert on.forward == off.forward and on.total > off.total

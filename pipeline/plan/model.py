@@ -21,6 +21,9 @@ class PlanConfig:
     architecture: str = "topk"
     k: int = 32
     """topk/batchtopk: active latents per token (the sparse step's cost)."""
+    k_aux: int = 256
+    """topk/batchtopk: AuxK's dead latents (0: AuxK off). Planned as if it runs: its backward holds
+    two more [n_local, d] gradients."""
     param_dtype: str = "bfloat16"
     """Dtype of the weights the step computes with (bf16 on GPU keeps fp32 masters in the optimizer)."""
     optimizer: str = "adam"
@@ -118,7 +121,8 @@ class RankMemory:
                 + self.runtime + max(self.forward, self.gradients + self.backward, self.gradients + self.optimizer_step))
 
 
-def activation_bytes(architecture: str, b: int, n: int, d: int, k: int, tile: int, w: int) -> tuple[int, int]:
+def activation_bytes(architecture: str, b: int, n: int, d: int, k: int, tile: int, w: int,
+                     auxk: bool = True) -> tuple[int, int]:
     """(forward, backward) transient bytes on one rank, as pipeline/sae builds them (b local tokens,
     n local features, `tile` features at a time, w bytes per value). Checked against measured
     steps by benchmarks/train_scaling.py (BENCHMARKS.md).
@@ -126,24 +130,23 @@ def activation_bytes(architecture: str, b: int, n: int, d: int, k: int, tile: in
     topk/batchtopk (sparse.py, tiled.py): forward holds one [b, tile] pre-activation tile (no grad),
     at most a quarter tile of AuxK's dead columns and batchtopk's ReLU'd copy of the tile; the
     running top-k's are O(b k). Backward makes each weight gradient as one dense [n, d] tensor;
-    with AuxK on (the worst case), its code's gradients for W_enc and W_dec are two more, held
+    with AuxK on (dead latents exist), its code's gradients for W_enc and W_dec are two more, held
     until autograd adds the main path's.
-    relu_l1/jumprelu untiled: autograd keeps [b, n] codes (relu_l1: the code, then its gradient and
-    the masked gradient; jumprelu: pre-activations, code, scaled code and their gradients), and
-    relu_l1 its [n, d + 8] decode-and-penalty matrix and that matrix's gradient. Tiled (tiled.py):
-    the same per [b, tile] block, recomputed in backward; nothing [b, n] is kept.
+    relu_l1/jumprelu untiled: autograd keeps [b, n] codes (relu_l1: the code, then its gradient;
+    jumprelu: pre-activations, code, scaled code and their gradients), and relu_l1 its [n, d + 8]
+    decode-and-penalty matrix. Tiled (tiled.py): the same per [b, tile] block, recomputed in
+    backward; nothing [b, n] is kept.
     Both phases: a few [b, d] fp32 tensors (x, x_hat, the error, their gradients)."""
     rows = 6 * b * d * 4
     if architecture in ("topk", "batchtopk"):
         tiles = 1.25 + (architecture == "batchtopk")
         running = 4 * b * k * (w + 8) * (1 + (architecture == "batchtopk"))
-        return int(tiles * b * tile * w) + running + rows, 2 * n * d * w + running + rows
-    blocks = 3 if architecture == "relu_l1" else 5
+        return int(tiles * b * tile * w) + running + rows, 2 * n * d * w * auxk + running + rows
     if tile >= n:  # plain autograd: forward keeps what backward needs
         decode = n * (d + 8) * w if architecture == "relu_l1" else 0
         kept = (1 if architecture == "relu_l1" else 3) * b * n * w
-        return kept + decode + rows, blocks * b * n * w + 2 * decode + rows
-    return 2 * b * tile * w + rows, blocks * b * tile * w + rows
+        return kept + decode + rows, (2 if architecture == "relu_l1" else 5) * b * n * w + decode + rows
+    return 2 * b * tile * w + rows, (3 if architecture == "relu_l1" else 5) * b * tile * w + rows
 
 
 def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
@@ -158,7 +161,7 @@ def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
     b = math.ceil(cfg.batch_size / dp)
     tile = min(cfg.feature_tile or n, n)
     d = cfg.d_model
-    forward, backward = activation_bytes(cfg.architecture, b, n, d, cfg.k, tile, w)
+    forward, backward = activation_bytes(cfg.architecture, b, n, d, cfg.k, tile, w, cfg.k_aux > 0)
     # After backward (DeepSpeed, stage_1_and_2.py): ZeRO >= 1 moves the gradients one at a time
     # into a contiguous reduce bucket (they then live there: no second copy); in the step the
     # global norm converts each gradient to fp64 in turn (the largest: [n, d]), then this rank's

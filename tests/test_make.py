@@ -29,7 +29,7 @@ def test_make_help_lists_the_targets():
         assert t in targets, f"`make help` does not list {t}: {sorted(targets)}"
 
 
-STAGE_TARGETS = [t for t in ("cache", "train", "evaluate", "interpret", "steer", "publish", "plan", "sweep")
+STAGE_TARGETS = [t for t in ("cache", "train", "evaluate", "interpret", "steer", "audit", "publish", "plan")
                  if (ROOT / "Makefile").read_text().count(f"\n{t}: ")]
 
 

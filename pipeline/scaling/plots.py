@@ -34,7 +34,8 @@ def plot_all(points, result: dict, fits: dict, out: Path, names: dict, budget: f
     ax.plot(C[front], L[front], "o", ms=11, mfc="none", mec="#d8553b", mew=1.5, label="frontier (lower envelope)")
     ax.plot(grid, ff.predict(grid), "--", color="#d8553b",
             label=f"L = {ff.E:.3g} + {ff.A:.3g} C^-{ff.a:.3f}")
-    ax.axhline(ff.E, color="grey", ls=":", lw=1, label=f"E = {ff.E:.3g} (irreducible)")
+    if ff.E > L.min() / 5:  # a vanishing E would squash the data into the top of a log axis
+        ax.axhline(ff.E, color="grey", ls=":", lw=1, label=f"E = {ff.E:.3g} (irreducible)")
     if budget:
         ax.axvline(budget, color="black", ls=":", lw=1, label=f"budget {budget:.2g} FLOPs")
     ax.set_xscale("log")
@@ -84,7 +85,8 @@ def plot_all(points, result: dict, fits: dict, out: Path, names: dict, budget: f
         m = N == s
         ax.plot(D[m], L[m], "o", color=col, label=f"N = {int(s):,}")
         ax.plot(dgrid, j.predict(s, dgrid), "-", color=col, lw=1)
-    ax.axhline(j.E, color="grey", ls=":", lw=1, label=f"E = {j.E:.3g}")
+    if j.E > L.min() / 5:
+        ax.axhline(j.E, color="grey", ls=":", lw=1, label=f"E = {j.E:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens D")

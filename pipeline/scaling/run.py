@@ -374,6 +374,9 @@ def summary(r: dict) -> str:
         if "mean_abs_rel_error" in x.get(form, {}):
             lines.append(f"  extrapolation ({form} fit without size(s) {x['held_out_sizes']}): mean |error| "
                          f"{x[form]['mean_abs_rel_error']:.2%} on {len(x[form]['points'])} held-out run(s)")
+        elif "skipped" in x.get(form, {}):
+            lines.append(f"  extrapolation ({form} fit without size(s) {x['held_out_sizes']}): not measured: "
+                         f"{x[form]['skipped']}")
     if "budget" in r:
         b = r["budget"]
         rec = b["recommended"]

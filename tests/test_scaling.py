@@ -319,3 +319,19 @@ def test_sweep_presets_compose_into_a_training_config(preset, architecture, loss
     assert isinstance(cfg, TrainConfig)
     assert cfg.sae.architecture == architecture and cfg.heldout_url and cfg.heldout_url != cfg.data.url
     assert loss_key(ScalingConfig(), {architecture}) == loss
+
+
+def test_a_finished_point_is_recognised_only_for_its_own_configuration(tmp_path, capsys):
+    from dataclasses import replace
+
+    from pipeline.train import TrainConfig, heldout
+    cfg = TrainConfig(out_dir=str(tmp_path), heldout_url="test-store", n_tokens=8192, batch_size=1024)
+    assert heldout.finished(cfg) is None  # nothing written yet
+    (tmp_path / heldout.HELDOUT_FILE).write_text(json.dumps({"fvu": 0.3, "point": heldout.point(cfg)}))
+    assert heldout.finished(cfg) == tmp_path / "sae"
+    assert "finished, nothing to do" in capsys.readouterr().out
+    assert heldout.finished(replace(cfg, n_tokens=16384)) is None  # another point in the same folder
+    assert "another configuration" in capsys.readouterr().out
+    assert heldout.finished(replace(cfg, resume=False)) is None    # resume=false trains again
+    (tmp_path / heldout.HELDOUT_FILE).write_text('{"fvu": 0.3, "poi')  # killed while writing
+    assert heldout.finished(cfg) is None

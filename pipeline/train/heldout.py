@@ -54,8 +54,8 @@ def read(out_dir: str | Path) -> dict | None:
 
 def finished(cfg) -> Path | None:
     """The export folder when out_dir already holds this configuration's heldout.json (nothing to
-    do), else None. Every rank reads the file and decides the same."""
-    if not cfg.heldout_url:
+    do), else None. Every rank reads the file and decides the same. resume=false trains again."""
+    if not cfg.heldout_url or not cfg.resume:
         return None
     try:
         doc = read(cfg.out_dir)

@@ -94,8 +94,8 @@ def point(variant: str, n: int, d: int, k: int, batch: int, tile: int, steps: in
     sae = create(SAEConfig(architecture=arch, n_features=n, d_model=d, k=k, feature_tile=tile if tiled else 0))
     sae.reset_parameters(0, mean=x.mean(0))
     if dense:  # the obvious dense topk step, for reference: dense code, dense decode and gradients
-        sae.code = lambda x, idx, pre, keep: torch.where(
-            keep, dense_gather_linear(x, sae.W_enc, sae.b_enc, sae.b_dec, idx).relu(), 0.0)
+        sae.code = lambda x, b_dec, idx, pre, keep: torch.where(
+            keep, dense_gather_linear(x, sae.W_enc, sae.b_enc, b_dec, idx).relu(), 0.0)
         sae.decode = lambda vals, idx: dense_decode(vals, idx, sae.W_dec, unit_norm=True)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True) if optimizer else None
     fb, st = [], []

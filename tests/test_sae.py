@@ -317,3 +317,35 @@ def test_tiled_step_never_forms_the_batch_by_features_matrix(arch):
 def test_feature_tile_must_not_be_negative():
     with pytest.raises(ConfigError, match="sae.feature_tile=-1"):
         SAEConfig(feature_tile=-1)
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity that counts its backward calls: stands in for FeatureComm.enter's all-reduce."""
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        _CountBackward.calls += 1
+        return g
+
+
+@pytest.mark.parametrize("dead_here", [True, False])
+def test_b_dec_gradient_is_reduced_once_per_step_on_every_shard(dead_here):
+    """Every shard must run the same collectives: b_dec's gradient all-reduce (enter's backward)
+    runs once per step whether or not this shard has dead latents for AuxK."""
+    sae = make("topk", range(0, 20)).train()
+    with torch.no_grad():
+        sae.tokens_since_fired.fill_(0)
+        if dead_here:
+            sae.tokens_since_fired[:5] = 1000
+    sae.comm.sum_features = lambda t: t + 5  # another shard holds 5 dead latents
+    sae.comm.enter = _CountBackward.apply
+    _CountBackward.calls = 0
+    out = sae(data())
+    assert out.aux > 0
+    out.loss.backward()
+    assert _CountBackward.calls == 1

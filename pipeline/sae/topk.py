@@ -67,17 +67,18 @@ class TopK(SparseAutoencoder):
         kth = self.comm.gather_features(proposals).topk(k, dim=1).values[:, -1:]
         return top >= kth
 
-    def code(self, x: Tensor, idx: Tensor, pre: Tensor, keep: Tensor) -> Tensor:
+    def code(self, x: Tensor, b_dec: Tensor, idx: Tensor, pre: Tensor, keep: Tensor) -> Tensor:
         """Differentiable ReLU'd values of the selected latents (pre: their pre-activations, no
-        grad); zero where not kept. b_dec enters the sharded encoder here (its gradient is summed
-        over the shards in backward)."""
-        vals = gather_linear(x, self.W_enc, self.b_enc, self.comm.enter(self.b_dec), idx, pre)
+        grad); zero where not kept. b_dec: self.comm.enter(self.b_dec), entered once per forward,
+        so that its gradient's all-reduce runs once on every shard, also on a shard whose AuxK code
+        is empty (and so not part of the graph)."""
+        vals = gather_linear(x, self.W_enc, self.b_enc, b_dec, idx, pre)
         return torch.where(keep, vals.relu(), torch.zeros_like(vals))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Sparse code (vals [batch, m], local idx [batch, m])."""
         idx, pre, keep = self.choose(self.scan(x, self.encoder_bias())[0])
-        return self.code(x, idx, pre, keep), idx
+        return self.code(x, self.comm.enter(self.b_dec), idx, pre, keep), idx
 
     def decode(self, vals: Tensor, idx: Tensor) -> Tensor:
         """This shard's partial reconstruction (no bias)."""
@@ -88,9 +89,10 @@ class TopK(SparseAutoencoder):
         aux_k = self.aux_k(dead)
         sel, aux_sel = self.scan(x, self.encoder_bias(), aux_k, dead)
         idx, pre, keep = self.choose(sel)
-        vals = self.code(x, idx, pre, keep)
+        b_dec = self.comm.enter(self.b_dec)
+        vals = self.code(x, b_dec, idx, pre, keep)
         x_hat = self.comm.reduce(self.decode(vals, idx)) + self.b_dec
-        aux = self.auxk(x, x_hat, aux_sel, aux_k)
+        aux = self.auxk(x, x_hat, b_dec, aux_sel, aux_k)
         fired = torch.bincount(idx[vals > 0], minlength=len(self.features))
         zero = torch.zeros((), device=x.device, dtype=x_hat.dtype)
         return self._finish(x, x_hat, zero, aux, fired)
@@ -101,12 +103,12 @@ class TopK(SparseAutoencoder):
             return 0
         return min(self.cfg.k_aux, int(self.comm.sum_features(dead.sum()).item()))
 
-    def auxk(self, x: Tensor, x_hat: Tensor, sel: RunningTopK | None, k: int) -> Tensor:
+    def auxk(self, x: Tensor, x_hat: Tensor, b_dec: Tensor, sel: RunningTopK | None, k: int) -> Tensor:
         """alpha * ||e - e_hat||^2, e_hat decoded from the top k dead latents (0 if none). A shard
         may hold no dead latent: it still takes part in the global selection, with an empty code."""
         if sel is None:
             return torch.zeros((), device=x.device, dtype=x_hat.dtype)
         idx = sel.idx
-        e_hat = self.comm.reduce(self.decode(self.code(x, idx, sel.vals, self.keep_global(sel.vals, k)), idx))
+        e_hat = self.comm.reduce(self.decode(self.code(x, b_dec, idx, sel.vals, self.keep_global(sel.vals, k)), idx))
         e = (x - x_hat).detach()
         return self.cfg.aux_coef * (e - e_hat).pow(2).sum(-1).mean()

@@ -113,6 +113,23 @@ def test_sae_forward_matches_dense_encode_decode(tiny):
     assert (d.encode(x) > 0).sum(1).max() <= 4
 
 
+def test_dense_code_of_ragged_batchtopk_rows_keeps_every_latent(tiny):
+    """batchtopk's inference code has a different width per token, padded with index 0: the dense
+    code must keep feature 0 where a token really has it."""
+    sae = create(SAEConfig(architecture="batchtopk", n_features=64, d_model=32, k=4))
+    sae.reset_parameters(0)
+    sae.eval()
+    x = torch.randn(200, 32)
+    with torch.no_grad():
+        sae.threshold.fill_(float((x @ sae.W_enc.t()).relu().quantile(0.9)))
+    d = Dictionary.attach(sae, tiny, HOOK)
+    dense = d.encode(x)
+    rows, feats, vals = d.encode_sparse(x)
+    assert (dense[:, 0] > 0).any() and ((dense > 0).sum(1) != (dense > 0).sum(1)[0]).any()  # ragged, uses 0
+    expected = torch.zeros_like(dense).index_put_((rows, feats), vals)
+    torch.testing.assert_close(dense, expected)
+
+
 def test_bad_hook_and_width_name_the_value_and_the_fix(tiny, tiny_model_dir, heldout, tmp_path):
     save(random_topk(32), tmp_path / "sae", meta={"hook": "model.layers.9"})
     with pytest.raises(HookNotFoundError) as e:

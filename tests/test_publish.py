@@ -100,7 +100,7 @@ def dense_latents(sae, x: torch.Tensor) -> torch.Tensor:
         f = sae.encode(x)
         if isinstance(f, tuple):  # topk, batchtopk: (values, indices)
             vals, idx = f
-            return torch.zeros(x.shape[0], sae.cfg.n_features).scatter_(1, idx, vals)
+            return torch.zeros(x.shape[0], sae.cfg.n_features).scatter_add_(1, idx, vals)  # padding repeats index 0
         return f
 
 

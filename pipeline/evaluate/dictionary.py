@@ -94,7 +94,8 @@ class Dictionary:
         if isinstance(out, tuple):  # topk, batchtopk: (values, local indices) of the active latents
             vals, idx = out
             out = torch.zeros(x.shape[0], len(self.sae.features), dtype=vals.dtype, device=vals.device)
-            out.scatter_(1, idx, vals)
+            # add, not scatter: padding slots (batchtopk's ragged rows) repeat an index with value 0
+            out.scatter_add_(1, idx, vals)
         return out.reshape(*shape, -1)
 
     @torch.no_grad()

@@ -8,6 +8,24 @@ from pathlib import Path
 import numpy as np
 
 
+def _loglog(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.2)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_all(points, result: dict, fits: dict, out: Path, names: dict, budget: float | None) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -38,16 +56,9 @@ def plot_all(points, result: dict, fits: dict, out: Path, names: dict, budget: f
         ax.axhline(ff.E, color="grey", ls=":", lw=1, label=f"E = {ff.E:.3g} (irreducible)")
     if budget:
         ax.axvline(budget, color="black", ls=":", lw=1, label=f"budget {budget:.2g} FLOPs")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{result['architecture']}, d_model={result['d_model']}: loss against compute")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
-    fig.savefig(out / names["loss"])
-    plt.close(fig)
+    _loglog(ax, "training compute C (FLOPs)", ylabel,
+            f"{result['architecture']}, d_model={result['d_model']}: loss against compute")
+    _save(fig, out / names["loss"])
 
     # 2. N_opt and D_opt against compute: frontier runs, envelope power laws, joint-fit optimum
     from pipeline.scaling.fit import compute_optimal
@@ -66,16 +77,9 @@ def plot_all(points, result: dict, fits: dict, out: Path, names: dict, budget: f
             ax.plot(grid[ok], j[ok], "-", color="#3b7dd8", label=lab)
         if budget:
             ax.axvline(budget, color="black", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training compute C (FLOPs)")
-        ax.set_ylabel(name)
-        ax.legend(fontsize=7)
-        ax.grid(True, which="both", alpha=0.2)
+        _loglog(ax, "training compute C (FLOPs)", name)
     fig.suptitle("compute-optimal dictionary size and tokens")
-    fig.tight_layout()
-    fig.savefig(out / names["optimal"])
-    plt.close(fig)
+    _save(fig, out / names["optimal"])
 
     # 3. the joint fit: loss against tokens, one curve per size
     j = fits["joint"]
@@ -87,13 +91,6 @@ def plot_all(points, result: dict, fits: dict, out: Path, names: dict, budget: f
         ax.plot(dgrid, j.predict(s, dgrid), "-", color=col, lw=1)
     if j.E > L.min() / 5:
         ax.axhline(j.E, color="grey", ls=":", lw=1, label=f"E = {j.E:.3g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens D")
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"L(N, D) = {j.E:.3g} + {j.A:.3g}/N^{j.alpha:.3f} + {j.B:.3g}/D^{j.beta:.3f}")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
-    fig.savefig(out / names["joint"])
-    plt.close(fig)
+    _loglog(ax, "training tokens D", ylabel,
+            f"L(N, D) = {j.E:.3g} + {j.A:.3g}/N^{j.alpha:.3f} + {j.B:.3g}/D^{j.beta:.3f}")
+    _save(fig, out / names["joint"])

@@ -182,18 +182,31 @@ def cosine_bars(edges: list[float], counts: list[int], width: int = 520, height:
             f'{bars}{labels}</svg>')
 
 
+def _concepts(sec: dict, out_dir: Path) -> str:
+    return concepts_section(sec, feature_links(sec.get("dashboard"), out_dir))
+
+
+def _splitting(sec: dict, out_dir: Path) -> str:
+    return splitting_section(sec, feature_links(sec.get("dashboard"), out_dir),
+                             feature_links(sec.get("large_dashboard"), out_dir))
+
+
+# audit.json section -> (navigation label, renderer(section, out_dir) -> HTML); one entry per task,
+# shown in this order. A section's renderer gives its <h2> the id of the section's key.
+SECTIONS = {
+    "concepts": ("concept search", _concepts),
+    "splitting": ("feature splitting", _splitting),
+}
+
+
 def render(doc: dict, out_dir: Path) -> str:
     sections, nav = [], []
-    if "concepts" in doc:
-        sec = doc["concepts"]
-        sections.append(concepts_section(sec, feature_links(sec.get("dashboard"), out_dir)))
-        nav.append('<a href="#concepts">concept search</a>')
-    if "splitting" in doc:
-        sec = doc["splitting"]
-        sections.append(splitting_section(sec, feature_links(sec.get("dashboard"), out_dir),
-                                          feature_links(sec.get("large_dashboard"), out_dir)))
-        nav.append('<a href="#splitting">feature splitting</a>')
-    dash = doc.get("concepts", {}).get("dashboard") or doc.get("splitting", {}).get("dashboard")
+    for key, (label, fn) in SECTIONS.items():
+        if key in doc:
+            sections.append(fn(doc[key], out_dir))
+            nav.append(f'<a href="#{key}">{label}</a>')
+    dash = next((doc[k]["dashboard"] for k in SECTIONS if isinstance(doc.get(k), dict) and doc[k].get("dashboard")),
+                None)
     if dash and (Path(dash) / H.INDEX_FILE).exists():
         rel = os.path.relpath((Path(dash) / H.INDEX_FILE).resolve(), out_dir.resolve()).replace(os.sep, "/")
         nav.insert(0, f'<a href="{html.escape(rel)}">&larr; feature dashboard</a>')

@@ -24,7 +24,7 @@ AUDIT_VERSION = 1
 
 def run(cfg: AuditConfig) -> dict:
     out = Path(cfg.out_dir)
-    section = run_concepts(cfg) if cfg.task == "concepts" else run_splitting(cfg)
+    section = TASKS[cfg.task](cfg)
     doc = _read(out)
     doc.update({"format": AUDIT_FORMAT, "version": AUDIT_VERSION, cfg.task: section})
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +67,10 @@ def run_splitting(cfg: AuditConfig) -> dict:
           f"{c['small_split']} split, {c['small_with_one_child']} one child, {c['small_with_no_child']} no child; "
           f"{c['large_children']} children, {c['large_novel']} novel", flush=True)
     return {**r, "dashboard": cfg.dashboard, "large_dashboard": cfg.large_dashboard}
+
+
+# task -> its runner(cfg) -> the audit.json section it writes (under the task's name).
+TASKS = {"concepts": run_concepts, "splitting": run_splitting}
 
 
 def format_concept(r: dict) -> str:

@@ -44,6 +44,12 @@ class LoadedModel:
     tokenizer: object
     model_id: str
     revision: str | None
+    processor: object | None = None
+    """A vision-language model's processor (images + text -> model inputs); None for text models."""
+
+    @property
+    def is_vision_language(self) -> bool:
+        return is_vision_language(self.model.config)
 
     @property
     def device(self) -> torch.device:
@@ -88,9 +94,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def text_config(config):
+    """The language model's configuration: the config itself for a causal LM, its text part
+    (`text_config`) for a vision-language model."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def is_vision_language(config) -> bool:
+    """Whether a model configuration is a vision-language model's (it has a vision tower)."""
+    return getattr(config, "vision_config", None) is not None
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
     if cfg.name.startswith(EMBEDDED_PREFIX):
@@ -102,6 +120,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         path, revision = cfg.name, cfg.revision
     transformers.utils.logging.disable_progress_bar()
     t = time.time()
+    if not cfg.name.startswith(EMBEDDED_PREFIX) and is_vision_language(
+            AutoConfig.from_pretrained(path, revision=revision)):
+        return _load_vision_language(cfg, path, revision, t)
     tok = AutoTokenizer.from_pretrained(path, revision=revision if path == cfg.name else None)
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=revision if path == cfg.name else None, dtype=DTYPES[cfg.dtype])
@@ -110,16 +131,32 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(model, tok, cfg.name, revision)
 
 
+def _load_vision_language(cfg: ModelConfig, path: str, revision: str | None, t: float) -> LoadedModel:
+    """A vision-language model (e.g. SmolVLM, Idefics3) with its processor; hooks resolve into its
+    language model (`model.text_model.layers.N`), and text-only inputs run as for a causal LM."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    model = AutoModelForImageTextToText.from_pretrained(path, revision=revision, dtype=DTYPES[cfg.dtype])
+    model.to(resolve_device(cfg.device)).eval().requires_grad_(False)
+    print(f"loaded {cfg.name} (vision-language, {type(model).__name__}) in {time.time() - t:.1f}s", flush=True)
+    return LoadedModel(model, processor.tokenizer, cfg.name, revision, processor)
+
+
 # -- hook points ----------------------------------------------------------------------------------
 _ALIAS = re.compile(r"^(?:layers|blocks|resid_post)\.(\d+)$")
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's list of transformer blocks (model.layers, transformer.h, gpt_neox.layers, ...):
-    the first ModuleList as long as the config's number of hidden layers."""
-    n = getattr(model.config, "num_hidden_layers", None)
+    the first ModuleList as long as the config's number of hidden layers. For a vision-language
+    model: its language model's blocks (e.g. model.text_model.layers), never the vision tower's."""
+    n = getattr(text_config(model.config), "num_hidden_layers", None)
+    prefix = ""
+    if is_vision_language(model.config):
+        decoder = model.get_decoder()
+        prefix = next(name for name, mod in model.named_modules() if mod is decoder) + "."
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and name.startswith(prefix):
             return name, mod
     raise HookNotFoundError(f"cannot find the list of {n} transformer blocks in {type(model).__name__}")
 
@@ -153,9 +190,10 @@ class ActivationCapture:
         self.model = loaded.model
         self.names = [resolve_hook(self.model, h) for h in hooks]
         self.hooks = list(hooks)
-        self.d_model = loaded.model.config.hidden_size
+        self.d_model = text_config(loaded.model.config).hidden_size
 
-    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, **inputs) -> dict[str, torch.Tensor]:
+        """`inputs`: further model inputs (tensors), e.g. a vision-language model's pixel_values."""
         captured: dict[str, torch.Tensor] = {}
         modules = dict(self.model.named_modules())
 
@@ -169,7 +207,9 @@ class ActivationCapture:
         handles = [modules[n].register_forward_hook(make_hook(h)) for h, n in zip(self.hooks, self.names)]
         try:
             with torch.inference_mode():
-                self.model(input_ids=input_ids.to(next(self.model.parameters()).device), use_cache=False)
+                device = next(self.model.parameters()).device
+                self.model(input_ids=input_ids.to(device), use_cache=False,
+                           **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
         except _Stop:
             pass
         finally:

@@ -10,10 +10,14 @@ pipeline/audit/concepts/*.yaml; users pass their own files by path.
     heldout_positive: [...]              # never used for ranking: the held-out check
     heldout_negative: [...]
     concept_words: [water, Wasser, ...]  # log P(" " + word) after neutral prompts should rise
+    images:                              # optional, task=crossmodal: image files (relative to this file)
+      positive: [img/lake.jpg, ...]      # show the concept
+      negative: [img/desert.jpg, ...]    # do not
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -41,6 +45,8 @@ class ConceptSet:
     concept_words: list[str]
     languages: list[str] = field(default_factory=list)
     path: str = "<memory>"
+    images: dict[str, list[str]] = field(default_factory=dict)
+    """{positive: [paths], negative: [paths]} (resolved against the file's folder), or empty."""
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -70,7 +76,7 @@ def load_concept_set(path: str | Path) -> ConceptSet:
         raise ConceptSetError(f"concept set file {str(path)!r} is missing the field(s) {missing}. Fix: add "
                               + ", ".join(f"{k}:" for k in missing) + f" (every set needs {list(REQUIRED)}; "
                               f"see {CONCEPTS_DIR / 'water.yaml'} for an example)")
-    known = set(REQUIRED) | {"languages"}
+    known = set(REQUIRED) | {"languages", "images"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise ConceptSetError(f"concept set file {str(path)!r} has unknown field(s) {unknown}; the fields are "
@@ -98,7 +104,36 @@ def load_concept_set(path: str | Path) -> ConceptSet:
         raise ConceptSetError(f"concept set file {str(path)!r}: held-out prompts {sorted(overlap)} also appear in "
                               "positive/negative; held-out prompts must be unseen by the ranking. Fix: remove them "
                               "from one of the lists")
-    return ConceptSet(**{k: doc[k] for k in REQUIRED}, languages=list(doc.get("languages") or []), path=str(path))
+    images = _images(doc["images"], path) if "images" in doc else {}
+    return ConceptSet(**{k: doc[k] for k in REQUIRED}, languages=list(doc.get("languages") or []), path=str(path),
+                      images=images)
+
+
+IMAGE_FIELDS = ("positive", "negative")
+
+
+def _images(v, path: Path) -> dict[str, list[str]]:
+    """The optional `images:` field: {positive: [...], negative: [...]}, at least MIN_PROMPTS
+    existing image files each, relative paths against the concept set's folder."""
+    if not isinstance(v, dict) or sorted(v) != sorted(IMAGE_FIELDS):
+        raise ConceptSetError(f"concept set file {str(path)!r}: field 'images' must be a mapping with exactly the keys "
+                              f"{list(IMAGE_FIELDS)} (lists of image paths), got {v!r}")
+    out = {}
+    for k in IMAGE_FIELDS:
+        paths = v[k]
+        if not isinstance(paths, list) or not all(isinstance(s, str) and s.strip() for s in paths):
+            raise ConceptSetError(f"concept set file {str(path)!r}: field 'images.{k}' must be a list of image paths, "
+                                  f"got {paths!r}")
+        if len(paths) < MIN_PROMPTS:
+            raise ConceptSetError(f"concept set file {str(path)!r}: field 'images.{k}' has {len(paths)} image(s); it "
+                                  f"needs at least {MIN_PROMPTS}. Fix: add images")
+        resolved = [os.path.abspath(path.parent / p) for p in paths]  # an absolute p stays itself
+        missing = [p for p in resolved if not Path(p).is_file()]
+        if missing:
+            raise ConceptSetError(f"concept set file {str(path)!r}: field 'images.{k}' names image file(s) that do not "
+                                  f"exist: {missing}. Fix: paths are relative to the concept set's folder")
+        out[k] = resolved
+    return out
 
 
 def resolve_concept_sets(names: list[str]) -> list[ConceptSet]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig
 
-TASKS = ("concepts", "splitting")
+TASKS = ("concepts", "splitting", "crossmodal")
 
 NEUTRAL_PROMPTS = [
     "I would like to tell you about",
@@ -56,6 +57,25 @@ class AuditConfig:
     threshold: float = 0.7
     """task=splitting: a large-dictionary feature is a child of the small-dictionary feature whose
     decoder row is closest in cosine if that cosine is at least this; otherwise it is novel."""
+    # task=crossmodal -------------------------------------------------------------------------
+    vlm: ModelConfig = field(default_factory=lambda: ModelConfig(name="HuggingFaceTB/SmolVLM-256M-Instruct"))
+    """task=crossmodal: the vision-language model whose language model the dictionary was trained on
+    (SmolVLM-256M: SmolLM2-135M's shape). Its text hidden size must equal the dictionary's d_model."""
+    vlm_hook: str | None = None
+    """task=crossmodal: the VLM module the dictionary reads; default: the checkpoint hook's block in
+    the VLM's text model (model.layers.15 -> model.text_model.layers.15)."""
+    vlm_data: DataConfig = field(default_factory=lambda: DataConfig(split="test"))
+    """task=crossmodal: held-out text for the text-only FVU and CE loss recovered."""
+    vlm_tokens: int = 16_384
+    """task=crossmodal: text-only evaluation positions (contexts x vlm_context_size)."""
+    vlm_context_size: int = 128
+    vlm_batch_size: int = 8
+    vlm_image_splitting: bool = False
+    """task=crossmodal: false: one tile per image (SmolVLM-256M: 64 image rows); true: the
+    processor's tiling of large images."""
+    vlm_baseline: bool = True
+    """task=crossmodal: also evaluate on `model` (the language model the dictionary was trained on)
+    with the same text, for comparison."""
     out_dir: str = "runs/demo/audit"
     """audit.json and audit.html are written here."""
 
@@ -77,6 +97,11 @@ class AuditConfig:
             raise ConfigError(f"exclude_positions_below={self.exclude_positions_below} must be >= 0")
         if not -1.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold={self.threshold} is a cosine similarity and must lie in [-1, 1]")
+        if self.task == "crossmodal" and (self.vlm_tokens < 1 or self.vlm_batch_size < 1 or
+                                          not 0 <= self.exclude_positions_below < self.vlm_context_size):
+            raise ConfigError(f"task=crossmodal needs vlm_tokens={self.vlm_tokens} >= 1, vlm_batch_size="
+                              f"{self.vlm_batch_size} >= 1 and exclude_positions_below={self.exclude_positions_below} "
+                              f"< vlm_context_size={self.vlm_context_size}")
         if self.task == "splitting" and not (self.small and self.large):
             raise ConfigError(f"task=splitting needs two exported SAEs on the same hook; got small={self.small!r}, "
                               f"large={self.large!r}. Fix: small=runs/sae-1k large=runs/sae-4k")

@@ -191,11 +191,18 @@ def _splitting(sec: dict, out_dir: Path) -> str:
                              feature_links(sec.get("large_dashboard"), out_dir))
 
 
+def _crossmodal(sec: dict, out_dir: Path) -> str:
+    from pipeline.audit.crossmodal import crossmodal_section
+    links = feature_links(sec.get("dashboard"), out_dir)
+    return crossmodal_section(sec, lambda i: _link(i, links))
+
+
 # audit.json section -> (navigation label, renderer(section, out_dir) -> HTML); one entry per task,
 # shown in this order. A section's renderer gives its <h2> the id of the section's key.
 SECTIONS = {
     "concepts": ("concept search", _concepts),
     "splitting": ("feature splitting", _splitting),
+    "crossmodal": ("cross-modal", _crossmodal),
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline.audit.concepts import resolve_concept_sets
 from pipeline.audit.config import AuditConfig
+from pipeline.audit.crossmodal import run_crossmodal
 from pipeline.audit.report import REPORT_FILE, write_report
 from pipeline.audit.search import search_concept
 from pipeline.audit.splitting import split_dictionaries
@@ -70,7 +71,7 @@ def run_splitting(cfg: AuditConfig) -> dict:
 
 
 # task -> its runner(cfg) -> the audit.json section it writes (under the task's name).
-TASKS = {"concepts": run_concepts, "splitting": run_splitting}
+TASKS = {"concepts": run_concepts, "splitting": run_splitting, "crossmodal": run_crossmodal}
 
 
 def format_concept(r: dict) -> str:

@@ -76,6 +76,13 @@ class CacheConfig:
     commit_only: bool = False
     """Write nothing, only commit (the final task of a SLURM array)."""
     progress: bool = True
+    manifest: str | None = None
+    """Vision-language models: a JSONL file of {"image": path, "text": ...} pairs (paths relative to
+    the file), cached instead of `data`. Unset: the text of `data`, every row marked text. With a
+    vision-language model the store marks each row text or image (docs/store-format.md)."""
+    image_splitting: bool = False
+    """manifest only, Idefics3/SmolVLM processors: false gives each image one tile (SmolVLM-256M: 64
+    image tokens), true the processor's tiling of large images (up to 4x4 tiles plus a global one)."""
 
     def __post_init__(self):
         if not self.hooks:

@@ -14,19 +14,26 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache.config import CacheConfig
+from pipeline.cache.vision import (batch_inputs, image_token_id, manifest_digest, modality_of, pack_vision_contexts,
+                                   read_manifest)
 from pipeline.data import iter_documents, pack_contexts
 from pipeline.errors import ConfigError, EmptyDataError
 from pipeline.models import ActivationCapture, load_model
 from pipeline.store import ActivationStoreWriter, StoreLayout, commit
+from pipeline.store import format as F
 
 
-def fingerprint(cfg: CacheConfig, layout: StoreLayout) -> tuple[str, dict]:
-    """What decides a store's contents; a rerun with the same fingerprint resumes the store."""
+def fingerprint(cfg: CacheConfig, layout: StoreLayout, manifest: str | None = None) -> tuple[str, dict]:
+    """What decides a store's contents; a rerun with the same fingerprint resumes the store.
+    `manifest`: the digest of a vision manifest and its images."""
     desc = {"model": {"name": cfg.model.name, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
             "data": asdict(cfg.data), "hooks": list(cfg.hooks), "context_size": cfg.context_size,
             "drop_positions": cfg.drop_positions,
-            # not the planned size: a store can be extended, or committed early, under one fingerprint
-            "layout": {k: v for k, v in asdict(layout).items() if k != "n_contexts"}}
+            # not the planned size: a store can be extended, or committed early, under one fingerprint;
+            # modality only when set, so that text stores keep the fingerprint they had before it existed
+            "layout": {k: v for k, v in asdict(layout).items() if k != "n_contexts" and (k != "modality" or v)}}
+    if manifest is not None:
+        desc["manifest"] = {"path": cfg.manifest, "digest": manifest, "image_splitting": cfg.image_splitting}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16], desc
 
 
@@ -45,15 +52,25 @@ class CacheResult:
 def run(cfg: CacheConfig) -> CacheResult:
     """Cache this worker's shards of the store at cfg.store.url."""
     index, count = cfg.worker.resolve()
+    items = read_manifest(cfg.manifest) if cfg.manifest else None  # a bad manifest fails before loading
     loaded = load_model(cfg.model)
     capture = ActivationCapture(loaded, cfg.hooks)  # unknown hooks fail here, before any I/O
-    contexts = pack_contexts(iter_documents(cfg.data), loaded.tokenizer, cfg.context_size)
+    image_id = image_token_id(loaded)  # None: a text model, whose store has no modality array
+    if items is not None:
+        if image_id is None:
+            raise ConfigError(f"manifest={cfg.manifest!r} holds images, but model.name={cfg.model.name!r} is a text "
+                              "model. Fix: a vision-language model (e.g. model.name=HuggingFaceTB/SmolVLM-256M-Instruct"
+                              ") or no manifest")
+        contexts = pack_vision_contexts(items, loaded, cfg.context_size, cfg.image_splitting)
+    else:
+        contexts = pack_contexts(iter_documents(cfg.data), loaded.tokenizer, cfg.context_size)
     first = next(contexts, None)
     if first is None:
         raise EmptyDataError(f"data source {cfg.data.source!r} (path={cfg.data.path}, split={cfg.data.split!r}) "
                              f"yields no context of {cfg.context_size} tokens. Fix: point data at non-empty "
                              "text or lower context_size")
-    probe = capture(torch.from_numpy(first[None]))
+    first_ids, first_extra = batch_inputs([first])
+    probe = capture(first_ids, **first_extra)
     widths = {h: a.shape[-1] for h, a in probe.items()}
     if len(set(widths.values())) != 1:
         raise ConfigError(f"hooks have different widths {widths}; cache them into separate stores")
@@ -61,8 +78,9 @@ def run(cfg: CacheConfig) -> CacheResult:
     rows_per_context = cfg.context_size - cfg.drop_positions
     layout = StoreLayout(tuple(cfg.hooks), next(iter(widths.values())), cfg.store.dtype,
                          math.ceil(cfg.n_tokens / rows_per_context), rows_per_context,
-                         cfg.store.shard_contexts, cfg.store.chunk_contexts, cfg.store.compressor)
-    fp, desc = fingerprint(cfg, layout)
+                         cfg.store.shard_contexts, cfg.store.chunk_contexts, cfg.store.compressor,
+                         modality=image_id is not None)
+    fp, desc = fingerprint(cfg, layout, manifest_digest(cfg.manifest, items) if items is not None else None)
     tok = loaded.tokenizer
     header = {"fingerprint": fp, "config": desc, "d_model": layout.d_model, "hooks": list(cfg.hooks),
               "hook_modules": capture.names, "dtype": cfg.store.dtype, "context_size": cfg.context_size,
@@ -72,6 +90,9 @@ def run(cfg: CacheConfig) -> CacheResult:
               "tokenizer": {"name": getattr(tok, "name_or_path", None), "bos_token_id": tok.bos_token_id,
                             "eos_token_id": tok.eos_token_id, "vocab_size": len(tok)},
               "data": asdict(cfg.data)}
+    if image_id is not None:
+        header["modality"] = {"values": {str(k): v for k, v in F.MODALITIES.items()}, "image_token_id": image_id,
+                              "manifest": cfg.manifest, "image_splitting": cfg.image_splitting}
     writer = ActivationStoreWriter(cfg.store.url, layout, header, storage_options=cfg.store.storage_options,
                                    overwrite=cfg.store.overwrite, outlier_factor=cfg.outlier_factor)
     if writer.is_committed():
@@ -95,14 +116,15 @@ def run(cfg: CacheConfig) -> CacheResult:
             batch_ctx = stream.take(span.start, len(span))
             writer.begin_shard(k)
             for b in range(0, len(batch_ctx), cfg.batch_size):
-                ids = torch.from_numpy(np.stack(batch_ctx[b:b + cfg.batch_size]))
-                acts = capture(ids)
+                ids, extra = batch_inputs(batch_ctx[b:b + cfg.batch_size])
+                acts = capture(ids, **extra)
                 d = cfg.drop_positions
                 n, t = ids.shape[0], ids.shape[1] - d
                 ctx_index = torch.arange(span.start + b, span.start + b + n, dtype=torch.int32)
                 writer.append({h: a[:, d:].reshape(n * t, -1) for h, a in acts.items()},
                               ids[:, d:].reshape(-1), ctx_index[:, None].expand(n, t).reshape(-1),
-                              torch.arange(d, ids.shape[1])[None].expand(n, t).reshape(-1))
+                              torch.arange(d, ids.shape[1])[None].expand(n, t).reshape(-1),
+                              modality_of(ids[:, d:], image_id).reshape(-1) if image_id is not None else None)
                 bar.update(n * t)
                 written += n * t
             writer.end_shard(len(batch_ctx))

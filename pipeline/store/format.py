@@ -14,11 +14,17 @@ COMMIT_ATTR = "pipeline_commit"   # group attribute written when the store is co
 TOKENS = "tokens"                 # int32 [n_tokens]: token id of each row
 CONTEXT = "context"               # int32 [n_tokens]: global index of the row's context
 POSITION = "position"             # int16 [n_tokens]: position of the row inside its context
+MODALITY = "modality"             # int8 [n_tokens], optional: what the row's input position held (MODALITIES)
 HOOKS_GROUP = "hooks"             # hooks/<hook name>/{acts,norm}
 ACTS = "acts"                     # [n_tokens, d_model] in the storage dtype
 NORM = "norm"                     # float32 [n_tokens]: L2 norm of each row, for outlier rules
 SHARD_MARKERS = "_pipeline/shards"
 COMMIT_MARKER = "_pipeline/COMMITTED.json"
+
+# Values of the optional `modality` array (vision-language stores). A store without the array is
+# all text. Added in version 1 without a version change: readers ignore arrays they do not know.
+TEXT, IMAGE = 0, 1
+MODALITIES = {TEXT: "text", IMAGE: "image"}
 
 # Zarr has no bfloat16: its bits are stored as uint16 and `dtype` in the header says what they are.
 STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}

@@ -104,6 +104,18 @@ class ActivationStore:
     def positions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.group[F.POSITION][start:stop]
 
+    @property
+    def has_modality(self) -> bool:
+        """Whether the store marks each row as text or image (a vision-language model's store)."""
+        return bool(self.meta["layout"].get("modality"))
+
+    def modality(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """int8 [rows]: F.TEXT (0) or F.IMAGE (1) per row; all text for a store without the array."""
+        if not self.has_modality:
+            stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+            return np.full(max(stop - start, 0), F.TEXT, dtype=np.int8)
+        return self.group[F.MODALITY][start:stop]
+
     # -- chunk-level reads, for the loader ------------------------------------------------------
     @property
     def chunk_rows(self) -> int:

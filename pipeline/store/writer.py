@@ -32,6 +32,7 @@ class StoreLayout:
     shard_contexts: int
     chunk_contexts: int
     compressor: str = "blosc-lz4"
+    modality: bool = False  # vision-language stores: an int8 `modality` array marks image rows
 
     def __post_init__(self):
         F.check_dtype(self.dtype)
@@ -153,6 +154,9 @@ class ActivationStoreWriter:
             F.CONTEXT: group.create_array(F.CONTEXT, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
             F.POSITION: group.create_array(F.POSITION, shape=(lay.n_rows,), dtype="int16", chunks=row_chunks, compressors=codec),
         }
+        if lay.modality:
+            self.arrays[F.MODALITY] = group.create_array(F.MODALITY, shape=(lay.n_rows,), dtype="int8",
+                                                         chunks=row_chunks, compressors=codec)
         for hook in lay.hooks:
             self.arrays[F.hook_path(hook, F.ACTS)] = group.create_array(
                 F.hook_path(hook, F.ACTS), shape=(lay.n_rows, lay.d_model), dtype=F.STORAGE_DTYPES[lay.dtype],
@@ -165,7 +169,7 @@ class ActivationStoreWriter:
         """Reopen a store of the same configuration, possibly planned to a different size: shards
         do not depend on the planned size, so a store can be extended with more tokens, or a
         running cache stopped early and committed at the size it reached."""
-        self.arrays = {k: group[k] for k in _array_names(self.layout.hooks)}
+        self.arrays = {k: group[k] for k in _array_names(self.layout.hooks, self.layout.modality)}
         commit = dict(group.attrs).get(F.COMMIT_ATTR)
         if self.is_committed() and commit is not None:
             if self.layout.n_contexts == old["layout"]["n_contexts"]:
@@ -203,11 +207,16 @@ class ActivationStoreWriter:
         self._put(("begin", shard))
 
     def append(self, acts: dict[str, torch.Tensor], tokens: torch.Tensor, context: torch.Tensor,
-               position: torch.Tensor) -> None:
+               position: torch.Tensor, modality: torch.Tensor | None = None) -> None:
         """Rows of the current shard, in order. Tensors are moved to the CPU here, converted on the
-        writer thread."""
+        writer thread. `modality` (F.TEXT/F.IMAGE per row) is required by, and only kept in, stores
+        whose layout has modality=True."""
+        if self.layout.modality and modality is None:
+            raise ValueError("this store marks each row's modality; pass modality= to append")
+        if modality is None:
+            modality = torch.zeros(len(tokens), dtype=torch.int8)
         self._put(("rows", {h: a.detach().to("cpu", non_blocking=True) for h, a in acts.items()},
-                   tokens.cpu(), context.cpu(), position.cpu()))
+                   tokens.cpu(), context.cpu(), position.cpu(), modality.cpu()))
 
     def end_shard(self, n_contexts: int) -> None:
         self._put(("end", n_contexts))
@@ -268,8 +277,8 @@ class _ShardState:
         self.buffered = 0
         self.stats = {h: ShardStats(lay.d_model, writer.outlier_factor) for h in lay.hooks}
 
-    def add(self, acts, tokens, context, position) -> None:
-        self.buf.append((acts, tokens, context, position))
+    def add(self, acts, tokens, context, position, modality) -> None:
+        self.buf.append((acts, tokens, context, position, modality))
         self.buffered += len(tokens)
         while self.buffered >= self.w.layout.chunk_rows:
             self._flush(self.w.layout.chunk_rows)
@@ -277,9 +286,9 @@ class _ShardState:
     def _flush(self, n: int) -> None:
         parts = self.buf
         cat = lambda i: torch.cat([p[i] for p in parts])  # noqa: E731
-        tokens, context, position = cat(1), cat(2), cat(3)
+        tokens, context, position, modality = cat(1), cat(2), cat(3), cat(4)
         acts = {h: torch.cat([p[0][h] for p in parts]) for h in self.w.layout.hooks}
-        self.buf = [({h: a[n:] for h, a in acts.items()}, tokens[n:], context[n:], position[n:])] \
+        self.buf = [({h: a[n:] for h, a in acts.items()}, tokens[n:], context[n:], position[n:], modality[n:])] \
             if len(tokens) > n else []
         self.buffered = len(tokens) - n
         sl = slice(self.next_row, self.next_row + n)
@@ -287,6 +296,8 @@ class _ShardState:
         arrays[F.TOKENS][sl] = tokens[:n].numpy().astype(np.int32)
         arrays[F.CONTEXT][sl] = context[:n].numpy().astype(np.int32)
         arrays[F.POSITION][sl] = position[:n].numpy().astype(np.int16)
+        if F.MODALITY in arrays:
+            arrays[F.MODALITY][sl] = modality[:n].numpy().astype(np.int8)
         for h, a in acts.items():
             stored = F.encode(a[:n], self.w.layout.dtype)
             x = F.decode(stored, self.w.layout.dtype)  # statistics of what readers will see
@@ -339,8 +350,9 @@ def commit(writer: ActivationStoreWriter) -> dict | None:
     return record
 
 
-def _array_names(hooks) -> list[str]:
-    return [F.TOKENS, F.CONTEXT, F.POSITION] + [F.hook_path(h, leaf) for h in hooks for leaf in (F.ACTS, F.NORM)]
+def _array_names(hooks, modality: bool = False) -> list[str]:
+    return [F.TOKENS, F.CONTEXT, F.POSITION] + ([F.MODALITY] if modality else []) + \
+        [F.hook_path(h, leaf) for h in hooks for leaf in (F.ACTS, F.NORM)]
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -1,0 +1,231 @@
+"""Cross-modal features (Scaling Monosemanticity, "zero-shot generalization to images"): a dictionary
+trained on a language model's residual stream, read inside a vision-language model built on that
+language model (SmolVLM-256M on SmolLM2-135M: hidden 576, 30 layers).
+
+1. Text-only fit: FVU and CE loss recovered of the dictionary on the VLM's own text-only
+   activations (pipeline.evaluate.evaluate, the SAE spliced into the VLM's text model), beside the
+   same figures on the language model it was trained on (the backbone was trained further in the VLM).
+2. For each concept set with `images:`: every image (alone, after BOS) goes through the VLM's
+   processor and model to the hook; a feature's per-image max and mean are taken over the image
+   rows only (the positions holding image embeddings). Features are ranked on the positive against
+   the negative images, and separately on the concept's positive against negative text prompts
+   (pipeline.audit.search.rank_features), and each top feature is scored in the other modality.
+   Features that separate both ways are ranked by the smaller of their two AUROCs.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+
+import torch
+from torch import Tensor
+
+from pipeline.audit.concepts import ConceptSet, resolve_concept_sets
+from pipeline.audit.config import AuditConfig
+from pipeline.audit.search import auroc, effect_size, prompt_summaries, rank_features
+from pipeline.cache.vision import VisionContext, batch_inputs, encode_pair, image_token_id
+from pipeline.errors import ConfigError
+from pipeline.evaluate.config import EvalConfig
+from pipeline.evaluate.dictionary import Dictionary
+from pipeline.evaluate.run import evaluate
+from pipeline.models import ActivationCapture, LoadedModel, load_model, resolve_hook, text_config
+from pipeline.sae import load
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|resid_post)\.(\d+)$")
+METRIC_KEYS = ("fvu", "explained_variance", "mse", "cosine_similarity", "l0", "dead_fraction", "ce_loss",
+               "ce_loss_recovered", "kl_to_clean", "delta_loss", "n_tokens_evaluated", "n_tokens_reconstruction",
+               "n_outlier_rows_excluded", "n_predictions", "rules")
+
+
+def vlm_hook(sae_hook: str | None, override: str | None, loaded: LoadedModel) -> str:
+    """The VLM module the dictionary reads: `override`, else the dictionary's block index in the
+    VLM's text model (model.layers.15 -> model.text_model.layers.15)."""
+    if override:
+        return resolve_hook(loaded.model, override)
+    m = _BLOCK.search(sae_hook or "")
+    if not m:
+        raise ConfigError(f"cannot map the dictionary's hook {sae_hook!r} to a layer of {loaded.model_id!r}. Fix: "
+                          "set vlm_hook=..., e.g. vlm_hook=model.text_model.layers.15")
+    return resolve_hook(loaded.model, f"layers.{m.group(1)}")
+
+
+def attach(path: str, loaded: LoadedModel, hook_override: str | None = None) -> Dictionary:
+    """The exported SAE at `path` on the VLM's text model, after checking widths."""
+    sae = load(path, device=loaded.device)
+    meta = getattr(sae, "meta", {}) or {}
+    width = text_config(loaded.model.config).hidden_size
+    if width != sae.cfg.d_model:
+        trained = meta.get("model", {}).get("id") if isinstance(meta.get("model"), dict) else meta.get("model")
+        raise ConfigError(
+            f"the vision-language model {loaded.model_id!r} has a text model of hidden size {width}, but the dictionary "
+            f"at {path!r} has d_model={sae.cfg.d_model} (trained on {trained or 'an unnamed model'}): its features "
+            f"cannot read this residual stream. Fix: use a VLM whose language model is the one the dictionary was "
+            f"trained on (SmolLM2-135M, hidden 576: vlm.name=HuggingFaceTB/SmolVLM-256M-Instruct; SmolLM2-360M, "
+            f"hidden 960: SmolVLM-500M-Instruct), or a dictionary of width {width}")
+    hook = vlm_hook(meta.get("hook"), hook_override, loaded)
+    return Dictionary(sae.to(loaded.device), hook, hook, str(path))
+
+
+def _eval_config(cfg: AuditConfig, model) -> EvalConfig:
+    return EvalConfig(checkpoint=cfg.checkpoint, model=model, data=cfg.vlm_data, context_size=cfg.vlm_context_size,
+                      n_tokens=cfg.vlm_tokens, batch_size=cfg.vlm_batch_size,
+                      exclude_positions_below=cfg.exclude_positions_below, progress=False, out_dir=cfg.out_dir)
+
+
+def text_metrics(d: Dictionary, loaded: LoadedModel, ecfg: EvalConfig) -> dict:
+    m = evaluate(d, loaded, ecfg)
+    return {k: m[k] for k in METRIC_KEYS}
+
+
+@torch.no_grad()
+def image_summaries(d: Dictionary, loaded: LoadedModel, paths: list[str], splitting: bool
+                    ) -> tuple[Tensor, Tensor, list[int]]:
+    """Per image, every feature's max and mean over the image rows: ([n, F], [n, F]), and the
+    number of image rows of each."""
+    image_id = image_token_id(loaded)
+    tok = loaded.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    capture = ActivationCapture(loaded, [d.hook])
+    mx, mean, rows = [], [], []
+    for p in paths:
+        ids, pv, pm = encode_pair(loaded, p, "", splitting)
+        ids_t, extra = batch_inputs([VisionContext(torch.tensor([bos] + ids).numpy(), pv, pm)])
+        x = capture(ids_t, **extra)[d.hook][0]
+        f = d.encode(x[ids_t[0].to(x.device) == image_id]).float().cpu()
+        mx.append(f.amax(0))
+        mean.append(f.mean(0))
+        rows.append(f.shape[0])
+    return torch.stack(mx), torch.stack(mean), rows
+
+
+def _scores(pos_max: Tensor, neg_max: Tensor) -> tuple[Tensor, Tensor]:
+    return auroc(pos_max, neg_max), effect_size(pos_max, neg_max)
+
+
+def image_vs_text(d: Dictionary, loaded: LoadedModel, cs: ConceptSet, top: int, skip: int, splitting: bool) -> dict:
+    ip_max, ip_mean, ip_rows = image_summaries(d, loaded, cs.images["positive"], splitting)
+    in_max, in_mean, in_rows = image_summaries(d, loaded, cs.images["negative"], splitting)
+    tp_max, tp_mean, _ = prompt_summaries(d, loaded, cs.positive, skip)
+    tn_max, tn_mean, _ = prompt_summaries(d, loaded, cs.negative, skip)
+    au_img, d_img = _scores(ip_max, in_max)
+    au_txt, d_txt = _scores(tp_max, tn_max)
+
+    def entry(f: int) -> dict:
+        return {"feature": f, "image_auroc": float(au_img[f]), "text_auroc": float(au_txt[f]),
+                "image_effect_size": float(d_img[f]), "text_effect_size": float(d_txt[f]),
+                "image_pos_max": float(ip_max[:, f].max()), "image_neg_max": float(in_max[:, f].max()),
+                "text_pos_max": float(tp_max[:, f].max()), "text_neg_max": float(tn_max[:, f].max())}
+
+    by_image = [entry(r["feature"]) for r in rank_features(ip_max, in_max, ip_mean, in_mean, top)]
+    by_text = [entry(r["feature"]) for r in rank_features(tp_max, tn_max, tp_mean, tn_mean, top)]
+    fires_both = (ip_max.amax(0) > 0) & (tp_max.amax(0) > 0)
+    both_score = torch.minimum(au_img, au_txt).masked_fill(~fires_both, -1.0)
+    order = torch.argsort(both_score, descending=True, stable=True)[:top]
+    both = [entry(int(f)) for f in order if both_score[f] >= 0]
+    return {"name": cs.name, "description": cs.description, "path": cs.path, "images": cs.images,
+            "image_rows": {"positive": ip_rows, "negative": in_rows},
+            "n_prompts": {"positive": len(cs.positive), "negative": len(cs.negative)},
+            "by_image": by_image, "by_text": by_text, "both": both}
+
+
+def run_crossmodal(cfg: AuditConfig) -> dict:
+    sets = resolve_concept_sets(list(cfg.concepts))  # validate every file (and image path) before loading
+    with_images = [cs for cs in sets if cs.images]
+    loaded = load_model(cfg.vlm)
+    if not loaded.is_vision_language:
+        raise ConfigError(f"vlm.name={cfg.vlm.name!r} is not a vision-language model ({type(loaded.model).__name__}). "
+                          "Fix: e.g. vlm.name=HuggingFaceTB/SmolVLM-256M-Instruct")
+    d = attach(cfg.checkpoint, loaded, cfg.vlm_hook)
+    t = time.time()
+    section = {"sae": d.path, "vlm": loaded.model_id, "hook": d.hook, "n_features": d.n_features,
+               "d_model": d.d_model, "top": cfg.top, "skip": cfg.exclude_positions_below,
+               "image_splitting": cfg.vlm_image_splitting, "dashboard": cfg.dashboard}
+    section["text_only"] = {"vlm": text_metrics(d, loaded, _eval_config(cfg, cfg.vlm))}
+    print(format_metrics("VLM", loaded.model_id, section["text_only"]["vlm"]) + f"  ({time.time() - t:.1f}s)",
+          flush=True)
+    section["concepts"] = []
+    for cs in with_images:
+        r = image_vs_text(d, loaded, cs, cfg.top, cfg.exclude_positions_below, cfg.vlm_image_splitting)
+        section["concepts"].append(r)
+        print(format_concept(r), flush=True)
+    if not with_images:
+        print(f"no concept set among {[c.name for c in sets]} has images: (the `images:` field); only the "
+              "text-only figures are reported", flush=True)
+    if cfg.vlm_baseline:  # last: the VLM is no longer needed
+        del loaded
+        lm = load_model(cfg.model)
+        base = Dictionary.load(cfg.checkpoint, lm, cfg.hook)
+        section["text_only"]["model"] = text_metrics(base, lm, _eval_config(cfg, cfg.model))
+        section["text_only"]["model_id"] = lm.model_id
+        print(format_metrics("LM ", lm.model_id, section["text_only"]["model"]), flush=True)
+    return section
+
+
+def format_metrics(label: str, model_id: str, m: dict) -> str:
+    return (f"{label} {model_id}: text-only FVU {m['fvu']:.4f}, CE loss recovered {m['ce_loss_recovered']:.4f} "
+            f"on {m['n_tokens_reconstruction']} rows")
+
+
+def format_concept(r: dict) -> str:
+    def first(key):
+        return r[key][0] if r[key] else None
+    img, txt, both = first("by_image"), first("by_text"), first("both")
+    parts = [f"{r['name']}:"]
+    if img:
+        parts.append(f"image feature {img['feature']} (image AUROC {img['image_auroc']:.3f}, text {img['text_auroc']:.3f})")
+    if txt:
+        parts.append(f"text feature {txt['feature']} (text AUROC {txt['text_auroc']:.3f}, image {txt['image_auroc']:.3f})")
+    if both:
+        parts.append(f"both: {both['feature']} (min AUROC {min(both['image_auroc'], both['text_auroc']):.3f})")
+    return " ".join(parts)
+
+
+# -- report --------------------------------------------------------------------------------------
+def _cls(a: float) -> str:
+    return "good" if a >= 0.9 else ("weak" if a >= 0.7 else "bad")
+
+
+def crossmodal_section(sec: dict, link) -> str:
+    """audit.html's cross-modal section; link(i) renders a feature index (a dashboard link or text)."""
+    t = sec["text_only"]
+    cols = [("VLM " + sec["vlm"], t["vlm"])] + ([("LM " + t.get("model_id", ""), t["model"])] if "model" in t else [])
+    metric_rows = "".join(
+        f'<tr data-model="{html.escape(name)}"><td>{html.escape(name)}</td><td class="num fvu">{m["fvu"]:.4f}</td>'
+        f'<td class="num">{m["explained_variance"]:.4f}</td><td class="num cer">{m["ce_loss_recovered"]:.4f}</td>'
+        f'<td class="num">{m["ce_loss"]["clean"]:.4f}</td><td class="num">{m["ce_loss"]["spliced"]:.4f}</td>'
+        f'<td class="num">{m["l0"]:.2f}</td><td class="num">{m["n_tokens_reconstruction"]}</td></tr>'
+        for name, m in cols)
+    parts = [f"""<h2 id="crossmodal">Cross-modal features</h2>
+<p class="meta">SAE {html.escape(sec['sae'])} &middot; VLM {html.escape(sec['vlm'])} &middot; hook
+{html.escape(sec['hook'])} &middot; {sec['n_features']} features, d_model {sec['d_model']}</p>
+<p><b>Text-only fit</b>: the dictionary spliced into the VLM's text model on text alone (held-out text, positions
+&ge; {sec['skip']}), beside the language model it was trained on. A large gap means the backbone moved while the VLM
+was trained, and the image results below read a dictionary that fits the VLM poorly.</p>
+<table id="crossmodal-text"><thead><tr><th>model</th><th>FVU</th><th>explained variance</th><th>CE loss recovered</th>
+<th>CE clean</th><th>CE spliced</th><th>L0</th><th>rows</th></tr></thead><tbody>{metric_rows}</tbody></table>
+<p>Per image, each feature's max over the image rows (positions holding image embeddings); per prompt, its max over
+positions &ge; {sec['skip']}. <b>by image</b>: ranked on positive against negative images; <b>by text</b>: on the
+concept's positive against negative prompts; <b>both</b>: features firing in both, ranked by the smaller AUROC.
+A handful of images gives a coarse AUROC.</p>"""]
+    if not sec["concepts"]:
+        parts.append("<p class=weak>No concept set with images: (add an <code>images:</code> field).</p>")
+    for c in sec["concepts"]:
+        rows = c["image_rows"]
+        parts.append(f'<h3 id="crossmodal-{html.escape(c["name"])}">{html.escape(c["name"])}</h3>'
+                     f'<p>{html.escape(c["description"])}</p><p class="meta">{len(rows["positive"])} positive and '
+                     f'{len(rows["negative"])} negative images ({sum(rows["positive"]) + sum(rows["negative"])} image '
+                     f'rows), {c["n_prompts"]["positive"]} + {c["n_prompts"]["negative"]} prompts</p>')
+        for key, label in (("by_image", "by image"), ("by_text", "by text"), ("both", "both")):
+            body = "".join(
+                f'<tr class="feature-row" data-list="{key}" data-feature="{f["feature"]}"><td>{link(f["feature"])}</td>'
+                f'<td class="num {_cls(f["image_auroc"])}">{f["image_auroc"]:.3f}</td>'
+                f'<td class="num {_cls(f["text_auroc"])}">{f["text_auroc"]:.3f}</td>'
+                f'<td class="num">{f["image_effect_size"]:.2f}</td><td class="num">{f["text_effect_size"]:.2f}</td>'
+                f'<td class="num">{f["image_pos_max"]:.3g}</td><td class="num">{f["text_pos_max"]:.3g}</td></tr>'
+                for f in c[key]) or '<tr><td colspan="7">no feature</td></tr>'
+            parts.append(f'<h4>{label}</h4><table class="features"><thead><tr><th>feature</th><th>image AUROC</th>'
+                         f'<th>text AUROC</th><th>d (image)</th><th>d (text)</th><th>max on positive images</th>'
+                         f'<th>max on positive prompts</th></tr></thead><tbody>{body}</tbody></table>')
+    return "\n".join(parts)

@@ -8,7 +8,7 @@ from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig
 
-TASKS = ("concepts", "splitting", "crossmodal")
+TASKS = ("concepts", "splitting", "crossmodal", "neighbours", "completeness", "absorption")
 
 NEUTRAL_PROMPTS = [
     "I would like to tell you about",
@@ -76,6 +76,42 @@ class AuditConfig:
     vlm_baseline: bool = True
     """task=crossmodal: also evaluate on `model` (the language model the dictionary was trained on)
     with the same text, for comparison."""
+    # task=neighbours -------------------------------------------------------------------------
+    n_neighbours: int = 10
+    """task=neighbours: nearest decoder neighbours (cosine) listed per feature."""
+    map_method: str = "auto"
+    """task=neighbours: the 2-D map of all features: umap (umap-learn, on the exact cosine
+    neighbour graph), pca (first two principal components of the unit decoder rows) or auto (umap
+    when umap-learn is installed, else pca)."""
+    map_neighbours: int = 15
+    """task=neighbours: UMAP's n_neighbors (the neighbourhood size that shapes the map)."""
+    # task=completeness -----------------------------------------------------------------------
+    categories: list[str] = field(default_factory=list)
+    """task=completeness: concept lists: names shipped in pipeline/audit/concept_lists/ (elements,
+    cities, animals) or paths to YAML files of the same form. Empty: every shipped list."""
+    corpus: DataConfig = field(default_factory=DataConfig)
+    """task=completeness: the text the activation store was cached from (default: the embedded
+    corpus's train split, the cache stage's default): concept frequencies and alive features."""
+    max_documents: int = 100_000
+    """task=completeness: concept hits are counted in at most this many documents of corpus."""
+    alive_tokens: int = 32_768
+    """task=completeness: a feature is alive if it fires on one of this many tokens of corpus."""
+    dedicated_auroc: float = 0.9
+    """task=completeness: a concept has a dedicated feature when one fires on its name in at least
+    min_fire_fraction of the template sentences and separates its name from the category's other
+    names with at least this AUROC (docs/audit.md)."""
+    min_fire_fraction: float = 0.5
+    """task=completeness: see dedicated_auroc."""
+    # task=absorption -------------------------------------------------------------------------
+    absorption_words: int = 3000
+    """task=absorption: words (single vocabulary tokens, a space plus letters) sampled for the
+    first-letter task, 80% train, 20% test."""
+    absorption_max_k: int = 10
+    """task=absorption: the largest k of the k-sparse probes that pick each letter's main latents."""
+    absorption_f1_jump: float = 0.03
+    """task=absorption: a letter's main latents grow from k to k+1 while the test F1 rises by more."""
+    seed: int = 0
+    """task=neighbours, absorption: seed of the UMAP layout and of the word sample."""
     out_dir: str = "runs/demo/audit"
     """audit.json and audit.html are written here."""
 
@@ -102,6 +138,19 @@ class AuditConfig:
             raise ConfigError(f"task=crossmodal needs vlm_tokens={self.vlm_tokens} >= 1, vlm_batch_size="
                               f"{self.vlm_batch_size} >= 1 and exclude_positions_below={self.exclude_positions_below} "
                               f"< vlm_context_size={self.vlm_context_size}")
+        if self.n_neighbours < 1 or self.map_neighbours < 2:
+            raise ConfigError(f"n_neighbours={self.n_neighbours} must be >= 1 and map_neighbours={self.map_neighbours} "
+                              ">= 2. Fix: n_neighbours=10 map_neighbours=15")
+        if self.map_method not in ("auto", "umap", "pca"):
+            raise ConfigError(f"map_method={self.map_method!r} is not one of ['auto', 'umap', 'pca']")
+        if not 0.5 <= self.dedicated_auroc <= 1.0 or not 0.0 < self.min_fire_fraction <= 1.0:
+            raise ConfigError(f"dedicated_auroc={self.dedicated_auroc} must lie in [0.5, 1] and min_fire_fraction="
+                              f"{self.min_fire_fraction} in (0, 1]. Fix: dedicated_auroc=0.9 min_fire_fraction=0.5")
+        if self.max_documents < 1 or self.alive_tokens < 1:
+            raise ConfigError(f"max_documents={self.max_documents} and alive_tokens={self.alive_tokens} must be >= 1")
+        if self.absorption_words < 100 or self.absorption_max_k < 1:
+            raise ConfigError(f"absorption_words={self.absorption_words} must be >= 100 (26 letters, 80/20 split) and "
+                              f"absorption_max_k={self.absorption_max_k} >= 1. Fix: absorption_words=3000")
         if self.task == "splitting" and not (self.small and self.large):
             raise ConfigError(f"task=splitting needs two exported SAEs on the same hook; got small={self.small!r}, "
                               f"large={self.large!r}. Fix: small=runs/sae-1k large=runs/sae-4k")

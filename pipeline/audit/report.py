@@ -197,12 +197,30 @@ def _crossmodal(sec: dict, out_dir: Path) -> str:
     return crossmodal_section(sec, lambda i: _link(i, links))
 
 
+def _neighbours(sec: dict, out_dir: Path) -> str:
+    from pipeline.audit.neighbours import neighbours_section
+    return neighbours_section(sec, out_dir)
+
+
+def _completeness(sec: dict, out_dir: Path) -> str:
+    from pipeline.audit.completeness import completeness_section
+    return completeness_section(sec, out_dir)
+
+
+def _absorption(sec: dict, out_dir: Path) -> str:
+    from pipeline.audit.absorption import absorption_section
+    return absorption_section(sec, out_dir)
+
+
 # audit.json section -> (navigation label, renderer(section, out_dir) -> HTML); one entry per task,
 # shown in this order. A section's renderer gives its <h2> the id of the section's key.
 SECTIONS = {
     "concepts": ("concept search", _concepts),
     "splitting": ("feature splitting", _splitting),
     "crossmodal": ("cross-modal", _crossmodal),
+    "neighbours": ("neighbourhoods", _neighbours),
+    "completeness": ("completeness", _completeness),
+    "absorption": ("absorption", _absorption),
 }
 
 

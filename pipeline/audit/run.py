@@ -31,8 +31,17 @@ def run(cfg: AuditConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     H.write(out / AUDIT_FILE, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     report = write_report(doc, out)
+    link_dashboard(doc, report)
     print(f"wrote {out / AUDIT_FILE}\nreport: {report.resolve().as_uri()}", flush=True)
     return doc
+
+
+def link_dashboard(doc: dict, report: Path) -> None:
+    """Point the dashboard's index.html (of any section that names one) at the report, idempotently."""
+    for dash in {sec["dashboard"] for sec in doc.values() if isinstance(sec, dict) and sec.get("dashboard")}:
+        index = Path(dash) / H.INDEX_FILE
+        if index.exists() and not H.set_audit_link(index, report):
+            print(f"note: {index} predates the audit link; rerun python -m pipeline.interpret to get one", flush=True)
 
 
 def _read(out: Path) -> dict:
@@ -70,8 +79,44 @@ def run_splitting(cfg: AuditConfig) -> dict:
     return {**r, "dashboard": cfg.dashboard, "large_dashboard": cfg.large_dashboard}
 
 
+def run_neighbours(cfg: AuditConfig) -> dict:
+    from pipeline.audit.neighbours import neighbourhoods, write_data
+    from pipeline.audit.splitting import load_decoder
+    t = time.time()
+    decoder, meta = load_decoder(cfg.checkpoint)
+    summary, data = neighbourhoods(decoder, cfg.n_neighbours, cfg.map_method, cfg.map_neighbours, cfg.seed)
+    write_data(Path(cfg.out_dir), data)
+    print(f"neighbours: {summary['n_features']} features, median nearest cosine {summary['median_first_cosine']:.3f}, "
+          f"{summary['map_method']} map ({time.time() - t:.1f}s)", flush=True)
+    return {"sae": cfg.checkpoint, "hook": meta.get("hook"), **summary, "dashboard": cfg.dashboard}
+
+
+def run_completeness(cfg: AuditConfig) -> dict:
+    from pipeline.audit.completeness import completeness, format_completeness, resolve_concept_lists
+    lists = resolve_concept_lists(list(cfg.categories))  # validate every file before loading the model
+    loaded = load_model(cfg.model)
+    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
+    r = completeness(d, loaded, lists, cfg.corpus, cfg.max_documents, cfg.alive_tokens, cfg.dedicated_auroc,
+                     cfg.min_fire_fraction)
+    print(format_completeness(r), flush=True)
+    return {"sae": d.path, "hook": d.hook, "model": loaded.model_id, **r, "corpus_config": asdict(cfg.corpus),
+            "dashboard": cfg.dashboard}
+
+
+def run_absorption(cfg: AuditConfig) -> dict:
+    from pipeline.audit.absorption import absorption, format_absorption, sklearn_logistic
+    sklearn_logistic()  # fail before loading the model
+    loaded = load_model(cfg.model)
+    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
+    r = absorption(d, loaded, cfg.absorption_words, cfg.absorption_max_k, cfg.absorption_f1_jump, cfg.seed)
+    print(format_absorption(r), flush=True)
+    return {"sae": d.path, "hook": d.hook, "model": loaded.model_id, "n_features": d.n_features, **r,
+            "dashboard": cfg.dashboard}
+
+
 # task -> its runner(cfg) -> the audit.json section it writes (under the task's name).
-TASKS = {"concepts": run_concepts, "splitting": run_splitting, "crossmodal": run_crossmodal}
+TASKS = {"concepts": run_concepts, "splitting": run_splitting, "crossmodal": run_crossmodal,
+         "neighbours": run_neighbours, "completeness": run_completeness, "absorption": run_absorption}
 
 
 def format_concept(r: dict) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from pathlib import Path
 
 INDEX_FILE = "index.html"
@@ -162,8 +163,9 @@ render();
 """
 
 
-def index_page(header: dict, rows: list[dict], links: dict[str, str]) -> str:
-    """rows: {index, density, max_act, mean_act, tokens (promoted, as text), snippet, page (bool)}."""
+def index_page(header: dict, rows: list[dict], links: dict[str, str], audit: str = "") -> str:
+    """rows: {index, density, max_act, mean_act, tokens (promoted, as text), snippet, page (bool)};
+    audit: the marked link to the audit report (read_audit_link), kept when the index is rewritten."""
     live = sum(r["density"] > 0 for r in rows)
     extra = " &middot; ".join(f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in links.items())
     cols = [("index", "feature"), ("density", "density"), ("max_act", "max act"), ("mean_act", "mean act")]
@@ -171,7 +173,7 @@ def index_page(header: dict, rows: list[dict], links: dict[str, str]) -> str:
     body = f"""<h1>SAE features</h1>
 <p class="meta">SAE {html.escape(header['sae'])} &middot; hook {html.escape(header['hook'])} &middot;
 {header['n_features']} features, {live} live on {header['n_tokens']} tokens of {html.escape(header['data'])}
-{('&middot; ' + extra) if extra else ''}</p>
+{('&middot; ' + extra) if extra else ''}{AUDIT_MARK[0]}{audit}{AUDIT_MARK[1]}</p>
 <p><input id="q" type="search" placeholder="feature number, promoted token or context text">
 <label class="meta"><input type="checkbox" id="hide-dead" checked> hide dead features</label>
 &nbsp; <span id="status" class="meta"></span></p>
@@ -234,6 +236,34 @@ Overlap well above the mismatched baseline means features fire on the meaning, n
 other topics); columns: mean max-activation on the topic per language</p>
 {''.join(topics)}"""
     return _page("Cross-lingual features", body)
+
+
+# The index's link to the audit report (pipeline.audit writes it after each run, as a path relative
+# to the index) sits between these markers, so rewriting it is idempotent.
+AUDIT_MARK = ("<!--audit-->", "<!--/audit-->")
+
+
+def read_audit_link(index: Path) -> str:
+    """The marked audit link of an existing index.html ("" if none)."""
+    if not index.exists():
+        return ""
+    text = index.read_text(encoding="utf-8")
+    a, b = text.find(AUDIT_MARK[0]), text.find(AUDIT_MARK[1])
+    return text[a + len(AUDIT_MARK[0]):b] if 0 <= a < b else ""
+
+
+def set_audit_link(index: Path, report: Path) -> bool:
+    """Point index.html's marked audit link at report (relative path); False if it has no markers."""
+    text = index.read_text(encoding="utf-8")
+    a, b = text.find(AUDIT_MARK[0]), text.find(AUDIT_MARK[1])
+    if not 0 <= a < b:
+        return False
+    href = os.path.relpath(Path(report).resolve(), index.resolve().parent).replace(os.sep, "/")
+    link = f' &middot; <a id="audit-link" href="{html.escape(href)}">dictionary audit</a>'
+    new = text[:a + len(AUDIT_MARK[0])] + link + text[b:]
+    if new != text:
+        write(index, new)
+    return True
 
 
 def write(path: Path, text: str) -> None:

@@ -153,7 +153,8 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
 def _write_index(out: Path, index: tuple[dict, list]) -> None:
     links = {label: name for label, name in (("cross-lingual check", H.CROSSLINGUAL_FILE),
                                               ("feature search", H.SEARCH_FILE)) if (out / name).exists()}
-    H.write(out / H.INDEX_FILE, H.index_page(index[0], index[1], links))
+    # keep the link pipeline.audit put there (it points at the audit report)
+    H.write(out / H.INDEX_FILE, H.index_page(index[0], index[1], links, H.read_audit_link(out / H.INDEX_FILE)))
 
 
 def _snippet(e: dict, texts: TokenText, before: int = 10, after: int = 3) -> str:

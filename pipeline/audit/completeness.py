@@ -1,0 +1,388 @@
+"""Feature completeness (Scaling Monosemanticity, "Feature Completeness"): for lists of concrete
+concepts (chemical elements, cities, animals), how often each occurs in the training corpus and
+whether the dictionary has a feature dedicated to it, against frequency x number of alive features.
+
+Frequency: hits of " <name> " (a space on each side, case as written in the list, overlapping
+hits counted) in the first `max_documents` documents of the corpus (the text source the activation
+store was cached from), divided by the number of tokens of those documents (the model's tokenizer).
+
+Alive features: those that fire at least once on `alive_tokens` tokens of the same corpus (the
+dashboard's rule: BOS and rows of massive norm left out).
+
+Dedicated feature (our rule; the paper's exact test is unpublished): every name of a category is
+put in the category's template sentences; a name's activation of a feature in a sentence is the
+feature's largest activation over the name's tokens. Concept c has a dedicated feature f when
+  1. f fires (> 0) on c's name in at least `min_fire_fraction` of the templates, and
+  2. the AUROC of f's activations on c's name (one per template) against its activations on the
+     other names of the category (in the same templates) is at least `dedicated_auroc`
+     (0.9: at most about a tenth of the other names reach c's level).
+A feature that fires on every animal alike scores about 0.5 and is not dedicated to any.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+
+from pipeline.audit.search import auroc
+from pipeline.errors import ConfigError
+
+LISTS_DIR = Path(__file__).resolve().parent / "concept_lists"
+
+
+class ConceptListError(ConfigError):
+    """A concept list file is missing, malformed or inconsistent."""
+
+
+@dataclass
+class ConceptList:
+    name: str
+    description: str
+    templates: list[str]
+    concepts: list[str]
+    path: str
+
+
+def shipped_lists() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(LISTS_DIR.glob("*.yaml"))}
+
+
+def load_concept_list(path: str | Path) -> ConceptList:
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptListError(f"concept list {str(path)!r} does not exist. Fix: name a shipped list "
+                               f"({sorted(shipped_lists())}) or an existing YAML file")
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    fields = {"name", "description", "templates", "concepts"}
+    if not isinstance(doc, dict) or fields - set(doc):
+        missing = sorted(fields - set(doc)) if isinstance(doc, dict) else sorted(fields)
+        raise ConceptListError(f"concept list {str(path)!r} is missing the field(s) {missing}. Fix: give name, "
+                               "description, templates (sentences with {} for the name) and concepts (names)")
+    if set(doc) - fields:
+        raise ConceptListError(f"concept list {str(path)!r} has unknown field(s) {sorted(set(doc) - fields)}; "
+                               f"allowed: {sorted(fields)}")
+    for key in ("templates", "concepts"):
+        v = doc[key]
+        if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+            raise ConceptListError(f"concept list {str(path)!r}: {key!r} must be a list of non-empty strings; got "
+                                   f"{v!r}. Fix: quote YAML values such as no, true, 1")
+    names = doc["concepts"]
+    bad = [n for n in names if not re.fullmatch(r"[^\W\d_][\w'-]*", n)]
+    if bad:
+        raise ConceptListError(f"concept list {str(path)!r}: {bad[:5]} are not single words (the frequency counts "
+                               "' <name> '). Fix: use single-word names")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConceptListError(f"concept list {str(path)!r} repeats {dup}. Fix: list each concept once")
+    if len(names) < 3:
+        raise ConceptListError(f"concept list {str(path)!r} has {len(names)} concepts; the AUROC against the other "
+                               "names needs at least 3. Fix: add concepts")
+    bad = [t for t in doc["templates"] if t.count("{}") != 1 or t.startswith("{}")]
+    if bad:
+        raise ConceptListError(f"concept list {str(path)!r}: templates {bad} must hold exactly one {{}} and not "
+                               "start with it (the name is read as a mid-sentence word). Fix: e.g. 'We saw the {}.'")
+    return ConceptList(str(doc["name"]), str(doc["description"]), list(doc["templates"]), list(names), str(path))
+
+
+def resolve_concept_lists(names: list[str]) -> list[ConceptList]:
+    """Shipped list names or YAML paths; empty: every shipped list."""
+    lib = shipped_lists()
+    if not names:
+        return [load_concept_list(p) for p in lib.values()]
+    out = []
+    for n in names:
+        if n in lib:
+            out.append(load_concept_list(lib[n]))
+        elif n.endswith((".yaml", ".yml", ".json")) or "/" in n:
+            out.append(load_concept_list(n))
+        else:
+            raise ConceptListError(f"categories=[{n!r}] is neither a shipped concept list ({sorted(lib)}) nor a YAML "
+                                   "path. Fix: categories=[animals] or categories=[my/list.yaml]")
+    return out
+
+
+# --- frequency ---------------------------------------------------------------------------------
+
+def count_hits(docs, names: list[str]) -> dict[str, int]:
+    """Hits of ' <name> ' per name over the documents (overlapping: ' dog dog ' is two hits)."""
+    counts = dict.fromkeys(names, 0)
+    if not names:
+        return counts
+    alt = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    pat = re.compile(rf"(?<= )(?:{alt})(?= )")
+    for doc in docs:
+        for m in pat.finditer(doc):
+            counts[m.group(0)] += 1
+    return counts
+
+
+def corpus_frequencies(data, tokenizer, names: list[str], max_documents: int) -> dict:
+    """Hits per name, documents and tokens counted, over the first max_documents documents of data."""
+    from itertools import islice
+
+    from pipeline.data import iter_documents
+    docs = list(islice(iter_documents(data), max_documents))
+    if not docs:
+        raise ConfigError(f"corpus (source={data.source!r}, path={data.path}) yields no document to count concept "
+                          "frequencies in. Fix: point corpus at the text the store was cached from")
+    n_tokens = 0
+    for lo in range(0, len(docs), 2000):
+        n_tokens += sum(len(x) for x in tokenizer(docs[lo:lo + 2000], add_special_tokens=False).input_ids)
+    return {"hits": count_hits(docs, names), "n_documents": len(docs), "n_tokens": n_tokens,
+            "n_chars": sum(len(d) for d in docs)}
+
+
+@torch.no_grad()
+def alive_features(d, loaded, data, n_tokens: int, context_size: int = 128, batch_size: int = 8,
+                   skip: int = 1, norm_factor: float | None = 8.0) -> tuple[Tensor, int]:
+    """[F] bool: features that fire at least once on n_tokens tokens of data, and the tokens scored."""
+    from pipeline.evaluate.common import context_batches, typical_rows
+    from pipeline.models import ActivationCapture
+    capture = ActivationCapture(loaded, [d.hook])
+    fired = torch.zeros(d.n_features, dtype=torch.bool)
+    scored = 0
+    for ids in context_batches(data, loaded.tokenizer, context_size, n_tokens, batch_size):
+        x = capture(ids)[d.hook][:, skip:].reshape(-1, d.d_model)
+        x = x[typical_rows(x, norm_factor)]
+        scored += x.shape[0]
+        _, f, _ = d.encode_sparse(x)
+        fired[f.unique().cpu()] = True
+    return fired, scored
+
+
+# --- dedicated features ------------------------------------------------------------------------
+
+def name_spans(tokenizer, text: str, name: str) -> tuple[list[int], list[int]]:
+    """Token ids of text and the positions of the tokens that overlap the name (its one occurrence)."""
+    a = text.index(name)
+    b = a + len(name)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    pos = [i for i, (s, e) in enumerate(enc.offset_mapping) if s < b and e > a]
+    if not pos:
+        raise ConfigError(f"the tokenizer gives no token for {name!r} in {text!r}")
+    return list(enc.input_ids), pos
+
+
+@torch.no_grad()
+def name_activations(d, loaded, cl: ConceptList, batch_size: int = 32) -> tuple[Tensor, Tensor]:
+    """Each feature's largest activation over the name's tokens, with the name in each template
+    (BOS first, as in training): ([concepts, templates, K], the K feature ids), only the K features
+    that fire on some name (the others are 0 everywhere), so that memory does not grow with the
+    dictionary."""
+    from pipeline.models import ActivationCapture
+    tok = loaded.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    items = []
+    for c in cl.concepts:
+        for t in cl.templates:
+            ids, pos = name_spans(tok, t.format(c), c)
+            items.append(([bos, *ids], [p + 1 for p in pos]))
+    capture = ActivationCapture(loaded, [d.hook])
+    owners, feats, vals = [], [], []
+    for lo in range(0, len(items), batch_size):
+        chunk = items[lo:lo + batch_size]
+        T = max(len(i) for i, _ in chunk)
+        # right padding: with causal attention the padded tail never changes the positions read
+        ids = torch.tensor([i + [pad] * (T - len(i)) for i, _ in chunk])
+        x = capture(ids)[d.hook]
+        rows = torch.cat([x[b, p] for b, (_, p) in enumerate(chunk)])
+        owner = torch.tensor([lo + b for b, (_, p) in enumerate(chunk) for _ in p])
+        r, f, v = d.encode_sparse(rows)
+        owners.append(owner[r.cpu()])
+        feats.append(f.cpu())
+        vals.append(v.float().cpu().clamp_min(0))
+    owner, f, v = torch.cat(owners), torch.cat(feats), torch.cat(vals)
+    ids, col = torch.unique(f, return_inverse=True)
+    acts = torch.zeros(len(items) * len(ids))
+    # a name of several tokens keeps the largest activation over them
+    acts.scatter_reduce_(0, owner * len(ids) + col, v, "amax", include_self=True)
+    return acts.view(len(cl.concepts), len(cl.templates), len(ids)), ids
+
+
+def dedicated_features(acts: Tensor, dedicated_auroc: float = 0.9, min_fire_fraction: float = 0.5
+                       ) -> list[dict]:
+    """Per concept (first axis of acts [C, T, F]): its best candidate feature (fires on its name in at
+    least min_fire_fraction of the T templates; highest AUROC against the other names, then highest
+    mean activation), that feature's AUROC and fire fraction, and whether it is dedicated."""
+    C, T, F = acts.shape
+    fires = (acts > 0).float().mean(1)  # [C, F]
+    out = []
+    for c in range(C):
+        cand = (fires[c] >= min_fire_fraction).nonzero().flatten()
+        if len(cand) == 0:
+            out.append({"feature": None, "auroc": None, "fire_fraction": 0.0, "found": False})
+            continue
+        pos = acts[c][:, cand]
+        neg = torch.cat([acts[:c], acts[c + 1:]]).reshape(-1, F)[:, cand]
+        au = auroc(pos, neg)
+        mean = pos.mean(0)
+        best = int(torch.argmax(torch.round(au.double() * 1e6) * 1e6 + mean.double() / (mean.max() + 1e-12)))
+        out.append({"feature": int(cand[best]), "auroc": round(float(au[best]), 4),
+                    "fire_fraction": round(float(fires[c, cand[best]]), 4),
+                    "mean_activation": round(float(mean[best]), 4), "found": bool(au[best] >= dedicated_auroc)})
+    return out
+
+
+def binned(points: list[tuple[float, bool]], edges: list[float]) -> list[dict]:
+    """P(found) per bin of log10(frequency x alive) (points with frequency 0 in their own first bin)."""
+    bins = [{"lo": None, "hi": None, "n": 0, "found": 0}] + [
+        {"lo": edges[i], "hi": edges[i + 1], "n": 0, "found": 0} for i in range(len(edges) - 1)]
+    for x, found in points:
+        if x == -math.inf:
+            b = bins[0]
+        else:
+            i = max(0, min(len(edges) - 2, sum(x >= e for e in edges[1:-1])))
+            b = bins[i + 1]
+        b["n"] += 1
+        b["found"] += int(found)
+    for b in bins:
+        b["p_found"] = b["found"] / b["n"] if b["n"] else None
+    return bins
+
+
+def completeness(d, loaded, lists: list[ConceptList], data, max_documents: int, alive_tokens: int,
+                 dedicated_auroc: float, min_fire_fraction: float, context_size: int = 128) -> dict:
+    """The completeness section of audit.json."""
+    names = sorted({n for cl in lists for n in cl.concepts})
+    freq = corpus_frequencies(data, loaded.tokenizer, names, max_documents)
+    alive, scored = alive_features(d, loaded, data, alive_tokens, context_size)
+    n_alive = int(alive.sum())
+    categories, points = [], []
+    for cl in lists:
+        acts, ids = name_activations(d, loaded, cl)
+        rows = []
+        for name, r in zip(cl.concepts, dedicated_features(acts, dedicated_auroc, min_fire_fraction)):
+            if r["feature"] is not None:
+                r["feature"] = int(ids[r["feature"]])
+            f = freq["hits"][name] / max(freq["n_tokens"], 1)
+            x = math.log10(f * n_alive) if f > 0 and n_alive > 0 else -math.inf
+            rows.append({"concept": name, "hits": freq["hits"][name], "frequency": f,
+                         "frequency_x_alive": f * n_alive, **r})
+            points.append((x, r["found"]))
+        found = sum(r["found"] for r in rows)
+        categories.append({"name": cl.name, "description": cl.description, "path": cl.path,
+                           "templates": cl.templates, "n_concepts": len(rows), "n_found": found, "concepts": rows})
+        print(f"completeness {cl.name}: {found}/{len(rows)} concepts with a dedicated feature", flush=True)
+    xs = [x for x, _ in points if x != -math.inf]
+    lo, hi = (math.floor(min(xs)), math.ceil(max(xs))) if xs else (-3, 0)
+    hi = max(hi, lo + 1)
+    edges = [float(v) for v in range(lo, hi + 1)]
+    return {"n_features": d.n_features, "n_alive": n_alive, "alive_tokens": scored,
+            "corpus": {"n_documents": freq["n_documents"], "n_tokens": freq["n_tokens"], "n_chars": freq["n_chars"],
+                       "max_documents": max_documents},
+            "dedicated_auroc": dedicated_auroc, "min_fire_fraction": min_fire_fraction,
+            "n_concepts": len(points), "n_found": sum(f for _, f in points),
+            "bins": binned(points, edges), "categories": categories}
+
+
+def format_completeness(sec: dict) -> str:
+    per = ", ".join(f"{c['name']} {c['n_found']}/{c['n_concepts']}" for c in sec["categories"])
+    return (f"completeness: {sec['n_found']}/{sec['n_concepts']} concepts with a dedicated feature ({per}); "
+            f"{sec['n_alive']} of {sec['n_features']} features alive on {sec['alive_tokens']} tokens; frequencies over "
+            f"{sec['corpus']['n_documents']} documents ({sec['corpus']['n_tokens']} tokens)")
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def p_found_svg(sec: dict, width: int = 620, height: int = 260) -> str:
+    """P(found) per bin of log10(frequency x alive features) as inline SVG: one dot per concept
+    (found at the top, not found at the bottom, jittered deterministically) and the binned fraction."""
+    bins = sec["bins"]
+    pad_l, pad_r, pad_t, pad_b = 44, 16, 14, 34
+    lo = bins[1]["lo"] if len(bins) > 1 else -3.0
+    hi = bins[-1]["hi"] if len(bins) > 1 else 0.0
+    zero_w = 46  # the column for frequency 0
+    plot_w = width - pad_l - pad_r - zero_w
+
+    def X(v):
+        return pad_l + zero_w + (v - lo) / ((hi - lo) or 1) * plot_w
+
+    def Y(p):
+        return pad_t + (1 - p) * (height - pad_t - pad_b)
+
+    parts = [f'<svg id="completeness-plot" width="{width}" height="{height}" role="img" '
+             f'aria-label="P(found) against frequency x alive features">',
+             f'<line x1="{pad_l}" y1="{Y(0)}" x2="{width - pad_r}" y2="{Y(0)}" stroke="#c5cbd3"/>',
+             f'<line x1="{pad_l}" y1="{Y(0)}" x2="{pad_l}" y2="{Y(1)}" stroke="#c5cbd3"/>']
+    for p in (0, 0.5, 1):
+        parts.append(f'<text class="axis" x="{pad_l - 6}" y="{Y(p) + 3:.1f}" text-anchor="end">{p:g}</text>')
+    parts.append(f'<text class="axis" x="{pad_l + zero_w / 2}" y="{height - pad_b + 14}" text-anchor="middle">0</text>')
+    for v in range(int(lo), int(hi) + 1):
+        parts.append(f'<text class="axis" x="{X(v):.1f}" y="{height - pad_b + 14}" text-anchor="middle">1e{v}</text>')
+    parts.append(f'<text class="axis" x="{pad_l + (width - pad_l) / 2}" y="{height - 4}" text-anchor="middle">'
+                 'concept frequency (per token) &times; alive features</text>')
+    k = 0
+    for c in sec["categories"]:
+        for r in c["concepts"]:
+            k += 1
+            jit = ((k * 37) % 17 - 8) / 8.0
+            x = (pad_l + zero_w / 2 + jit * 14) if r["frequency_x_alive"] <= 0 else \
+                X(math.log10(r["frequency_x_alive"])) + jit * 3
+            y = Y(1) + 6 + jit * 3 if r["found"] else Y(0) - 6 + jit * 3
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2" fill="{"#1b7a3a" if r["found"] else "#9aa3ad"}" '
+                         f'fill-opacity="0.6"><title>{html.escape(r["concept"])}: {r["hits"]} hits'
+                         f'{", found" if r["found"] else ""}</title></circle>')
+    pts = []
+    for b in bins:
+        if not b["n"]:
+            continue
+        x = pad_l + zero_w / 2 if b["lo"] is None else X((b["lo"] + b["hi"]) / 2)
+        pts.append((x, Y(b["p_found"]), b))
+    for x, y, b in pts:
+        parts.append(f'<circle class="bin" cx="{x:.1f}" cy="{y:.1f}" r="5" fill="#1a5fb4"><title>'
+                     f'{b["found"]}/{b["n"]} found</title></circle>')
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y, b in pts if b["lo"] is not None)
+    if line:
+        parts.append(f'<polyline points="{line}" fill="none" stroke="#1a5fb4" stroke-width="1.5"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def completeness_section(sec: dict, out_dir) -> str:
+    from pipeline.audit.report import _link, feature_links
+    links = feature_links(sec.get("dashboard"), out_dir)
+    def span(b):
+        return "0" if b["lo"] is None else f'1e{b["lo"]:g} .. 1e{b["hi"]:g}'
+
+    bins = "".join(
+        f'<tr><td>{span(b)}</td>'
+        f'<td class="num">{b["n"]}</td><td class="num">{b["found"]}</td>'
+        f'<td class="num">{"-" if b["p_found"] is None else format(b["p_found"], ".2f")}</td></tr>'
+        for b in sec["bins"])
+    cats = []
+    for c in sec["categories"]:
+        rows = "".join(
+            f'<tr data-concept="{html.escape(r["concept"])}"><td>{html.escape(r["concept"])}</td>'
+            f'<td class="num">{r["hits"]}</td><td class="num">{r["frequency_x_alive"]:.3g}</td>'
+            f'<td>{"-" if r["feature"] is None else _link(r["feature"], links)}</td>'
+            f'<td class="num">{"-" if r["auroc"] is None else format(r["auroc"], ".3f")}</td>'
+            f'<td class="num">{r["fire_fraction"]:.2f}</td>'
+            f'<td class="{"good" if r["found"] else "meta"}">{"yes" if r["found"] else "no"}</td></tr>'
+            for r in sorted(c["concepts"], key=lambda r: (-r["hits"], r["concept"])))
+        cats.append(f'<details><summary>{html.escape(c["name"])}: {c["n_found"]} of {c["n_concepts"]} found</summary>'
+                    f'<p class="meta">templates: {" | ".join(html.escape(t) for t in c["templates"])}</p>'
+                    f'<table class="completeness-concepts"><thead><tr><th>concept</th><th>hits</th>'
+                    f'<th>freq &times; alive</th><th>best feature</th><th>AUROC</th><th>fires in</th><th>dedicated</th>'
+                    f'</tr></thead><tbody>{rows}</tbody></table></details>')
+    cp = sec["corpus"]
+    return f"""<h2 id="completeness">Feature completeness</h2>
+<p class="meta">SAE {html.escape(str(sec.get('sae')))} &middot; {sec['n_alive']} of {sec['n_features']} features alive
+on {sec['alive_tokens']} tokens &middot; frequencies over the first {cp['n_documents']} documents
+({cp['n_tokens']} tokens) of the corpus &middot; {sec['n_found']} of {sec['n_concepts']} concepts found</p>
+<p><b>Frequency</b>: hits of &ldquo;&nbsp;name&nbsp;&rdquo; (a space on each side) per token of the corpus. A concept
+has a <b>dedicated feature</b> when some feature fires on its name in at least {sec['min_fire_fraction']:.0%} of
+the category's template sentences and separates its name from the category's other names (same templates) with
+AUROC &ge; {sec['dedicated_auroc']:g}. Scaling Monosemanticity found the chance of a feature rising with frequency,
+reaching 50% slightly below frequency &times; alive features = 1.</p>
+{p_found_svg(sec)}
+<table id="completeness-bins"><thead><tr><th>frequency &times; alive</th><th>concepts</th><th>found</th>
+<th>P(found)</th></tr></thead><tbody>{bins}</tbody></table>
+{''.join(cats)}"""

@@ -169,12 +169,16 @@ def test_image_rows_equal_a_full_forward_with_a_plain_hook(vlm_dir, vlm, images,
     assert used == len(pairs)
 
 
-def test_text_only_activations_equal_a_plain_hook_on_the_text_model(vlm_dir, vlm, text_dir, tmp_path):
+def test_text_only_activations_through_the_cli_equal_a_plain_hook_on_the_text_model(vlm_dir, vlm, text_dir,
+                                                                                    tmp_path):
     url = str(tmp_path / "text")
-    run(CacheConfig(model=ModelConfig(name=str(vlm_dir), device="cpu"), hooks=["layers.2"], context_size=32,
-                    data=DataConfig(source="files", path=[f"{text_dir}/*.txt"], split="all"), n_tokens=6 * 31,
-                    batch_size=3, progress=False, store=StoreConfig(url=url, dtype="float32", chunk_contexts=2,
-                                                                    shard_contexts=2)))
+    cmd = [sys.executable, "-m", "pipeline.cache", f"model.name={vlm_dir}", "model.device=cpu", "data=files",
+           f"data.path=[{text_dir}/*.txt]", "data.split=all", "hooks=[layers.2]", "context_size=32",
+           f"n_tokens={6 * 31}", "store.dtype=float32", "store.chunk_contexts=2", "store.shard_contexts=2",
+           f"store.url={url}", "progress=false", "batch_size=3"]
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PIPELINE_RUNS": str(tmp_path / "runs")},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     store = ActivationStore.open(url)
     assert store.meta["hook_modules"] == [HOOK] and store.n_tokens == 6 * 31
     assert store.has_modality and not store.modality().any()  # every row is text

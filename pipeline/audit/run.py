@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline.audit.autointerp.run import run_autointerp
 from pipeline.audit.concepts import resolve_concept_sets
 from pipeline.audit.config import AuditConfig
 from pipeline.audit.crossmodal import run_crossmodal
@@ -116,7 +117,8 @@ def run_absorption(cfg: AuditConfig) -> dict:
 
 # task -> its runner(cfg) -> the audit.json section it writes (under the task's name).
 TASKS = {"concepts": run_concepts, "splitting": run_splitting, "crossmodal": run_crossmodal,
-         "neighbours": run_neighbours, "completeness": run_completeness, "absorption": run_absorption}
+         "neighbours": run_neighbours, "completeness": run_completeness, "absorption": run_absorption,
+         "autointerp": run_autointerp}
 
 
 def format_concept(r: dict) -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.audit.autointerp.config import AutointerpConfig
-from pipeline.audit.autointerp.config import AutointerpConfig
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig
 
-TASKS = ("concepts", "splitting", "crossmodal", "neighbours", "completeness", "absorption", "autointerp", "autointerp")
+TASKS = ("concepts", "splitting", "crossmodal", "neighbours", "completeness", "absorption", "autointerp")
 
 NEUTRAL_PROMPTS = [
     "I would like to tell you about",
@@ -114,11 +113,6 @@ class AuditConfig:
     """task=absorption: a letter's main latents grow from k to k+1 while the test F1 rises by more."""
     seed: int = 0
     """task=neighbours, absorption: seed of the UMAP layout and of the word sample."""
-    # task=autointerp --------------------------------------------------------------------------
-    autointerp: AutointerpConfig = field(default_factory=AutointerpConfig)
-    """task=autointerp: explain sampled features with an LLM behind an OpenAI-compatible endpoint
-    (default: pipeline.audit.server with the embedded SmolLM2-135M-Instruct, a plumbing check) and
-    score the explanations; every field in pipeline/audit/autointerp/config.py."""
     # task=autointerp --------------------------------------------------------------------------
     autointerp: AutointerpConfig = field(default_factory=AutointerpConfig)
     """task=autointerp: explain sampled features with an LLM behind an OpenAI-compatible endpoint

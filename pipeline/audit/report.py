@@ -218,12 +218,6 @@ def _autointerp(sec: dict, out_dir: Path) -> str:
     return autointerp_section(sec, lambda i: _link(i, links))
 
 
-def _autointerp(sec: dict, out_dir: Path) -> str:
-    from pipeline.audit.autointerp.report import autointerp_section
-    links = feature_links(sec.get("dashboard"), out_dir)
-    return autointerp_section(sec, lambda i: _link(i, links))
-
-
 # audit.json section -> (navigation label, renderer(section, out_dir) -> HTML); one entry per task,
 # shown in this order. A section's renderer gives its <h2> the id of the section's key.
 SECTIONS = {
@@ -233,7 +227,6 @@ SECTIONS = {
     "neighbours": ("neighbourhoods", _neighbours),
     "completeness": ("completeness", _completeness),
     "absorption": ("absorption", _absorption),
-    "autointerp": ("automated interpretability", _autointerp),
     "autointerp": ("automated interpretability", _autointerp),
 }
 

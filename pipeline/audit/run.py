@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.audit.autointerp.run import run_autointerp
-from pipeline.audit.autointerp.run import run_autointerp
 from pipeline.audit.concepts import resolve_concept_sets
 from pipeline.audit.config import AuditConfig
 from pipeline.audit.crossmodal import run_crossmodal
@@ -119,7 +118,6 @@ def run_absorption(cfg: AuditConfig) -> dict:
 # task -> its runner(cfg) -> the audit.json section it writes (under the task's name).
 TASKS = {"concepts": run_concepts, "splitting": run_splitting, "crossmodal": run_crossmodal,
          "neighbours": run_neighbours, "completeness": run_completeness, "absorption": run_absorption,
-         "autointerp": run_autointerp,
          "autointerp": run_autointerp}
 
 

@@ -26,7 +26,7 @@ compares how the rest of the sparse step (forward + backward minus encoder, and 
 grows with n_features against n_features itself.
 
 --trainer: the real trainer (`python -m torch.distributed.run --nproc-per-node=2 -m pipeline.train`
-with feature_parallel=2, ZeRO-1, fp32, gloo) on a synthetic d=576 store, untiled and tiled (--tiles);
+with feature_parallel=2, ZeRO-1 (--zero), fp32 weights, Adam state in --state-dtype, gloo) on a synthetic d=576 store, untiled and tiled (--tiles);
 each rank records its peak RSS over the training steps (before the final checkpoint) minus its RSS
 after the imports, against the planner's per-rank memory plus the loader's shuffle buffer (host
 memory on CPU).
@@ -70,12 +70,12 @@ here; the planner's default (0.5 GiB) is a trainer rank's: DeepSpeed, gloo, load
 
 
 def plan_bytes(arch: str, n: int, d: int, k: int, batch: int, tile: int, zero: int = 0, fp: int = 1,
-               runtime_gb: float = BARE_RUNTIME_GB, k_aux: int = 0):
+               runtime_gb: float = BARE_RUNTIME_GB, k_aux: int = 0, state_dtype: str = "fp32"):
     """The planner's per-rank memory for what a point runs (AuxK off: no latent is dead in a few
     steps, unless a run makes them so, as --trainer does)."""
     from pipeline.plan import PlanConfig, rank_memory
     cfg = PlanConfig(d_model=d, n_features=n, architecture=arch, k=k, param_dtype="float32", zero_stage=zero,
-                     batch_size=batch, feature_tile=tile, runtime_gb=runtime_gb, k_aux=k_aux)
+                     batch_size=batch, feature_tile=tile, runtime_gb=runtime_gb, k_aux=k_aux, state_dtype=state_dtype)
     return rank_memory(cfg, 1, fp)
 
 
@@ -270,9 +270,10 @@ def trainer(a) -> dict:
     url = store(str(runs / f"store-d{a.d_model}"), a.d_model)
     rows = []
     for tile in (int(t) for t in a.tiles.split(",")):
-        out = runs / f"{a.arch}-{a.n_features}-tile{tile}"
-        mem = plan_bytes(a.arch, a.n_features, a.d_model, a.k, a.batch, tile, zero=1, fp=a.nproc,
-                         runtime_gb=PlanConfig.runtime_gb, k_aux=PlanConfig.k_aux)  # AuxK on from step 2
+        out = runs / f"{a.arch}-{a.n_features}-tile{tile}-zero{a.zero}-{a.state_dtype}"
+        mem = plan_bytes(a.arch, a.n_features, a.d_model, a.k, a.batch, tile, zero=a.zero, fp=a.nproc,
+                         runtime_gb=PlanConfig.runtime_gb, k_aux=PlanConfig.k_aux,  # AuxK on from step 2
+                         state_dtype=a.state_dtype)
         need, free = a.nproc * mem.total, mem_available()
         if need > free - a.margin_gib * 2**30:  # the machine is shared: never take the others' memory
             rows.append({"tile": tile, "error": f"not run: the planner says {a.nproc} ranks need {need / 2**30:.1f} "
@@ -282,7 +283,8 @@ def trainer(a) -> dict:
         steps = a.steps + 1
         overrides = [f"data.url={url}", f"sae={a.arch}", f"sae.n_features={a.n_features}", f"sae.k={a.k}",
                      f"sae.feature_tile={tile}", f"batch_size={a.batch}", f"n_tokens={a.batch * steps}",
-                     f"parallel.feature_parallel={a.nproc}", "parallel.data_parallel=1", "deepspeed.zero_stage=1",
+                     f"parallel.feature_parallel={a.nproc}", "parallel.data_parallel=1", f"deepspeed.zero_stage={a.zero}",
+                     f"optim.state_dtype={a.state_dtype}",
                      f"data.shuffle_buffer={a.shuffle}", f"sae.dead_tokens={a.dead_tokens or a.batch}", "log_every=1", "checkpoint_every=0", "export=false",
                      "progress=false", f"out_dir={out}", "hydra.output_subdir=null", "hydra/job_logging=none",
                      "hydra/hydra_logging=none", f"hydra.run.dir={out}/hydra"]
@@ -306,13 +308,15 @@ def trainer(a) -> dict:
                      "measured_over_predicted": measured / predicted, "within_15pct": abs(measured / predicted - 1) <= 0.15,
                      "tokens_per_s": tps[len(tps) // 2], "steps": steps, "wall_s": wall})
     return {"mode": "trainer", "arch": a.arch, "d_model": a.d_model, "n_features": a.n_features, "nproc": a.nproc,
+            "zero_stage": a.zero, "state_dtype": a.state_dtype,
             "batch": a.batch, "k": a.k, "threads_per_rank": a.threads, "load_average": os.getloadavg()[0], "runs": rows}
 
 
 def print_trainer(res: dict) -> None:
     gib = 2**30
     print(f"real trainer: {res['arch']}, d={res['d_model']}, n_features={res['n_features']:,}, "
-          f"{res['nproc']} ranks (feature_parallel), ZeRO-1, fp32, batch {res['batch']}, "
+          f"{res['nproc']} ranks (feature_parallel), ZeRO-{res['zero_stage']}, fp32 weights, {res['state_dtype']} "
+          f"Adam state, batch {res['batch']}, "
           f"{res['threads_per_rank']} thread(s) per rank; load average {res['load_average']:.1f}")
     print(f"{'tile':>6} {'measured GiB/rank':>18} {'planner GiB':>12} {'+ loader':>9} {'measured/pred':>14} "
           f"{'within 15%':>10} {'tokens/s':>9}")
@@ -346,6 +350,8 @@ def main() -> None:
     ap.add_argument("--arch", default="topk")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="--trainer: threads per rank")
+    ap.add_argument("--zero", type=int, default=1, help="--trainer: deepspeed.zero_stage")
+    ap.add_argument("--state-dtype", default="fp32", help="--trainer: optim.state_dtype (fp32, fp8, int8)")
     ap.add_argument("--shuffle", type=int, default=8192, help="--trainer: the loader's shuffle buffer (rows)")
     ap.add_argument("--tiles", default="0,8192", help="--trainer: feature tiles to run (0: untiled)")
     ap.add_argument("--margin-gib", type=float, default=3.0,

@@ -43,6 +43,19 @@ def test_dry_run_of_every_architecture_and_zero_stage(architecture, zero, precis
     assert (first["gradients"] < first["weights"]) == (zero == 2)
 
 
+@pytest.mark.parametrize("state_dtype", ["fp8", "int8"])
+@pytest.mark.parametrize("d_model,n_features,dp,zero,precision",
+                         [(576, 2**20, 1, 0, "fp32"), (4096, 2**22, 2, 1, "bf16"), (8192, 2**25, 4, 2, "bf16")])
+def test_dry_run_of_low_bit_adam_state_matches_the_planner(d_model, n_features, dp, zero, precision, state_dtype):
+    """torchao's own buffers (built on meta) against the planner: ~2 bytes per parameter instead of 8."""
+    from pipeline.train import OptimConfig
+    out = dry_run(config(d_model, n_features, dp=dp, fp=2, zero=zero, precision=precision,
+                         optim=OptimConfig(state_dtype=state_dtype)))
+    s = out["shards"][0]
+    partition = s["parameters"] / (dp if zero else 1)
+    assert 2.0 * partition < s["optimizer_state"] < 2.1 * partition  # 1 byte per value + block scales
+
+
 def test_dry_run_needs_no_store_when_d_model_is_given_and_rejects_bad_layouts(tmp_path):
     cfg = config(576, 4096, fp=2)
     cfg.data.url = str(tmp_path / "missing")

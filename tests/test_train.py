@@ -140,15 +140,18 @@ def _interrupt_after_first_checkpoint(args: list[str], nproc: int, out: Path, si
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,sig", [((1, 2), signal.SIGKILL), ((2, 1), signal.SIGTERM)],
-                         ids=["fp2-kill9", "dp2-sigterm"])
-def test_interrupted_run_resumes_to_the_same_weights(store, tmp_path, layout, sig):
+@pytest.mark.parametrize("layout,sig,extra", [
+    ((1, 2), signal.SIGKILL, []), ((2, 1), signal.SIGTERM, []),
+    # fp8 Adam state (torchao): 512 features per shard x d=16 = 8192 values, quantised in 256-value blocks
+    ((1, 2), signal.SIGKILL, ["optim.state_dtype=fp8", "sae.n_features=1024", "deepspeed.zero_stage=0"])],
+    ids=["fp2-kill9", "dp2-sigterm", "fp2-kill9-fp8-adam"])
+def test_interrupted_run_resumes_to_the_same_weights(store, tmp_path, layout, sig, extra):
     dp, fp = layout
     steps = 200
 
     def args(out):
         return tiny(store, out, f"n_tokens={32 * steps}", "log_every=10", "checkpoint_every=40",
-                    "keep_checkpoints=0", f"parallel.data_parallel={dp}", f"parallel.feature_parallel={fp}")
+                    "keep_checkpoints=0", f"parallel.data_parallel={dp}", f"parallel.feature_parallel={fp}", *extra)
     run_train(args(tmp_path / "straight"), nproc=dp * fp, timeout=600)
 
     out = tmp_path / "interrupted"
@@ -164,6 +167,12 @@ def test_interrupted_run_resumes_to_the_same_weights(store, tmp_path, layout, si
     a, b = weights(tmp_path / "straight" / "sae"), weights(out / "sae")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    if extra:  # the checkpointed Adam state: the weight matrices' m and v in fp8 codes, the biases' fp32
+        ckpt = torch.load(out / "checkpoints" / f"step-{stopped_at}" / "mp_rank_00_model_states.pt",
+                          weights_only=False, map_location="cpu")
+        kinds = sorted(str(v["inner"]["codes"].dtype if isinstance(v, dict) else v.dtype)
+                       for st in ckpt["optimizer"]["state"].values() for k, v in st.items() if k != "step")
+        assert kinds == ["torch.float32"] * 4 + ["torch.float8_e4m3fn"] * 4, kinds
     # the log: the same lines, except the window the stop cut in two (it averages fewer steps)
     cut = lambda r: r["step"] - 10 < stopped_at < r["step"]  # noqa: E731
     same = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}  # noqa: E731
@@ -223,3 +232,6 @@ def test_config_errors(store, tmp_path):
         _cfg(store, tmp_path, parallel=ParallelDims(3, 1))
     with pytest.raises(ConfigError, match="at most n_tokens"):
         _cfg(store, tmp_path, n_tokens=8)
+    from pipeline.train import OptimConfig
+    with pytest.raises(ConfigError, match="optim.state_dtype='bf16' must be one of"):
+        OptimConfig(state_dtype="bf16")

@@ -20,10 +20,10 @@ def format_plan(plan: Plan) -> str:
                        + (f", k={c.k}" if c.architecture in ("topk", "batchtopk") else "")),
         ("layout", f"data_parallel={plan.data_parallel} x feature_parallel={plan.feature_parallel} = "
                    f"{plan.gpus} GPUs on {plan.nodes} node(s) of {c.gpus_per_node}"),
-        ("precision", f"{c.param_dtype} weights, fp32 Adam, ZeRO-{c.zero_stage}, batch {c.batch_size} tokens"),
+        ("precision", f"{c.param_dtype} weights, {c.state_dtype} Adam state, ZeRO-{c.zero_stage}, batch {c.batch_size} tokens"),
         ("-- per-rank memory", ""),
         ("weights", _gib(m.weights)), ("gradients", _gib(m.gradients)),
-        ("fp32 master weights", _gib(m.master_weights)), ("Adam state (m, v)", _gib(m.optimizer_state)),
+        ("fp32 master weights", _gib(m.master_weights)), (f"Adam state (m, v; {c.state_dtype})", _gib(m.optimizer_state)),
         ("buffers (dead-latent counters)", _gib(m.buffers)),
         ("activations per step" + (f" (tile {c.feature_tile})" if c.feature_tile else ""), _gib(m.activations)),
         ("optimizer-step temporaries", _gib(m.optimizer_step)),
@@ -50,7 +50,7 @@ def dry_run_command(plan: Plan) -> str:
     return (f"python -m pipeline.train dry_run=true sae.architecture={c.architecture} sae.n_features={c.n_features} "
             f"sae.d_model={c.d_model} sae.k={c.k} parallel.data_parallel={plan.data_parallel} "
             f"parallel.feature_parallel={plan.feature_parallel} batch_size={c.batch_size} "
-            f"deepspeed.zero_stage={c.zero_stage} deepspeed.precision={'fp32' if c.param_dtype == 'float32' else 'bf16'}")
+            f"optim.state_dtype={c.state_dtype} deepspeed.zero_stage={c.zero_stage} deepspeed.precision={'fp32' if c.param_dtype == 'float32' else 'bf16'}")
 
 
 def run(cfg: PlanConfig) -> Plan:

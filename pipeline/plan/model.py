@@ -27,6 +27,8 @@ class PlanConfig:
     param_dtype: str = "bfloat16"
     """Dtype of the weights the step computes with (bf16 on GPU keeps fp32 masters in the optimizer)."""
     optimizer: str = "adam"
+    state_dtype: str = "fp32"
+    """Adam's m and v: fp32, or torchao's block-quantised fp8 / int8 (train's optim.state_dtype)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage over the data-parallel group: 0 none, 1 optimizer state, 2 + gradients."""
     batch_size: int = 4096
@@ -67,6 +69,8 @@ class PlanConfig:
                               "what feature parallelism already shards)")
         if self.optimizer != "adam":
             raise ConfigError(f"optimizer={self.optimizer!r}: only adam is modelled")
+        if self.state_dtype not in ("fp32", "fp8", "int8"):
+            raise ConfigError(f"state_dtype={self.state_dtype!r} must be fp32, fp8 or int8")
 
 
 def local_features(n_features: int, feature_parallel: int) -> int:
@@ -74,11 +78,23 @@ def local_features(n_features: int, feature_parallel: int) -> int:
     return math.ceil(n_features / feature_parallel)
 
 
+def shard_tensors(architecture: str, d: int, n_local: int) -> list[int]:
+    """Sizes of the trainable tensors on one rank: W_enc and W_dec [n, d], b_enc [n], b_dec [d]
+    (replicated), plus jumprelu's log-threshold [n]."""
+    return [n_local * d, n_local * d, n_local, d] + [n_local] * (architecture == "jumprelu")
+
+
 def shard_parameters(architecture: str, d: int, n_local: int) -> int:
-    """Trainable parameters on one rank: W_enc and W_dec [n, d], b_enc [n], b_dec [d] (replicated),
-    plus jumprelu's log-threshold [n]."""
-    per_feature = 2 * d + 1 + (architecture == "jumprelu")
-    return n_local * per_feature + d
+    return sum(shard_tensors(architecture, d, n_local))
+
+
+def low_bit_state_bytes(numel: int, state_dtype: str) -> int:
+    """Adam's m and v for one tensor of `numel` values as torchao stores them (fp8/int8): tensors of
+    at least 4096 values that split into 256-value blocks get 1 byte per value plus an fp32 scale
+    per block (int8: and a 256-entry fp32 code table per state); the others keep fp32."""
+    if numel < 4096 or numel % 256:
+        return 8 * numel
+    return 2 * (numel + 4 * (numel // 256) + (4 * 256 if state_dtype == "int8" else 0))
 
 
 def shard_buffers_bytes(architecture: str, n_local: int, float_bytes: int = 4) -> int:
@@ -172,8 +188,13 @@ def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
     else:
         step = 0 if w == 4 else 4 * n * d
     communication = 2 * b * d * 4 + (2 * b * cfg.k * 12 * fp if cfg.architecture in ("topk", "batchtopk") else 0)
+    if cfg.state_dtype == "fp32":
+        state = 8 * math.ceil(p / part)
+    else:  # one parameter group per tensor (pipeline/train/engine.py), each partitioned on its own
+        state = sum(low_bit_state_bytes(math.ceil(t / part), cfg.state_dtype)
+                    for t in shard_tensors(cfg.architecture, d, n))
     return RankMemory(weights=p * w, gradients=math.ceil(p / gpart) * w, master_weights=master,
-                      optimizer_state=8 * math.ceil(p / part), buffers=shard_buffers_bytes(cfg.architecture, n, w),
+                      optimizer_state=state, buffers=shard_buffers_bytes(cfg.architecture, n, w),
                       communication=communication, forward=forward, backward=backward, optimizer_step=step,
                       runtime=int(cfg.runtime_gb * 2**30))
 

@@ -29,6 +29,9 @@ class DataConfig:
     equivalence tests use it; off, each rank reads only its own rows."""
 
 
+STATE_DTYPES = ("fp32", "fp8", "int8")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 5e-5
@@ -44,10 +47,18 @@ class OptimConfig:
     """The learning rate decays linearly to 0 over this last fraction of the steps."""
     sparsity_warmup_fraction: float = 0.05
     """lambda (relu_l1, jumprelu) grows linearly from 0 over this first fraction of the steps."""
+    state_dtype: str = "fp32"
+    """Adam's m and v: fp32 (torch's fused Adam, 8 bytes per parameter), or block-quantised by
+    torchao with an fp32 scale per 256 values (~2 bytes per parameter): fp8 (AdamFp8, e4m3) or
+    int8 (Adam8bit, bitsandbytes' dynamic code; ~3x slower than fp8 on CPU). The low-bit states
+    fit 2-3x larger dictionaries per rank (BENCHMARKS.md); tensors under 4096 values keep fp32.
+    Their first step compiles the update (torch.compile; on CPU it needs a C++ compiler)."""
 
     def __post_init__(self):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ConfigError(f"optim.state_dtype={self.state_dtype!r} must be one of {list(STATE_DTYPES)}")
         for name in ("lr_decay_fraction", "sparsity_warmup_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")

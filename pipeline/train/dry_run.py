@@ -19,6 +19,7 @@ from pipeline.sae import create
 from pipeline.store import ActivationStore
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import precision
+from pipeline.train.low_bit import low_bit_adam
 
 
 def layout(cfg: TrainConfig) -> tuple[PlanConfig, list[dict]]:
@@ -34,7 +35,7 @@ def layout(cfg: TrainConfig) -> tuple[PlanConfig, list[dict]]:
     dtype = "bfloat16" if precision(cfg, device) == "bf16" else "float32"
     dp, zero = dims.data_parallel, cfg.deepspeed.zero_stage
     plan_cfg = PlanConfig(d_model=sae_cfg.d_model, n_features=sae_cfg.n_features, architecture=sae_cfg.architecture,
-                          k=sae_cfg.k, param_dtype=dtype, zero_stage=zero, batch_size=cfg.batch_size,
+                          k=sae_cfg.k, k_aux=sae_cfg.k_aux, feature_tile=sae_cfg.feature_tile, param_dtype=dtype, state_dtype=cfg.optim.state_dtype, zero_stage=zero, batch_size=cfg.batch_size,
                           data_parallel=dp, feature_parallel=dims.feature_parallel)
     shards = []
     for fp_rank in range(dims.feature_parallel):
@@ -44,7 +45,7 @@ def layout(cfg: TrainConfig) -> tuple[PlanConfig, list[dict]]:
         # ZeRO >= 1 flattens the shard's parameters and gives each data-parallel rank 1/dp of the
         # fp32 master copy and of Adam's m and v (ceil: the last partition is padded)
         part = math.ceil(params / dp) if zero >= 1 else params
-        state = [torch.empty(part, dtype=torch.float32, device="meta") for _ in range(2)]
+        state = adam_state(cfg, [p.numel() for p in sae.parameters()], part, dp if zero >= 1 else 1)
         # the fp32 master partition: DeepSpeed's ZeRO optimizer steps a flat clone even in fp32
         master = torch.empty(part if dtype != "float32" or zero >= 1 else 0, dtype=torch.float32, device="meta")
         grads = torch.empty(math.ceil(params / dp) if zero >= 2 else params, dtype=getattr(torch, dtype), device="meta")
@@ -53,10 +54,27 @@ def layout(cfg: TrainConfig) -> tuple[PlanConfig, list[dict]]:
             "weights": sum(p.numel() * p.element_size() for p in sae.parameters()),
             "gradients": grads.numel() * grads.element_size(),
             "master_weights": master.numel() * master.element_size(),
-            "optimizer_state": sum(t.numel() * t.element_size() for t in state),
+            "optimizer_state": sum(_nbytes(t) for t in state),
             "buffers": sum(b.numel() * b.element_size() for b in sae.buffers()),
         })
     return plan_cfg, shards
+
+
+def adam_state(cfg: TrainConfig, sizes: list[int], part: int, dp: int) -> list[torch.Tensor]:
+    """Adam's m and v on `meta`: fp32 over the flat partition of `part` values, or torchao's own
+    buffers (pipeline/train/low_bit.py) for each tensor's 1/dp partition."""
+    if cfg.optim.state_dtype == "fp32":
+        return [torch.empty(part, dtype=torch.float32, device="meta") for _ in range(2)]
+    params = [torch.nn.Parameter(torch.empty(math.ceil(n / dp), device="meta")) for n in sizes]
+    adam = low_bit_adam(cfg.optim, params)
+    return [adam._new_buffer(p, signed) for p in params for signed in (True, False)]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor, or of the inner tensors of a tensor subclass (torchao's quantised state)."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(_nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
 
 
 def dry_run(cfg: TrainConfig) -> dict:

@@ -8,6 +8,7 @@ import torch
 from pipeline.parallel import Mesh
 from pipeline.sae import SparseAutoencoder
 from pipeline.train.config import TrainConfig
+from pipeline.train.low_bit import low_bit_adam
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -46,6 +47,8 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
     }
     if bf16:
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if cfg.optim.state_dtype != "fp32":
+        del ds["optimizer"]  # a client optimizer (pipeline/train/low_bit.py) replaces DeepSpeed's
     return _merge(ds, cfg.deepspeed.overrides)
 
 
@@ -75,8 +78,9 @@ def build_engine(cfg: TrainConfig, sae: SparseAutoencoder, mesh: Mesh, device: t
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, device)
+    params = list(sae.to(device).parameters())
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=sae.to(device), model_parameters=[p for p in sae.parameters()], config=ds_cfg,
+        model=sae, model_parameters=params, optimizer=low_bit_adam(cfg.optim, params), config=ds_cfg,
         mpu=mesh.mpu(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         dist_init_required=False)
     return engine

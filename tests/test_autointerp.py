@@ -36,11 +36,16 @@ HOOK = "model.layers.1"
 N_FEATURES = 32
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    """python -m pipeline.audit.server on a free loopback port: (process, base URL)."""
+def launch_server(*args: str) -> subprocess.Popen:
+    """python -m pipeline.audit.server on a free loopback port, starting."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.audit.server", "--port", "0", *args], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.audit.server", "--port", "0", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def start_server(*args: str, p: subprocess.Popen | None = None) -> tuple[subprocess.Popen, str]:
+    """The server (launched now unless given) once it listens: (process, base URL)."""
+    p = p or launch_server(*args)
     for line in p.stdout:
         m = re.match(r"serving (\S+) at (http://127\.0\.0\.1:\d+/v1)$", line.strip())
         if m:
@@ -70,12 +75,18 @@ def post(url: str, path: str, body) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def server():
-    p, url = start_server()
-    yield p, url
+@pytest.fixture(scope="module", autouse=True)
+def launched():
+    """The SmolLM2 server, launched when the module starts so that it loads while the first tests run."""
+    p = launch_server()
+    yield p
     if p.poll() is None:
         stop(p)
+
+
+@pytest.fixture(scope="module")
+def server(launched):
+    return start_server(p=launched)
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +117,8 @@ def sparse_sae(tiny_model_dir, text_dir, tmp_path_factory) -> Path:
 
 def cli_args(tiny_model_dir, text_dir, sae: Path, out: Path, base_url: str | None, **kw) -> list[str]:
     a = {"n_features": 3, "density_strata": 3, "min_activations": 6, "n_tokens": 1024, "context_size": 32,
-         "context_before": 4, "context_after": 4, "n_explain_top": 4, "n_explain_quantile": 2, "n_test": 2,
-         "n_nonactivating": 2, "explain_max_tokens": 24, "max_retries": 0, "timeout": 60} | kw
+         "context_before": 4, "context_after": 4, "n_explain_top": 4, "n_explain_quantile": 2, "n_test": 1,
+         "n_nonactivating": 1, "explain_max_tokens": 16, "max_retries": 0, "timeout": 60} | kw
     return ([f"model.name={tiny_model_dir}", "model.device=cpu", f"checkpoint={sae}", f"out_dir={out}", "dashboard=null",
              "task=autointerp", f"autointerp.base_url={'null' if base_url is None else base_url}",
              "autointerp.data.source=files", f"autointerp.data.path=[{text_dir / '*.txt'}]"]
@@ -152,156 +163,6 @@ def end_to_end(server, sparse_sae, tiny_model_dir, text_dir, tmp_path_factory):
             "made": made, "after_second": stats(url) - before}
 
 
-# --- the server's protocol ---------------------------------------------------------------------
-
-def test_server_answers_chat_and_echoed_completions_with_correct_logprobs(server, smollm2):
-    url = server[1]
-    with urllib.request.urlopen(f"{url}/models", timeout=10) as r:
-        assert json.loads(r.read())["data"][0]["id"] == "embedded:smollm2-135m"
-    code, a = post(url, "chat/completions", {"model": "x", "messages": [
-        {"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-        "temperature": 0, "max_tokens": 12, "logprobs": True, "top_logprobs": 3})
-    assert code == 200, a
-    c = a["choices"][0]
-    assert "Paris" in c["message"]["content"]
-    lp = c["logprobs"]["content"]
-    assert len(lp) == a["usage"]["completion_tokens"] and len(lp[0]["top_logprobs"]) == 3
-    assert lp[0]["logprob"] == max(t["logprob"] for t in lp[0]["top_logprobs"])  # greedy takes the top token
-    # echoed prompt log-probabilities equal a plain forward pass of the same model
-    prompt = "The cat sat on the mat.\tunknown\n"
-    code, a = post(url, "completions", {"model": "x", "prompt": prompt, "max_tokens": 0, "echo": True,
-                                        "logprobs": 5})
-    assert code == 200, a
-    lp = a["choices"][0]["logprobs"]
-    assert a["choices"][0]["text"] == prompt and "".join(lp["tokens"]) == prompt
-    assert [prompt[o:o + len(t)] for o, t in zip(lp["text_offset"], lp["tokens"])] == lp["tokens"]
-    loaded = smollm2
-    ids = loaded.tokenizer(prompt, add_special_tokens=False).input_ids
-    ctx = torch.tensor([[loaded.tokenizer.bos_token_id] + ids])
-    with torch.no_grad():
-        ref = torch.log_softmax(loaded.model(input_ids=ctx).logits[0, :-1].float(), -1)
-    want = ref[torch.arange(len(ids)), torch.tensor(ids)]
-    torch.testing.assert_close(torch.tensor(lp["token_logprobs"]), want, atol=2e-3, rtol=0)
-    assert len(lp["top_logprobs"][3]) == 5 and max(lp["top_logprobs"][3].values()) >= lp["token_logprobs"][3]
-    # sampling with a seed is reproducible
-    body = {"model": "x", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 7}
-    assert post(url, "completions", body)[1]["choices"][0]["text"] == post(url, "completions", body)[1]["choices"][0]["text"]
-
-
-@pytest.mark.parametrize("path,body,status,needle", [
-    ("chat/completions", b"{not json", 400, "not JSON"),
-    ("chat/completions", b"[1, 2]", 400, "JSON object"),
-    ("chat/completions", {"model": "x"}, 400, "messages must be"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, 400, "stream"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "logprobs=true"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
-    ("completions", {"prompt": ""}, 400, "prompt must be"),
-    ("completions", {"prompt": "hi", "logprobs": 99}, 400, "logprobs=99"),
-    ("completions", {"prompt": "hi " * 9000, "max_tokens": 0}, 400, "context"),
-    ("embeddings", {"input": "hi"}, 404, "no route"),
-])
-def test_server_refuses_bad_requests_with_clear_json_errors(server, path, body, status, needle):
-    code, a = post(server[1], path, body)
-    assert code == status and needle in a["error"]["message"], a
-
-
-# --- end to end against the loopback server ----------------------------------------------------
-
-def test_autointerp_runs_end_to_end_against_the_loopback_server(end_to_end):
-    sec, made = end_to_end["first"], end_to_end["made"]
-    assert sec["judge"]["model"] == "embedded:smollm2-135m" and sec["judge"]["plumbing_check"] is True
-    assert "plumbing check, not a quality judgement" in sec["note"]
-    assert sec["selection"].startswith("stratified by density") and len(sec["features"]) == 3
-    assert len({f["stratum"] for f in sec["features"]}) == 3  # one feature from each density group
-    assert sec["requests"]["made"] == made > 0 and sec["requests"]["from_cache"] == 0
-    n_files = len(list(Path(sec["requests"]["cache_dir"]).glob("*/*.json")))
-    assert n_files == made
-    for f in sec["features"]:
-        assert f["explanation"] and f["explanation"] != "(no explanation)", f
-        assert f["n_test"] == 2 and f["n_nonactivating"] == 2
-        for scorer in ("detection", "fuzzing"):
-            s = f[scorer]
-            assert 0 <= s["balanced_accuracy"] <= 1 and 0 <= s["f1"] <= 1 and s["n"] == 4 and s["n_positive"] == 2
-            assert s["n_with_probability"] == 4 and 0 <= s["auroc"] <= 1  # the server returns logprobs
-        n_tok = sum(len(c["tokens"]) for c in f["examples"]["test"] + f["examples"]["nonactivating"])
-        assert f["simulation"]["n_tokens"] == n_tok and -1 <= f["simulation"]["score"] <= 1
-        assert 0 <= f["surprisal"]["auroc"] <= 1 and len(f["surprisal"]["loss_neutral"]) == 4
-        assert 0 <= f["embedding"]["auroc"] <= 1
-        # the explainer saw contexts with the feature active; the non-activating ones are all zero
-        assert all(max(c["acts"]) > 0 for c in f["examples"]["explain"] + f["examples"]["test"])
-        assert all(max(c["acts"]) == 0 for c in f["examples"]["nonactivating"])
-        shown = {tuple(c["tokens"]) for c in f["examples"]["explain"]}
-        assert not shown & {tuple(c["tokens"]) for c in f["examples"]["test"]}  # held out
-    # per feature: 1 explanation + 4 detection + 4 fuzzing + 4 simulation requests
-    assert made == 3 * (1 + 4 + 4 + 4)
-    assert sec["summary"]["detection.balanced_accuracy"]["n"] == 3
-    page = (end_to_end["out"] / "audit.html").read_text()
-    assert 'id="autointerp"' in page and 'id="plumbing-note"' in page
-    assert all(f'data-feature="{f["feature"]}"' in page for f in sec["features"])
-    assert "http://" not in page.replace(end_to_end["url"], "")  # only the endpoint's own address
-
-
-def test_a_second_run_answers_from_the_cache_and_makes_no_request(end_to_end):
-    first, second = end_to_end["first"], end_to_end["second"]
-    assert end_to_end["after_second"] == end_to_end["made"]  # the server saw no new request
-    assert second["requests"]["made"] == 0 and second["requests"]["from_cache"] == end_to_end["made"]
-    assert first["features"] == second["features"]  # same contexts, explanations and scores
-
-
-def test_the_key_never_reaches_output_cache_or_audit_json(end_to_end):
-    out = end_to_end["out"]
-    assert SECRET not in end_to_end["stdout"]
-    text = all_text(out)
-    assert "autointerp" in text and "chat/completions" in text  # the cache and audit.json were read
-    assert SECRET not in text
-    # what the cache holds: the request body and the answer, no header
-    entry = json.loads(next(Path(end_to_end["first"]["requests"]["cache_dir"]).glob("*/*.json")).read_text())
-    assert set(entry) == {"endpoint", "path", "request", "response"}
-
-
-def test_unreachable_endpoint_fails_clearly_and_keeps_the_cached_answers(end_to_end, server, sparse_sae,
-                                                                        tiny_model_dir, text_dir):
-    proc, url = server
-    stop(proc)  # the endpoint goes away; its answers stay cached
-    cache = Path(end_to_end["first"]["requests"]["cache_dir"])
-    kept = sorted(p.name for p in cache.glob("*/*.json"))
-    # one non-activating context more per feature: the first feature's explanation and its 4 cached
-    # detection answers come from the cache, the 5th detection request goes to the endpoint
-    cfg = config_from(cli_args(tiny_model_dir, text_dir, sparse_sae, end_to_end["out"], url, n_nonactivating=3))
-    with pytest.raises(EndpointError) as e:
-        run(cfg)
-    msg = str(e.value)
-    assert f"cannot reach the endpoint {url}/chat/completions" in msg and "Fix" in msg, msg
-    assert "python -m pipeline.audit.server" in msg and "autointerp.base_url" in msg
-    assert f"{len(kept)} answers cached so far are kept in {cache}" in msg and "5 answered from it in this run" in msg
-    assert isinstance(e.value, ConnectionError)
-    assert sorted(p.name for p in cache.glob("*/*.json")) == kept
-    assert not list(cache.glob("*/*.tmp*"))  # no half-written answer
-
-
-def test_the_default_starts_and_stops_its_own_loopback_server(sparse_sae, tiny_model_dir, text_dir, tmp_path):
-    """autointerp.base_url=null: the run starts pipeline.audit.server itself (here serving the tiny
-    random model, to keep the test short), stops it, and a rerun from the cache starts nothing."""
-    args = cli_args(tiny_model_dir, text_dir, sparse_sae, tmp_path, None, n_features=2, density_strata=2,
-                    n_test=2, n_nonactivating=2, embedding="false", judge_model=str(tiny_model_dir))
-    sec = run(config_from(args))["autointerp"]
-    assert sec["judge"] == {"base_url": "loopback: python -m pipeline.audit.server", "model": str(tiny_model_dir),
-                            "plumbing_check": False}
-    assert sec["note"] is None  # the SmolLM2 caveat is for SmolLM2
-    # (the random model explains both features alike, so requests both share come from the cache)
-    assert sec["requests"]["made"] + sec["requests"]["from_cache"] == 2 * (1 + 4 + 4 + 4)
-    log = (tmp_path / "autointerp_server.log").read_text()
-    assert f"loaded {tiny_model_dir}" in log and "serving" in log
-    # the server it started (python -m pipeline.audit.server --model ...) is gone
-    running = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "pipeline.audit.server --model"],
-                             capture_output=True, text=True)
-    assert running.returncode == 1 and not running.stdout.strip()
-    again = run(config_from(args))["autointerp"]
-    assert again["requests"] == {"made": 0, "from_cache": 26, "cache_dir": sec["requests"]["cache_dir"]}
-    assert (tmp_path / "autointerp_server.log").read_text() == log  # no second server was started
-    assert again["features"] == sec["features"] and "embedding" not in sec["features"][0]
-
-
 # --- bad input ---------------------------------------------------------------------------------
 
 def test_missing_key_names_the_variable_before_anything_runs(tmp_path, monkeypatch):
@@ -341,6 +202,25 @@ def test_cache_keys_differ_by_endpoint_model_and_body():
                 request_key("http://a/v1", "m2", "chat/completions", body),
                 request_key("http://a/v1", "m", "completions", body),
                 request_key("http://a/v1", "m", "chat/completions", {"messages": []})}) == 5
+
+
+def test_the_cache_answers_without_the_network_and_a_damaged_entry_is_asked_again(tmp_path):
+    import socket
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    e = Endpoint(f"http://127.0.0.1:{port}/v1", "m", "UNSET_KEY_VAR", tmp_path, timeout=5, max_retries=0)
+    body = {"messages": [{"role": "user", "content": "Is it? Yes or No?"}]}
+    f = e._file("chat/completions", {"model": "m", **body})
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"endpoint": e.identity, "path": "chat/completions", "request": body,
+                             "response": {"choices": [{"message": {"content": "Yes"}}]}}))
+    assert e("chat/completions", body)["choices"][0]["message"]["content"] == "Yes"
+    assert (e.hits, e.requests) == (1, 0)
+    f.write_text('{"endpoint": "half a fi')
+    with pytest.raises(EndpointError, match=f"cannot reach the endpoint http://127.0.0.1:{port}/v1/chat/completions"):
+        e("chat/completions", body)
+    assert f.exists() and e.requests == 0
 
 
 # --- scorers on constructed judges ---------------------------------------------------------------
@@ -467,3 +347,154 @@ def test_surprisal_and_embedding_separate_contexts_the_explanation_describes(smo
     from pipeline.audit.autointerp.run import load_embedder
     e = embedding(load_embedder(), "zebras, the striped African animals", act, non)
     assert e["auroc"] == 1.0 and e["mean_cosine_activating"] > e["mean_cosine_nonactivating"], e
+
+
+# --- the server's protocol ---------------------------------------------------------------------
+
+def test_server_answers_chat_and_echoed_completions_with_correct_logprobs(server, smollm2):
+    url = server[1]
+    with urllib.request.urlopen(f"{url}/models", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["id"] == "embedded:smollm2-135m"
+    code, a = post(url, "chat/completions", {"model": "x", "messages": [
+        {"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        "temperature": 0, "max_tokens": 12, "logprobs": True, "top_logprobs": 3})
+    assert code == 200, a
+    c = a["choices"][0]
+    assert "Paris" in c["message"]["content"]
+    lp = c["logprobs"]["content"]
+    assert len(lp) == a["usage"]["completion_tokens"] and len(lp[0]["top_logprobs"]) == 3
+    assert lp[0]["logprob"] == max(t["logprob"] for t in lp[0]["top_logprobs"])  # greedy takes the top token
+    # echoed prompt log-probabilities equal a plain forward pass of the same model
+    prompt = "The cat sat on the mat.\tunknown\n"
+    code, a = post(url, "completions", {"model": "x", "prompt": prompt, "max_tokens": 0, "echo": True,
+                                        "logprobs": 5})
+    assert code == 200, a
+    lp = a["choices"][0]["logprobs"]
+    assert a["choices"][0]["text"] == prompt and "".join(lp["tokens"]) == prompt
+    assert [prompt[o:o + len(t)] for o, t in zip(lp["text_offset"], lp["tokens"])] == lp["tokens"]
+    loaded = smollm2
+    ids = loaded.tokenizer(prompt, add_special_tokens=False).input_ids
+    ctx = torch.tensor([[loaded.tokenizer.bos_token_id] + ids])
+    with torch.no_grad():
+        ref = torch.log_softmax(loaded.model(input_ids=ctx).logits[0, :-1].float(), -1)
+    want = ref[torch.arange(len(ids)), torch.tensor(ids)]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"]), want, atol=2e-3, rtol=0)
+    assert len(lp["top_logprobs"][3]) == 5 and max(lp["top_logprobs"][3].values()) >= lp["token_logprobs"][3]
+    # sampling with a seed is reproducible
+    body = {"model": "x", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    assert post(url, "completions", body)[1]["choices"][0]["text"] == post(url, "completions", body)[1]["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("path,body,status,needle", [
+    ("chat/completions", b"{not json", 400, "not JSON"),
+    ("chat/completions", b"[1, 2]", 400, "JSON object"),
+    ("chat/completions", {"model": "x"}, 400, "messages must be"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, 400, "stream"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "logprobs=true"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+    ("completions", {"prompt": "hi", "seed": "7"}, 400, "seed='7'"),
+    ("completions", {"prompt": ""}, 400, "prompt must be"),
+    ("completions", {"prompt": "hi", "logprobs": 99}, 400, "logprobs=99"),
+    ("completions", {"prompt": "hi " * 9000, "max_tokens": 0}, 400, "context"),
+    ("embeddings", {"input": "hi"}, 404, "no route"),
+])
+def test_server_refuses_bad_requests_with_clear_json_errors(server, path, body, status, needle):
+    code, a = post(server[1], path, body)
+    assert code == status and needle in a["error"]["message"], a
+
+
+# --- end to end against the loopback server ----------------------------------------------------
+
+def test_autointerp_runs_end_to_end_against_the_loopback_server(end_to_end):
+    sec, made = end_to_end["first"], end_to_end["made"]
+    assert sec["judge"]["model"] == "embedded:smollm2-135m" and sec["judge"]["plumbing_check"] is True
+    assert "plumbing check, not a quality judgement" in sec["note"]
+    assert sec["selection"].startswith("stratified by density") and len(sec["features"]) == 3
+    assert len({f["stratum"] for f in sec["features"]}) == 3  # one feature from each density group
+    assert sec["requests"]["made"] == made > 0 and sec["requests"]["from_cache"] == 0
+    n_files = len(list(Path(sec["requests"]["cache_dir"]).glob("*/*.json")))
+    assert n_files == made
+    for f in sec["features"]:
+        assert f["explanation"] and f["explanation"] != "(no explanation)", f
+        assert f["n_test"] == 1 and f["n_nonactivating"] == 1
+        for scorer in ("detection", "fuzzing"):
+            s = f[scorer]
+            assert 0 <= s["balanced_accuracy"] <= 1 and 0 <= s["f1"] <= 1 and s["n"] == 2 and s["n_positive"] == 1
+            assert s["n_with_probability"] == 2 and 0 <= s["auroc"] <= 1  # the server returns logprobs
+        n_tok = sum(len(c["tokens"]) for c in f["examples"]["test"] + f["examples"]["nonactivating"])
+        assert f["simulation"]["n_tokens"] == n_tok and -1 <= f["simulation"]["score"] <= 1
+        assert 0 <= f["surprisal"]["auroc"] <= 1 and len(f["surprisal"]["loss_neutral"]) == 2
+        assert 0 <= f["embedding"]["auroc"] <= 1
+        # the explainer saw contexts with the feature active; the non-activating ones are all zero
+        assert all(max(c["acts"]) > 0 for c in f["examples"]["explain"] + f["examples"]["test"])
+        assert all(max(c["acts"]) == 0 for c in f["examples"]["nonactivating"])
+        shown = {tuple(c["tokens"]) for c in f["examples"]["explain"]}
+        assert not shown & {tuple(c["tokens"]) for c in f["examples"]["test"]}  # held out
+    # per feature: 1 explanation + 2 detection + 2 fuzzing + 2 simulation requests
+    assert made == 3 * (1 + 2 + 2 + 2)
+    assert sec["summary"]["detection.balanced_accuracy"]["n"] == 3
+    page = (end_to_end["out"] / "audit.html").read_text()
+    assert 'id="autointerp"' in page and 'id="plumbing-note"' in page
+    assert all(f'data-feature="{f["feature"]}"' in page for f in sec["features"])
+    assert "http://" not in page.replace(end_to_end["url"], "")  # only the endpoint's own address
+
+
+def test_a_second_run_answers_from_the_cache_and_makes_no_request(end_to_end):
+    first, second = end_to_end["first"], end_to_end["second"]
+    assert end_to_end["after_second"] == end_to_end["made"]  # the server saw no new request
+    assert second["requests"]["made"] == 0 and second["requests"]["from_cache"] == end_to_end["made"]
+    assert first["features"] == second["features"]  # same contexts, explanations and scores
+
+
+def test_the_key_never_reaches_output_cache_or_audit_json(end_to_end):
+    out = end_to_end["out"]
+    assert SECRET not in end_to_end["stdout"]
+    text = all_text(out)
+    assert "autointerp" in text and "chat/completions" in text  # the cache and audit.json were read
+    assert SECRET not in text
+    # what the cache holds: the request body and the answer, no header
+    entry = json.loads(next(Path(end_to_end["first"]["requests"]["cache_dir"]).glob("*/*.json")).read_text())
+    assert set(entry) == {"endpoint", "path", "request", "response"}
+
+
+def test_unreachable_endpoint_fails_clearly_and_keeps_the_cached_answers(end_to_end, server, sparse_sae,
+                                                                        tiny_model_dir, text_dir):
+    proc, url = server
+    stop(proc)  # the endpoint goes away; its answers stay cached
+    cache = Path(end_to_end["first"]["requests"]["cache_dir"])
+    kept = sorted(p.name for p in cache.glob("*/*.json"))
+    # one non-activating context more per feature: the first feature's explanation and its 2 cached
+    # detection answers come from the cache, the 3rd detection request goes to the endpoint
+    cfg = config_from(cli_args(tiny_model_dir, text_dir, sparse_sae, end_to_end["out"], url, n_nonactivating=2))
+    with pytest.raises(EndpointError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert f"cannot reach the endpoint {url}/chat/completions" in msg and "Fix" in msg, msg
+    assert "python -m pipeline.audit.server" in msg and "autointerp.base_url" in msg
+    assert f"{len(kept)} answers cached so far are kept in {cache}" in msg and "3 answered from it in this run" in msg
+    assert isinstance(e.value, ConnectionError)
+    assert sorted(p.name for p in cache.glob("*/*.json")) == kept
+    assert not list(cache.glob("*/*.tmp*"))  # no half-written answer
+
+
+def test_the_default_starts_and_stops_its_own_loopback_server(sparse_sae, tiny_model_dir, text_dir, tmp_path):
+    """autointerp.base_url=null: the run starts pipeline.audit.server itself (here serving the tiny
+    random model, to keep the test short), stops it, and a rerun from the cache starts nothing."""
+    args = cli_args(tiny_model_dir, text_dir, sparse_sae, tmp_path, None, n_features=2, density_strata=2,
+                    embedding="false", judge_model=str(tiny_model_dir))
+    sec = run(config_from(args))["autointerp"]
+    assert sec["judge"] == {"base_url": "loopback: python -m pipeline.audit.server", "model": str(tiny_model_dir),
+                            "plumbing_check": False}
+    assert sec["note"] is None  # the SmolLM2 caveat is for SmolLM2
+    # (the random model explains both features alike, so requests both share come from the cache)
+    assert sec["requests"]["made"] + sec["requests"]["from_cache"] == 2 * (1 + 2 + 2 + 2)
+    log = (tmp_path / "autointerp_server.log").read_text()
+    assert f"loaded {tiny_model_dir}" in log and "serving" in log
+    # the server it started (python -m pipeline.audit.server --model ...) is gone
+    running = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "pipeline.audit.server --model"],
+                             capture_output=True, text=True)
+    assert running.returncode == 1 and not running.stdout.strip()
+    again = run(config_from(args))["autointerp"]
+    assert again["requests"] == {"made": 0, "from_cache": 14, "cache_dir": sec["requests"]["cache_dir"]}
+    assert (tmp_path / "autointerp_server.log").read_text() == log  # no second server was started
+    assert again["features"] == sec["features"] and "embedding" not in sec["features"][0]

@@ -70,6 +70,7 @@ def _stops(body: dict) -> list[str]:
 
 
 def _common(body: dict) -> None:
+    _int(body, "seed", None, 0, 2**63 - 1)
     if body.get("stream"):
         raise RequestError("stream=true is not supported by this server. Fix: send stream=false", "stream")
     if _int(body, "n", 1, 1, 1) != 1:

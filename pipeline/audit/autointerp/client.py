@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -80,8 +81,12 @@ class Endpoint:
         body = {"model": self.model, **body}
         f = self._file(path, body)
         if f.exists():
-            self.hits += 1
-            return json.loads(f.read_text(encoding="utf-8"))["response"]
+            try:
+                answer = json.loads(f.read_text(encoding="utf-8"))["response"]
+                self.hits += 1
+                return answer
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                pass  # damaged by hand or by the disk (writes are atomic): ask again and overwrite
         answer = self._post(path, body)
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f"{f.name}.tmp{os.getpid()}")
@@ -123,6 +128,8 @@ class Endpoint:
             if self.base_url is None:
                 self.base_url = self._start_server()
             key = os.environ.get(self.api_key_env) or "unused-on-loopback"
+            for name in ("httpx", "httpx2"):  # one INFO line per request under Hydra's logging: we print our own
+                logging.getLogger(name).setLevel(logging.WARNING)
             self._client = OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout,
                                   max_retries=self.max_retries)
         return self._client

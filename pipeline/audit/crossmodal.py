@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import re
 import time
+from dataclasses import asdict
 
 import torch
 from torch import Tensor
@@ -141,7 +142,7 @@ def run_crossmodal(cfg: AuditConfig) -> dict:
     t = time.time()
     section = {"sae": d.path, "vlm": loaded.model_id, "hook": d.hook, "n_features": d.n_features,
                "d_model": d.d_model, "top": cfg.top, "skip": cfg.exclude_positions_below,
-               "image_splitting": cfg.vlm_image_splitting, "dashboard": cfg.dashboard}
+               "image_splitting": cfg.vlm_image_splitting, "dashboard": cfg.dashboard, "config": asdict(cfg)}
     section["text_only"] = {"vlm": text_metrics(d, loaded, _eval_config(cfg, cfg.vlm))}
     print(format_metrics("VLM", loaded.model_id, section["text_only"]["vlm"]) + f"  ({time.time() - t:.1f}s)",
           flush=True)

@@ -277,6 +277,21 @@ def test_main_latents_grow_while_f1_jumps():
         AuditConfig(task="absorption", absorption_words=10)
 
 
+def test_word_activations_on_the_prefix_cache_equal_the_whole_prompt(tiny):
+    from pipeline.audit.absorption import TEMPLATE, alpha_words, prompt_prefix, word_activations
+    vocab = alpha_words(tiny.tokenizer)
+    assert len(vocab) > 1000 and all(tiny.tokenizer.decode([i]) == " " + w and w.isalpha() for i, w in vocab[:500])
+    icl, words = vocab[:10], vocab[10:40]
+    prefix = prompt_prefix(tiny.tokenizer, icl)
+    sae = create(SAEConfig(architecture="relu_l1", n_features=16, d_model=32))
+    d = Dictionary.attach(sae, tiny, HOOK)
+    x = word_activations(d, tiny, prefix, [i for i, _ in words], batch_size=7)
+    post = tiny.tokenizer(TEMPLATE, add_special_tokens=False).input_ids
+    full = torch.tensor([prefix + [i] + post for i, _ in words])
+    ref = ActivationCapture(tiny, [HOOK])(full)[HOOK][:, len(prefix)]
+    torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)
+
+
 # --- command line, report and the dashboard link ------------------------------------------------
 
 @pytest.fixture(scope="module")

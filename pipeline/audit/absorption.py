@@ -5,7 +5,8 @@ README): the report says so next to the numbers.
 1. Words: tokens of the vocabulary that are a space plus 2+ ASCII letters, a seeded sample of at
    most max_words, split 80/20 into train and test. Prompt: ten fixed in-context examples
    ("<word> has the first letter: W", one per line) then "<word> has the first letter:"; the
-   residual stream at the hook is read at the word's token.
+   residual stream at the hook is read at the word's token (computed on the prefix's key-value
+   cache: the same numbers as the whole prompt).
 2. Probe: per letter, a one-vs-rest logistic regression (scikit-learn, balanced classes) on the
    residual; p_L is its unit weight vector. Its F1 on the test words is reported.
 3. Main latents: per letter, an L1 logistic regression on all latents (SAEBench's L1 decay 0.01
@@ -30,6 +31,7 @@ README): the report says so next to the numbers.
 from __future__ import annotations
 
 import html
+import inspect
 import random
 import string
 
@@ -129,21 +131,51 @@ def main_latents(latents_train, y_train: np.ndarray, latents_test, y_test: np.nd
     return main, scores
 
 
-def prompts_for(tokenizer, words: list[tuple[int, str]], icl: list[tuple[int, str]]) -> tuple[Tensor, int]:
-    """[N, T] token ids (BOS, the in-context examples, the word, the template) and the word's position."""
+def prompt_prefix(tokenizer, icl: list[tuple[int, str]]) -> list[int]:
+    """BOS and the in-context examples, one per line: the part every prompt shares."""
     prefix = "".join(f" {w}{TEMPLATE} {w[0].upper()}\n" for _, w in icl)
-    pre = tokenizer(prefix, add_special_tokens=False).input_ids
-    post = tokenizer(TEMPLATE, add_special_tokens=False).input_ids
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([[bos, *pre, i, *post] for i, _ in words])
-    return ids, 1 + len(pre)
+    return [bos, *tokenizer(prefix, add_special_tokens=False).input_ids]
+
+
+class _Stop(Exception):
+    """Raised by the hook: later layers are not needed."""
 
 
 @torch.no_grad()
-def word_activations(d, loaded, ids: Tensor, pos: int, batch_size: int = 32) -> Tensor:
-    from pipeline.models import ActivationCapture
-    capture = ActivationCapture(loaded, [d.hook])
-    out = [capture(ids[lo:lo + batch_size])[d.hook][:, pos].float().cpu() for lo in range(0, len(ids), batch_size)]
+def word_activations(d, loaded, prefix: list[int], words: list[int], batch_size: int = 64) -> Tensor:
+    """[N, d_model] residual at the hook at each word's token after the shared prefix. Causal
+    attention: the template after the word never changes the word's residual, so only the word
+    runs, on top of the prefix's key-value cache (the same numbers as the full prompt, ~80x less work)."""
+    import copy
+
+    from pipeline.models import resolve_hook
+    model = loaded.model
+    module = dict(model.named_modules())[resolve_hook(model, d.hook)]
+    dev = loaded.device
+    # transformers 5 renamed past_key_values to cache (argument and output); older versions have the first
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = getattr(model(input_ids=torch.tensor([prefix], device=dev), use_cache=True), kw)
+    got = {}
+
+    def hook(_m, _i, out):
+        got["x"] = out[0] if isinstance(out, tuple) else out
+        raise _Stop
+
+    out = []
+    handle = module.register_forward_hook(hook)
+    try:
+        for lo in range(0, len(words), batch_size):
+            ids = torch.tensor(words[lo:lo + batch_size], device=dev)[:, None]
+            c = copy.deepcopy(cache)
+            c.batch_repeat_interleave(len(ids))
+            try:
+                model(input_ids=ids, use_cache=True, **{kw: c})
+            except _Stop:
+                pass
+            out.append(got.pop("x")[:, -1].float().cpu())
+    finally:
+        handle.remove()
     return torch.cat(out)
 
 
@@ -161,7 +193,7 @@ def sparse_latents(d, x: Tensor, scale: Tensor, batch: int = 256):
 
 
 def absorption(d, loaded, max_words: int = 3000, max_k: int = 10, f1_jump: float = 0.03, seed: int = 0,
-               batch_size: int = 32) -> dict:
+               batch_size: int = 64) -> dict:
     """The absorption section of audit.json for dictionary d on loaded's residual stream."""
     LogisticRegression = sklearn_logistic()
     vocab = alpha_words(loaded.tokenizer)
@@ -172,8 +204,8 @@ def absorption(d, loaded, max_words: int = 3000, max_k: int = 10, f1_jump: float
     rng = random.Random(seed)
     rng.shuffle(vocab)
     icl, words = vocab[:N_ICL], vocab[N_ICL:N_ICL + max_words]
-    ids, pos = prompts_for(loaded.tokenizer, words, icl)
-    x = word_activations(d, loaded, ids, pos, batch_size)
+    prefix = prompt_prefix(loaded.tokenizer, icl)
+    x = word_activations(d, loaded, prefix, [i for i, _ in words], batch_size)
     letter = np.array([LETTERS.index(w[0].lower()) for _, w in words])
     n_train = int(0.8 * len(words))
     tr, te = slice(0, n_train), slice(n_train, None)
@@ -210,7 +242,7 @@ def absorption(d, loaded, max_words: int = 3000, max_k: int = 10, f1_jump: float
                                       "full": bool(u)} for i, f, u in zip(tp.tolist(), frac, full) if f > 0][:8]})
     ok = [r for r in letters if not r["skipped"] and r["probe_f1"] > 0.6 and r["n_probe_true_positives"]]
     return {"n_words": len(words), "n_train": n_train, "n_test": len(words) - n_train, "icl_examples": [w for _, w in icl],
-            "template": "<word>" + TEMPLATE, "word_position": pos, "max_k": max_k, "f1_jump": f1_jump,
+            "template": "<word>" + TEMPLATE, "word_position": len(prefix), "max_k": max_k, "f1_jump": f1_jump,
             "n_letters_scored": len(ok), "too_few_letters": len(ok) < 20,
             "mean_absorption_fraction": float(np.mean([r["mean_absorption_fraction"] for r in ok])) if ok else None,
             "mean_full_absorption_rate": float(np.mean([r["full_absorption_rate"] for r in ok])) if ok else None,

@@ -141,7 +141,8 @@ def read_data(out_dir: Path, sec: dict) -> dict | None:
 def scatter_svg(xy: list[list[float]], colour: list[float], links, max_points: int = 20000, width: int = 720,
                 height: int = 520) -> str:
     """Inline SVG scatter of the map: one circle per feature (at most max_points, every k-th), its
-    colour the first-neighbour cosine (blue low, red high), linked to the feature's dashboard page."""
+    colour the first-neighbour cosine (blue: the lowest in the dictionary, red: the highest),
+    linked to the feature's dashboard page."""
     prefix, have = links
     F = len(xy)
     step = max(1, -(-F // max_points))
@@ -151,9 +152,10 @@ def scatter_svg(xy: list[list[float]], colour: list[float], links, max_points: i
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     sx, sy = (width - 20) / ((x1 - x0) or 1), (height - 20) / ((y1 - y0) or 1)
     r = 2.5 if F <= 5000 else 1.4
+    c0, c1 = min(colour), max(colour)
     dots = []
     for i in range(0, F, step):
-        t = min(max(colour[i], 0.0), 1.0)
+        t = (colour[i] - c0) / ((c1 - c0) or 1)
         fill = f"rgb({int(40 + 200 * t)},{int(90 + 30 * (1 - t))},{int(220 * (1 - t) + 30)})"
         c = (f'<circle cx="{10 + (xs[i] - x0) * sx:.1f}" cy="{height - 10 - (ys[i] - y0) * sy:.1f}" r="{r}" '
              f'fill="{fill}"><title>feature {i}: nearest cosine {colour[i]:.2f}</title></circle>')
@@ -176,7 +178,8 @@ in {html.escape(sec['file'])}</p>
 <p>Neighbours: the features whose decoder rows have the highest cosine with the feature's (exact, all pairs).
 Map: {'UMAP (cosine metric, ' + str(sec['n_neighbors_umap']) + ' neighbours, on the exact neighbour graph)'
       if sec['map_method'] == 'umap' else 'the first two principal components of the unit decoder rows'};
-colour: cosine to the nearest neighbour (blue 0 or below, red 1). Points link to dashboard pages.</p>
+colour: cosine to the nearest neighbour, from the lowest (blue) to the highest (red) in the dictionary.
+Points link to dashboard pages.</p>
 <h3>Cosine to the nearest neighbour</h3>{cosine_bars(h['edges'], h['counts'])}
 <p class="meta">mean {sec['mean_first_cosine']:.3f}, median {sec['median_first_cosine']:.3f}</p>"""
     if data is None:
@@ -188,7 +191,8 @@ colour: cosine to the nearest neighbour (blue 0 or below, red 1). Points link to
         f'<tr data-feature="{i}"><td>{_link(i, links)}</td><td class="num">{first[i]:.3f}</td><td>'
         + ", ".join(f'{_link(j, links)} <span class="meta">({c:.2f})</span>'
                     for j, c in zip(data["neighbours"][i], data["cosine"][i])) + "</td></tr>" for i in shown)
-    return (head + f"<h3>Map of all features</h3>{scatter}"
+    return (head + f"<h3>Map of all features</h3>{scatter}<p class=\"meta\">colour: nearest cosine {min(first):.2f} "
+            f"(blue) to {max(first):.2f} (red)</p>"
             f"<h3>Neighbours (the {len(shown)} features with the closest nearest neighbour; all in "
             f"{html.escape(sec['file'])})</h3><table id=\"neighbour-lists\"><thead><tr><th>feature</th>"
             f"<th>nearest cosine</th><th>neighbours (cosine)</th></tr></thead><tbody>{rows}</tbody></table>")

@@ -370,3 +370,12 @@ def test_images_field_of_a_concept_set_is_validated(images, tmp_path):
     no_images = {k: v for k, v in base.items() if k != "images"}
     f.write_text(yaml.safe_dump(no_images))
     assert load_concept_set(f).images == {}
+
+
+def test_other_stages_attach_a_dictionary_to_the_vlm_text_model(vlm):
+    """evaluate/interpret/steer attach through Dictionary: the width check reads the VLM's text config."""
+    from pipeline.evaluate.dictionary import Dictionary
+    d = Dictionary.attach(create(SAEConfig(architecture="relu_l1", n_features=8, d_model=32)), vlm, HOOK)
+    assert d.hook == HOOK
+    with pytest.raises(ConfigError, match="has d_model=48, but hook 'model.text_model.layers.2'.*outputs width 32"):
+        Dictionary.attach(create(SAEConfig(architecture="relu_l1", n_features=8, d_model=48)), vlm, HOOK)

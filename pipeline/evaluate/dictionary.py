@@ -127,11 +127,11 @@ class Dictionary:
 def _hook_width(loaded: LoadedModel, module: str) -> int | None:
     """The hook's output width where it is known without running the model: the hidden size for
     the residual stream (the blocks themselves); None for other modules (checked on first use)."""
-    from pipeline.models import block_list
+    from pipeline.models import block_list, text_config
     try:
         blocks, layers = block_list(loaded.model)
     except HookNotFoundError:
         return None
     if module.startswith(blocks + ".") and module[len(blocks) + 1:].isdigit():
-        return loaded.model.config.hidden_size
+        return text_config(loaded.model.config).hidden_size  # a VLM's config keeps it in text_config
     return None

@@ -22,9 +22,9 @@ import torch
 from pipeline.audit import AuditConfig, run
 from pipeline.audit.autointerp import AutointerpConfig
 from pipeline.audit.autointerp.client import Endpoint, EndpointError, request_key
-from pipeline.audit.autointerp.scorers import (Answer, Context, binary_auroc, classification_metrics, context_loss,
-                                               detection, embedding, expected_value, fuzz_marks, fuzzing, marked,
-                                               parse_explanation, pearson, simulation, surprisal)
+from pipeline.audit.autointerp.scorers import (EXPLAIN_SYSTEM, Answer, Context, binary_auroc, classification_metrics,
+                                               context_loss, detection, embedding, expected_value, fuzz_marks, fuzzing,
+                                               marked, parse_explanation, pearson, simulation, surprisal)
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.models import ActivationCapture, ModelConfig, load_model
@@ -316,7 +316,8 @@ def test_fuzzing_marks_as_many_random_tokens_as_the_activating_contexts_have():
 def test_parsing_the_judges_answers():
     assert parse_explanation("Sure!\n[EXPLANATION]: \"words about water\"\nmore") == "words about water"
     assert parse_explanation("\n  animals and pets\n") == "animals and pets"
-    assert parse_explanation("") == "(no explanation)"
+    assert parse_explanation("") == "(no explanation)" and parse_explanation("<<") == "(no explanation)"
+    assert parse_explanation("<<Leg>>ge del Lavoro") == "Legge del Lavoro"
     assert expected_value({"3": math.log(0.5), " 7": math.log(0.25), "x": math.log(0.25)}) == pytest.approx(
         (3 * 0.5 + 7 * 0.25) / 0.75)
     assert expected_value({"10": 0.0, "a": -1.0}) == 10.0 and expected_value({"a": 0.0}) == 0.0
@@ -415,7 +416,6 @@ def test_autointerp_runs_end_to_end_against_the_loopback_server(end_to_end):
     n_files = len(list(Path(sec["requests"]["cache_dir"]).glob("*/*.json")))
     assert n_files == made
     for f in sec["features"]:
-        assert f["explanation"] and f["explanation"] != "(no explanation)", f
         assert f["n_test"] == 1 and f["n_nonactivating"] == 1
         for scorer in ("detection", "fuzzing"):
             s = f[scorer]
@@ -433,6 +433,11 @@ def test_autointerp_runs_end_to_end_against_the_loopback_server(end_to_end):
     # per feature: 1 explanation + 2 detection + 2 fuzzing + 2 simulation requests
     assert made == 3 * (1 + 2 + 2 + 2)
     assert sec["summary"]["detection.balanced_accuracy"]["n"] == 3
+    # each explanation is the judge's answer to one explain request, as cached
+    answers = [json.loads(p.read_text()) for p in Path(sec["requests"]["cache_dir"]).glob("*/*.json")]
+    explained = [parse_explanation(e["response"]["choices"][0]["message"]["content"]) for e in answers
+                 if e["path"] == "chat/completions" and e["request"]["messages"][0]["content"] == EXPLAIN_SYSTEM]
+    assert sorted(explained) == sorted(f["explanation"] for f in sec["features"])
     page = (end_to_end["out"] / "audit.html").read_text()
     assert 'id="autointerp"' in page and 'id="plumbing-note"' in page
     assert all(f'data-feature="{f["feature"]}"' in page for f in sec["features"])

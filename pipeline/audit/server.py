@@ -9,7 +9,7 @@ prints `serving <model> at http://127.0.0.1:<port>/v1` once it listens (port 0: 
     POST /v1/chat/completions   chat template; greedy (temperature 0) or sampled; logprobs, top_logprobs
     POST /v1/completions        plain prompt; echo + logprobs give prompt log-probabilities
                                 (echo: true, max_tokens: 0, logprobs: N, as OpenAI's simulator uses)
-    GET  /stats                 {"requests": completion requests answered, "by_path": {...}}
+    GET  /stats                 {"requests": POSTs received by the two routes above, "by_path": {...}}
 
 One request runs at a time (a lock around the model); no streaming, n = 1. Bad requests get HTTP
 400 with an OpenAI-style {"error": {"message", "type", "param"}} body naming the field and the fix.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -232,10 +232,11 @@ DIGITS = {str(i): i for i in range(11)}
 
 
 def parse_explanation(text: str) -> str:
-    """The phrase after "[EXPLANATION]:" (else the first non-empty line), unquoted, at most 200 characters."""
+    """The phrase after "[EXPLANATION]:" (else the first non-empty line), without quotes and << >>
+    markers (a small judge copies them from the examples), at most 200 characters."""
     t = text.split("[EXPLANATION]:", 1)[1] if "[EXPLANATION]:" in text else text
     line = next((x.strip() for x in t.strip().splitlines() if x.strip()), "")
-    return line.strip("\"'` ")[:200] or "(no explanation)"
+    return line.replace("<<", "").replace(">>", "").strip("\"'` ")[:200] or "(no explanation)"
 
 
 def show_token(t: str) -> str:

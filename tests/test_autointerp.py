@@ -404,6 +404,18 @@ def test_server_refuses_bad_requests_with_clear_json_errors(server, path, body, 
     assert code == status and needle in a["error"]["message"], a
 
 
+def test_an_endpoint_that_refuses_prompt_logprobs_leaves_simulation_out(server, tmp_path):
+    """A refused echo + logprobs request (here: more top log-probabilities than the server gives)
+    turns simulation off with the endpoint's reason, instead of failing the run."""
+    from pipeline.audit.autointerp.scorers import EndpointJudge
+    judge = EndpointJudge(Endpoint(server[1], "m", "UNSET_KEY_VAR", tmp_path, max_retries=0), top_logprobs=25)
+    act, non = constructed_contexts(1)
+    r = simulation(judge, "anything", act, non)
+    assert r == {"score": None, "reason": "the endpoint returned no prompt log-probabilities"}
+    assert "HTTP 400" in judge.simulation_error and "logprobs=25" in judge.simulation_error
+    assert judge.simulate("anything", act[0]) is None  # not asked again
+
+
 # --- end to end against the loopback server ----------------------------------------------------
 
 def test_autointerp_runs_end_to_end_against_the_loopback_server(end_to_end):

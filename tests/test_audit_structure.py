@@ -21,7 +21,7 @@ import yaml
 from pipeline.audit import AuditConfig, run
 from pipeline.audit.absorption import absorption_scores, main_latents
 from pipeline.audit.completeness import (ConceptListError, count_hits, corpus_frequencies, dedicated_features,
-                                         load_concept_list, name_activations, resolve_concept_lists, shipped_lists)
+                                         load_concept_list, resolve_concept_lists, shipped_lists, template_activations)
 from pipeline.audit.neighbours import nearest_neighbours, neighbourhoods
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
@@ -112,21 +112,32 @@ def test_frequency_counts_space_delimited_hits(tmp_path):
 
 
 def test_dedicated_feature_rule_on_constructed_activations():
-    C, T, F = 6, 4, 5
+    C, T, F = 6, 4, 6
     acts = torch.zeros(C, T, F)
     acts[0, :, 2] = torch.tensor([3.0, 2.0, 4.0, 1.0])  # only on concept 0: dedicated
     acts[:, :, 3] = 1.0                                  # on every name alike: AUROC 0.5
     acts[1, 0, 4] = 5.0                                  # concept 1, one template of four: fires too rarely
     acts[2, :3, 1] = 2.0                                 # concept 2 (3 of 4 templates), but also ...
-    acts[3:, :, 1] = 3.0                                 # ... higher on concepts 3-5: AUROC below 0.9
-    r = dedicated_features(acts, dedicated_auroc=0.9, min_fire_fraction=0.5)
+    acts[[3, 5], :, 1] = 3.0                             # ... higher on concepts 3 and 5: AUROC below 0.99
+    acts[4, :, 5] = 2.0                                  # only concept 4's name among the names, but ...
+    others = torch.zeros(50, F)
+    others[:9, 5] = 2.5                                  # ... above it on 9 of 50 context tokens
+    r = dedicated_features(acts, others, dedicated_auroc=0.99, min_fire_fraction=0.5)
     assert r[0]["found"] and r[0]["feature"] == 2 and r[0]["auroc"] == 1.0 and r[0]["fire_fraction"] == 1.0
     assert [x["found"] for x in r] == [True, False, False, False, False, False]
-    assert r[1]["feature"] == 3 and r[1]["auroc"] == 0.5  # the generic feature is its best, and is not dedicated
-    assert r[2]["feature"] in (1, 3) and r[2]["auroc"] < 0.9
-    # stricter fire fraction: concept 0's feature fires in all four templates, still found
-    assert dedicated_features(acts, 0.9, 1.0)[0]["found"]
-    assert not dedicated_features(acts, 1.0, 0.5)[1]["found"]
+    # the generic feature: tied with the 20 other names, above the 50 context tokens
+    assert r[1]["feature"] == 3 and r[1]["auroc"] == pytest.approx((50 + 20 / 2) / 70, abs=1e-4)
+    assert r[2]["auroc"] < 0.99
+    assert r[4]["feature"] == 5 and r[4]["auroc"] == pytest.approx(61 / 70, abs=1e-4)  # 20 names, 41 tokens below
+    # without the context tokens feature 5 would look dedicated to concept 4
+    assert dedicated_features(acts, None)[4]["found"]
+    # a feature that fires on much of the corpus is no candidate
+    dense = torch.full((F,), 1e-4)
+    dense[2] = 0.01
+    r = dedicated_features(acts, others, dense, max_density=1e-3)
+    assert not r[0]["found"] and r[0]["feature"] != 2
+    assert dedicated_features(acts, others, dense, max_density=0.02)[0]["found"]
+    assert not dedicated_features(acts, others, min_fire_fraction=1.0)[2]["found"]
 
 
 def test_shipped_concept_lists_and_bad_lists(tmp_path):
@@ -149,7 +160,7 @@ def test_shipped_concept_lists_and_bad_lists(tmp_path):
         load_concept_list(bad)
     with pytest.raises(ConceptListError, match=r"categories=\['animal'\] is neither.*Fix: categories=\[animals\]"):
         resolve_concept_lists(["animal"])
-    with pytest.raises(ConfigError, match="dedicated_auroc=1.5"):
+    with pytest.raises(ConfigError, match="dedicated_auroc=1.5 must lie in"):
         AuditConfig(task="completeness", dedicated_auroc=1.5)
 
 
@@ -173,7 +184,7 @@ def planted_dictionary(tiny, animal_list) -> torch.nn.Module:
     cl = load_concept_list(animal_list)
     tok = tiny.tokenizer
     capture = ActivationCapture(tiny, [HOOK])
-    at = {}
+    at, rest = {}, []
     from pipeline.audit.completeness import name_spans
     for c in cl.concepts:
         xs = []
@@ -181,12 +192,13 @@ def planted_dictionary(tiny, animal_list) -> torch.nn.Module:
             ids, pos = name_spans(tok, t.format(c), c)
             x = capture(torch.tensor([[tok.bos_token_id, *ids]]))[HOOK][0]
             xs.append(x[[p + 1 for p in pos]].max(0).values)
+            rest.append(x[[p for p in range(1, len(ids) + 1) if p - 1 not in pos]])  # the context tokens
         at[c] = torch.stack(xs)
-    others = torch.cat([at[c] for c in ANIMALS[1:]])
+    others = torch.cat([at[c] for c in ANIMALS[1:]] + rest)
     u = at["zebra"].mean(0) - others.mean(0)
     u = u / u.norm()
     lo_pos, hi_neg = float((at["zebra"] @ u).min()), float((others @ u).max())
-    assert lo_pos > hi_neg, "the planted direction must separate zebra from the other names"
+    assert lo_pos > hi_neg, "the planted direction must separate zebra from the other names and the context"
     sae = create(SAEConfig(architecture="relu_l1", n_features=16, d_model=tiny.model.config.hidden_size))
     sae.reset_parameters(0)
     thr = (lo_pos + hi_neg) / 2
@@ -204,13 +216,16 @@ def test_planted_concept_feature_is_found_and_others_are_not(tiny, animal_list, 
     sae = planted_dictionary(tiny, animal_list)
     d = Dictionary.attach(sae, tiny, HOOK)
     cl = load_concept_list(animal_list)
-    acts, ids = name_activations(d, tiny, cl)
+    (acts,), ctx, ids = template_activations(d, tiny, [cl])
     assert set(ids.tolist()) == {PLANTED, GENERIC}  # only features that fire on some name are kept
-    r = dedicated_features(acts)
+    assert ctx.shape == (sum(len(tiny.tokenizer(t.format(c), add_special_tokens=False).input_ids) - 1
+                             for c in ANIMALS for t in TEMPLATES), 2)  # every token but the one-token name
+    r = dedicated_features(acts, ctx)
     zebra = r[0]
     assert zebra["found"] and ids[zebra["feature"]] == PLANTED and zebra["auroc"] == 1.0
     assert not any(x["found"] for x in r[1:])
-    assert all(ids[x["feature"]] == GENERIC and x["auroc"] < 0.9 for x in r[1:])
+    # the generic feature is the others' best candidate (or none fires often enough), never dedicated
+    assert all(x["feature"] is None or (ids[x["feature"]] == GENERIC and x["auroc"] < 0.99) for x in r[1:]), r
     # end to end: frequencies from a corpus with known counts, alive features on it
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in
@@ -218,11 +233,13 @@ def test_planted_concept_feature_is_found_and_others_are_not(tiny, animal_list, 
     save(sae, tmp_path / "sae", meta={"hook": HOOK})
     cfg = AuditConfig(task="completeness", checkpoint=str(tmp_path / "sae"), model=ModelConfig(name=tiny.model_id, device="cpu"),
                       categories=[str(animal_list)], alive_tokens=256, out_dir=str(tmp_path / "out"), dashboard=None,
+                      max_density=0.5,  # zebra fills this tiny corpus: its feature fires on ~10% of the tokens
                       corpus=DataConfig(source="files", path=[str(corpus)], split="all", shuffle_seed=None))
     doc = run(cfg)
     sec = doc["completeness"]
     rows = {x["concept"]: x for x in sec["categories"][0]["concepts"]}
     assert rows["zebra"]["found"] and rows["zebra"]["feature"] == PLANTED and sec["n_found"] == 1
+    assert 0.05 < rows["zebra"]["density"] < 0.5
     assert rows["zebra"]["hits"] == 60 and rows["horse"]["hits"] == 30 and rows["camel"]["hits"] == 0  # 'camel,'
     assert rows["goat"]["hits"] == 30 and sec["corpus"]["n_documents"] == 60 and sec["n_alive"] >= 1
     assert rows["zebra"]["frequency_x_alive"] == pytest.approx(60 / sec["corpus"]["n_tokens"] * sec["n_alive"])

@@ -7,16 +7,20 @@ hits counted) in the first `max_documents` documents of the corpus (the text sou
 store was cached from), divided by the number of tokens of those documents (the model's tokenizer).
 
 Alive features: those that fire at least once on `alive_tokens` tokens of the same corpus (the
-dashboard's rule: BOS and rows of massive norm left out).
+dashboard's rule: BOS and rows of massive norm left out); the same pass gives each feature's density.
 
-Dedicated feature (our rule; the paper's exact test is unpublished): every name of a category is
-put in the category's template sentences; a name's activation of a feature in a sentence is the
+Dedicated feature (our rule; the paper's exact test is unpublished): every name of every list is
+put in its list's template sentences; a name's activation of a feature in a sentence is the
 feature's largest activation over the name's tokens. Concept c has a dedicated feature f when
-  1. f fires (> 0) on c's name in at least `min_fire_fraction` of the templates, and
-  2. the AUROC of f's activations on c's name (one per template) against its activations on the
-     other names of the category (in the same templates) is at least `dedicated_auroc`
-     (0.9: at most about a tenth of the other names reach c's level).
-A feature that fires on every animal alike scores about 0.5 and is not dedicated to any.
+  1. f fires (> 0) on c's name in at least `min_fire_fraction` (0.5) of the templates,
+  2. f is rare in text: it fires on at most `max_density` (0.001) of the corpus tokens, and
+  3. f separates c's name from everything else in the sentences: the AUROC of f's activations on
+     c's name (one per template) against its activations on every other name of every list (in
+     their templates) and on every other token of all the sentences is at least `dedicated_auroc`
+     (0.99: about one in a hundred of those reaches c's level).
+Without 2 and 3 almost every concept "has" a feature: among thousands of features, some sparse one
+fires on any given name in most templates and on few of the hundred other names (AUROC ~0.95 against
+a category alone).
 """
 
 from __future__ import annotations
@@ -140,21 +144,22 @@ def corpus_frequencies(data, tokenizer, names: list[str], max_documents: int) ->
 
 
 @torch.no_grad()
-def alive_features(d, loaded, data, n_tokens: int, context_size: int = 128, batch_size: int = 8,
-                   skip: int = 1, norm_factor: float | None = 8.0) -> tuple[Tensor, int]:
-    """[F] bool: features that fire at least once on n_tokens tokens of data, and the tokens scored."""
+def feature_density(d, loaded, data, n_tokens: int, context_size: int = 128, batch_size: int = 8,
+                    skip: int = 1, norm_factor: float | None = 8.0) -> tuple[Tensor, int]:
+    """[F] fraction of n_tokens tokens of data on which each feature fires (the dashboard's rule:
+    BOS and rows above norm_factor x the median norm left out), and the tokens scored."""
     from pipeline.evaluate.common import context_batches, typical_rows
     from pipeline.models import ActivationCapture
     capture = ActivationCapture(loaded, [d.hook])
-    fired = torch.zeros(d.n_features, dtype=torch.bool)
+    count = torch.zeros(d.n_features)
     scored = 0
     for ids in context_batches(data, loaded.tokenizer, context_size, n_tokens, batch_size):
         x = capture(ids)[d.hook][:, skip:].reshape(-1, d.d_model)
         x = x[typical_rows(x, norm_factor)]
         scored += x.shape[0]
         _, f, _ = d.encode_sparse(x)
-        fired[f.unique().cpu()] = True
-    return fired, scored
+        count += torch.bincount(f.cpu(), minlength=d.n_features).float()
+    return count / max(scored, 1), scored
 
 
 # --- dedicated features ------------------------------------------------------------------------
@@ -171,62 +176,90 @@ def name_spans(tokenizer, text: str, name: str) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def name_activations(d, loaded, cl: ConceptList, batch_size: int = 32) -> tuple[Tensor, Tensor]:
-    """Each feature's largest activation over the name's tokens, with the name in each template
-    (BOS first, as in training): ([concepts, templates, K], the K feature ids), only the K features
-    that fire on some name (the others are 0 everywhere), so that memory does not grow with the
-    dictionary."""
+def template_activations(d, loaded, lists: list[ConceptList], batch_size: int = 32
+                         ) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Every name of every list in each of its list's templates (BOS first, as in training).
+    Returns, over the K features that fire on some name (the others cannot be any concept's
+    feature, so memory does not grow with the dictionary): per list [concepts, templates, K], each
+    feature's largest activation over the name's tokens; [M, K] its activation at every other
+    token of those sentences (the context: BOS left out); and the K feature ids."""
     from pipeline.models import ActivationCapture
     tok = loaded.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     items = []
-    for c in cl.concepts:
-        for t in cl.templates:
-            ids, pos = name_spans(tok, t.format(c), c)
-            items.append(([bos, *ids], [p + 1 for p in pos]))
+    for cl in lists:
+        for c in cl.concepts:
+            for t in cl.templates:
+                ids, pos = name_spans(tok, t.format(c), c)
+                items.append(([bos, *ids], {p + 1 for p in pos}))
     capture = ActivationCapture(loaded, [d.hook])
-    owners, feats, vals = [], [], []
+    name_parts, ctx_parts, n_ctx = [], [], 0
     for lo in range(0, len(items), batch_size):
         chunk = items[lo:lo + batch_size]
         T = max(len(i) for i, _ in chunk)
         # right padding: with causal attention the padded tail never changes the positions read
-        ids = torch.tensor([i + [pad] * (T - len(i)) for i, _ in chunk])
-        x = capture(ids)[d.hook]
-        rows = torch.cat([x[b, p] for b, (_, p) in enumerate(chunk)])
-        owner = torch.tensor([lo + b for b, (_, p) in enumerate(chunk) for _ in p])
-        r, f, v = d.encode_sparse(rows)
-        owners.append(owner[r.cpu()])
-        feats.append(f.cpu())
-        vals.append(v.float().cpu().clamp_min(0))
-    owner, f, v = torch.cat(owners), torch.cat(feats), torch.cat(vals)
+        x = capture(torch.tensor([i + [pad] * (T - len(i)) for i, _ in chunk]))[d.hook]
+        at_name = [(b, p) for b, (_, pos) in enumerate(chunk) for p in sorted(pos)]
+        at_ctx = [(b, p) for b, (i, pos) in enumerate(chunk) for p in range(1, len(i)) if p not in pos]
+        for sel, parts, base in ((at_name, name_parts, None), (at_ctx, ctx_parts, n_ctx)):
+            rows = torch.stack([x[b, p] for b, p in sel])
+            r, f, v = d.encode_sparse(rows)
+            r = r.cpu()
+            owner = torch.tensor([lo + b for b, _ in sel])[r] if base is None else r + base
+            parts.append((owner, f.cpu(), v.float().cpu().clamp_min(0)))
+        n_ctx += len(at_ctx)
+    owner, f, v = (torch.cat(z) for z in zip(*name_parts))
     ids, col = torch.unique(f, return_inverse=True)
-    acts = torch.zeros(len(items) * len(ids))
+    K = len(ids)
+    names = torch.zeros(len(items) * K)
     # a name of several tokens keeps the largest activation over them
-    acts.scatter_reduce_(0, owner * len(ids) + col, v, "amax", include_self=True)
-    return acts.view(len(cl.concepts), len(cl.templates), len(ids)), ids
+    names.scatter_reduce_(0, owner * K + col, v, "amax", include_self=True)
+    names = names.view(len(items), K)
+    r, f, v = (torch.cat(z) for z in zip(*ctx_parts))
+    keep = torch.isin(f, ids)
+    ctx = torch.zeros(n_ctx, K)
+    ctx[r[keep], torch.searchsorted(ids, f[keep])] = v[keep]
+    out, at = [], 0
+    for cl in lists:
+        n = len(cl.concepts) * len(cl.templates)
+        out.append(names[at:at + n].view(len(cl.concepts), len(cl.templates), K))
+        at += n
+    return out, ctx, ids
 
 
-def dedicated_features(acts: Tensor, dedicated_auroc: float = 0.9, min_fire_fraction: float = 0.5
-                       ) -> list[dict]:
-    """Per concept (first axis of acts [C, T, F]): its best candidate feature (fires on its name in at
-    least min_fire_fraction of the T templates; highest AUROC against the other names, then highest
-    mean activation), that feature's AUROC and fire fraction, and whether it is dedicated."""
+def dedicated_features(acts: Tensor, others: Tensor | None = None, density: Tensor | None = None,
+                       dedicated_auroc: float = 0.99, min_fire_fraction: float = 0.5,
+                       max_density: float = 1e-3) -> list[dict]:
+    """Per concept (first axis of acts [C, T, F]: the concepts' names in T templates): its best
+    candidate feature and whether that feature is dedicated to it. Candidates fire on the name in
+    at least min_fire_fraction of the templates and, if density [F] is given, on at most max_density
+    of corpus tokens. The negatives of concept c are the other concepts' names (acts) and the rows of
+    others [N, F] (other lists' names, the context tokens). The best candidate has the highest AUROC
+    of c's name against the negatives (then the highest mean activation); dedicated: AUROC >= dedicated_auroc."""
     C, T, F = acts.shape
     fires = (acts > 0).float().mean(1)  # [C, F]
+    flat = acts.reshape(C * T, F)
     out = []
     for c in range(C):
-        cand = (fires[c] >= min_fire_fraction).nonzero().flatten()
+        ok = fires[c] >= min_fire_fraction
+        if density is not None:
+            ok &= density <= max_density
+        cand = ok.nonzero().flatten()
         if len(cand) == 0:
-            out.append({"feature": None, "auroc": None, "fire_fraction": 0.0, "found": False})
+            out.append({"feature": None, "auroc": None, "fire_fraction": float(fires[c].max()) if F else 0.0,
+                        "density": None, "mean_activation": None, "found": False})
             continue
+        neg = torch.cat([flat[:c * T], flat[(c + 1) * T:]])[:, cand]
+        if others is not None:
+            neg = torch.cat([neg, others[:, cand]])
         pos = acts[c][:, cand]
-        neg = torch.cat([acts[:c], acts[c + 1:]]).reshape(-1, F)[:, cand]
         au = auroc(pos, neg)
         mean = pos.mean(0)
         best = int(torch.argmax(torch.round(au.double() * 1e6) * 1e6 + mean.double() / (mean.max() + 1e-12)))
-        out.append({"feature": int(cand[best]), "auroc": round(float(au[best]), 4),
-                    "fire_fraction": round(float(fires[c, cand[best]]), 4),
+        f = int(cand[best])
+        out.append({"feature": f, "auroc": round(float(au[best]), 4), "fire_fraction": round(float(fires[c, f]), 4),
+                    "density": None if density is None else float(density[f]),
                     "mean_activation": round(float(mean[best]), 4), "found": bool(au[best] >= dedicated_auroc)})
     return out
 
@@ -249,17 +282,22 @@ def binned(points: list[tuple[float, bool]], edges: list[float]) -> list[dict]:
 
 
 def completeness(d, loaded, lists: list[ConceptList], data, max_documents: int, alive_tokens: int,
-                 dedicated_auroc: float, min_fire_fraction: float, context_size: int = 128) -> dict:
+                 dedicated_auroc: float, min_fire_fraction: float, max_density: float,
+                 context_size: int = 128) -> dict:
     """The completeness section of audit.json."""
     names = sorted({n for cl in lists for n in cl.concepts})
     freq = corpus_frequencies(data, loaded.tokenizer, names, max_documents)
-    alive, scored = alive_features(d, loaded, data, alive_tokens, context_size)
-    n_alive = int(alive.sum())
+    density, scored = feature_density(d, loaded, data, alive_tokens, context_size)
+    n_alive = int((density > 0).sum())
+    per_list, ctx, ids = template_activations(d, loaded, lists)
+    dens = density[ids]
     categories, points = [], []
-    for cl in lists:
-        acts, ids = name_activations(d, loaded, cl)
+    for k, cl in enumerate(lists):
+        acts = per_list[k]
+        others = torch.cat([ctx] + [a.reshape(-1, a.shape[-1]) for j, a in enumerate(per_list) if j != k])
         rows = []
-        for name, r in zip(cl.concepts, dedicated_features(acts, dedicated_auroc, min_fire_fraction)):
+        for name, r in zip(cl.concepts, dedicated_features(acts, others, dens, dedicated_auroc, min_fire_fraction,
+                                                           max_density)):
             if r["feature"] is not None:
                 r["feature"] = int(ids[r["feature"]])
             f = freq["hits"][name] / max(freq["n_tokens"], 1)
@@ -278,8 +316,8 @@ def completeness(d, loaded, lists: list[ConceptList], data, max_documents: int, 
     return {"n_features": d.n_features, "n_alive": n_alive, "alive_tokens": scored,
             "corpus": {"n_documents": freq["n_documents"], "n_tokens": freq["n_tokens"], "n_chars": freq["n_chars"],
                        "max_documents": max_documents},
-            "dedicated_auroc": dedicated_auroc, "min_fire_fraction": min_fire_fraction,
-            "n_concepts": len(points), "n_found": sum(f for _, f in points),
+            "dedicated_auroc": dedicated_auroc, "min_fire_fraction": min_fire_fraction, "max_density": max_density,
+            "n_context_tokens": int(ctx.shape[0]), "n_concepts": len(points), "n_found": sum(f for _, f in points),
             "bins": binned(points, edges), "categories": categories}
 
 
@@ -365,12 +403,13 @@ def completeness_section(sec: dict, out_dir) -> str:
             f'<td>{"-" if r["feature"] is None else _link(r["feature"], links)}</td>'
             f'<td class="num">{"-" if r["auroc"] is None else format(r["auroc"], ".3f")}</td>'
             f'<td class="num">{r["fire_fraction"]:.2f}</td>'
+            f'<td class="num">{"-" if r["density"] is None else format(r["density"], ".2g")}</td>'
             f'<td class="{"good" if r["found"] else "meta"}">{"yes" if r["found"] else "no"}</td></tr>'
             for r in sorted(c["concepts"], key=lambda r: (-r["hits"], r["concept"])))
         cats.append(f'<details><summary>{html.escape(c["name"])}: {c["n_found"]} of {c["n_concepts"]} found</summary>'
                     f'<p class="meta">templates: {" | ".join(html.escape(t) for t in c["templates"])}</p>'
                     f'<table class="completeness-concepts"><thead><tr><th>concept</th><th>hits</th>'
-                    f'<th>freq &times; alive</th><th>best feature</th><th>AUROC</th><th>fires in</th><th>dedicated</th>'
+                    f'<th>freq &times; alive</th><th>best feature</th><th>AUROC</th><th>fires in</th><th>density</th><th>dedicated</th>'
                     f'</tr></thead><tbody>{rows}</tbody></table></details>')
     cp = sec["corpus"]
     return f"""<h2 id="completeness">Feature completeness</h2>
@@ -379,8 +418,10 @@ on {sec['alive_tokens']} tokens &middot; frequencies over the first {cp['n_docum
 ({cp['n_tokens']} tokens) of the corpus &middot; {sec['n_found']} of {sec['n_concepts']} concepts found</p>
 <p><b>Frequency</b>: hits of &ldquo;&nbsp;name&nbsp;&rdquo; (a space on each side) per token of the corpus. A concept
 has a <b>dedicated feature</b> when some feature fires on its name in at least {sec['min_fire_fraction']:.0%} of
-the category's template sentences and separates its name from the category's other names (same templates) with
-AUROC &ge; {sec['dedicated_auroc']:g}. Scaling Monosemanticity found the chance of a feature rising with frequency,
+its list's template sentences, fires on at most {sec['max_density']:g} of corpus tokens, and separates its name from
+every other name (all lists) and every other token of the {sec['n_context_tokens']} context positions with AUROC
+&ge; {sec['dedicated_auroc']:g}. The best feature shown is the candidate (fires in enough templates, rare enough)
+with the highest AUROC. Scaling Monosemanticity found the chance of a feature rising with frequency,
 reaching 50% slightly below frequency &times; alive features = 1.</p>
 {p_found_svg(sec)}
 <table id="completeness-bins"><thead><tr><th>frequency &times; alive</th><th>concepts</th><th>found</th>

@@ -97,12 +97,15 @@ class AuditConfig:
     """task=completeness: concept hits are counted in at most this many documents of corpus."""
     alive_tokens: int = 32_768
     """task=completeness: a feature is alive if it fires on one of this many tokens of corpus."""
-    dedicated_auroc: float = 0.9
+    dedicated_auroc: float = 0.99
     """task=completeness: a concept has a dedicated feature when one fires on its name in at least
-    min_fire_fraction of the template sentences and separates its name from the category's other
-    names with at least this AUROC (docs/audit.md)."""
+    min_fire_fraction of the template sentences, on at most max_density of corpus tokens, and
+    separates its name from every other name and every other token of the sentences with at least
+    this AUROC (docs/audit.md)."""
     min_fire_fraction: float = 0.5
     """task=completeness: see dedicated_auroc."""
+    max_density: float = 1e-3
+    """task=completeness: see dedicated_auroc (density over the alive_tokens pass)."""
     # task=absorption -------------------------------------------------------------------------
     absorption_words: int = 3000
     """task=absorption: words (single vocabulary tokens, a space plus letters) sampled for the
@@ -149,9 +152,11 @@ class AuditConfig:
                               ">= 2. Fix: n_neighbours=10 map_neighbours=15")
         if self.map_method not in ("auto", "umap", "pca"):
             raise ConfigError(f"map_method={self.map_method!r} is not one of ['auto', 'umap', 'pca']")
-        if not 0.5 <= self.dedicated_auroc <= 1.0 or not 0.0 < self.min_fire_fraction <= 1.0:
-            raise ConfigError(f"dedicated_auroc={self.dedicated_auroc} must lie in [0.5, 1] and min_fire_fraction="
-                              f"{self.min_fire_fraction} in (0, 1]. Fix: dedicated_auroc=0.9 min_fire_fraction=0.5")
+        if (not 0.5 <= self.dedicated_auroc <= 1.0 or not 0.0 < self.min_fire_fraction <= 1.0
+                or not 0.0 < self.max_density <= 1.0):
+            raise ConfigError(f"dedicated_auroc={self.dedicated_auroc} must lie in [0.5, 1], min_fire_fraction="
+                              f"{self.min_fire_fraction} and max_density={self.max_density} in (0, 1]. Fix: "
+                              "dedicated_auroc=0.99 min_fire_fraction=0.5 max_density=0.001")
         if self.max_documents < 1 or self.alive_tokens < 1:
             raise ConfigError(f"max_documents={self.max_documents} and alive_tokens={self.alive_tokens} must be >= 1")
         if self.absorption_words < 100 or self.absorption_max_k < 1:

@@ -138,6 +138,15 @@ def test_dedicated_feature_rule_on_constructed_activations():
     assert not r[0]["found"] and r[0]["feature"] != 2
     assert dedicated_features(acts, others, dense, max_density=0.02)[0]["found"]
     assert not dedicated_features(acts, others, min_fire_fraction=1.0)[2]["found"]
+    # uniqueness: as strong on another list's name (mean 1.5 > 2.0 / 2) is not dedicated, whatever the AUROC
+    one = torch.zeros(3, 2, 1)
+    one[0, :, 0] = 2.0
+    context = torch.zeros(1000, 1)
+    assert dedicated_features(one, context)[0]["found"]
+    rival = torch.tensor([[1.5]])
+    r = dedicated_features(one, torch.cat([context, rival, rival]), other_means=rival)
+    assert r[0]["auroc"] == 1.0 and r[0]["runner_up_mean"] == 1.5 and not r[0]["found"]
+    assert dedicated_features(one, torch.cat([context, rival, rival]), other_means=rival, uniqueness=1.2)[0]["found"]
 
 
 def test_shipped_concept_lists_and_bad_lists(tmp_path):
@@ -162,6 +171,8 @@ def test_shipped_concept_lists_and_bad_lists(tmp_path):
         resolve_concept_lists(["animal"])
     with pytest.raises(ConfigError, match="dedicated_auroc=1.5 must lie in"):
         AuditConfig(task="completeness", dedicated_auroc=1.5)
+    with pytest.raises(ConfigError, match="uniqueness=0.5 >= 1. Fix"):
+        AuditConfig(task="completeness", uniqueness=0.5)
 
 
 @pytest.fixture(scope="module")

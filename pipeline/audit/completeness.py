@@ -17,7 +17,9 @@ feature's largest activation over the name's tokens. Concept c has a dedicated f
   3. f separates c's name from everything else in the sentences: the AUROC of f's activations on
      c's name (one per template) against its activations on every other name of every list (in
      their templates) and on every other token of all the sentences is at least `dedicated_auroc`
-     (0.99: about one in a hundred of those reaches c's level).
+     (0.99: about one in a hundred of those reaches c's level), and
+  4. f is c's own: its mean activation on c's name (over the templates) is at least `uniqueness`
+     (2) times its mean on any other name of any list.
 Without 2 and 3 almost every concept "has" a feature: among thousands of features, some sparse one
 fires on any given name in most templates and on few of the hundred other names (AUROC ~0.95 against
 a category alone).
@@ -229,16 +231,20 @@ def template_activations(d, loaded, lists: list[ConceptList], batch_size: int = 
 
 
 def dedicated_features(acts: Tensor, others: Tensor | None = None, density: Tensor | None = None,
-                       dedicated_auroc: float = 0.99, min_fire_fraction: float = 0.5,
-                       max_density: float = 1e-3) -> list[dict]:
+                       dedicated_auroc: float = 0.99, min_fire_fraction: float = 0.5, max_density: float = 1e-3,
+                       other_means: Tensor | None = None, uniqueness: float = 2.0) -> list[dict]:
     """Per concept (first axis of acts [C, T, F]: the concepts' names in T templates): its best
     candidate feature and whether that feature is dedicated to it. Candidates fire on the name in
     at least min_fire_fraction of the templates and, if density [F] is given, on at most max_density
     of corpus tokens. The negatives of concept c are the other concepts' names (acts) and the rows of
-    others [N, F] (other lists' names, the context tokens). The best candidate has the highest AUROC
-    of c's name against the negatives (then the highest mean activation); dedicated: AUROC >= dedicated_auroc."""
+    others [N, F] (other lists' names, the context tokens). Dedicated: the AUROC of c's name against
+    the negatives is >= dedicated_auroc and the feature's mean activation on c's name (over the
+    templates) is >= uniqueness x its largest mean on any other name (acts and other_means [N', F],
+    the other lists' names). The best candidate is the dedicated one with the highest AUROC, else the
+    candidate with the highest AUROC (ties: the highest mean activation)."""
     C, T, F = acts.shape
     fires = (acts > 0).float().mean(1)  # [C, F]
+    means = acts.mean(1)  # [C, F]
     flat = acts.reshape(C * T, F)
     out = []
     for c in range(C):
@@ -248,19 +254,23 @@ def dedicated_features(acts: Tensor, others: Tensor | None = None, density: Tens
         cand = ok.nonzero().flatten()
         if len(cand) == 0:
             out.append({"feature": None, "auroc": None, "fire_fraction": float(fires[c].max()) if F else 0.0,
-                        "density": None, "mean_activation": None, "found": False})
+                        "density": None, "mean_activation": None, "runner_up_mean": None, "found": False})
             continue
         neg = torch.cat([flat[:c * T], flat[(c + 1) * T:]])[:, cand]
         if others is not None:
             neg = torch.cat([neg, others[:, cand]])
-        pos = acts[c][:, cand]
-        au = auroc(pos, neg)
-        mean = pos.mean(0)
-        best = int(torch.argmax(torch.round(au.double() * 1e6) * 1e6 + mean.double() / (mean.max() + 1e-12)))
+        au = auroc(acts[c][:, cand], neg)
+        mean = means[c, cand]
+        rivals = torch.cat([means[:c], means[c + 1:]] + ([other_means] if other_means is not None else []))[:, cand]
+        second = rivals.amax(0) if rivals.shape[0] else torch.zeros(len(cand))
+        passes = (au >= dedicated_auroc) & (mean >= uniqueness * second)
+        key = passes.double() * 1e13 + torch.round(au.double() * 1e6) * 1e6 + mean.double() / (mean.max() + 1e-12)
+        best = int(torch.argmax(key))
         f = int(cand[best])
         out.append({"feature": f, "auroc": round(float(au[best]), 4), "fire_fraction": round(float(fires[c, f]), 4),
                     "density": None if density is None else float(density[f]),
-                    "mean_activation": round(float(mean[best]), 4), "found": bool(au[best] >= dedicated_auroc)})
+                    "mean_activation": round(float(mean[best]), 4), "runner_up_mean": round(float(second[best]), 4),
+                    "found": bool(passes[best])})
     return out
 
 
@@ -282,7 +292,7 @@ def binned(points: list[tuple[float, bool]], edges: list[float]) -> list[dict]:
 
 
 def completeness(d, loaded, lists: list[ConceptList], data, max_documents: int, alive_tokens: int,
-                 dedicated_auroc: float, min_fire_fraction: float, max_density: float,
+                 dedicated_auroc: float, min_fire_fraction: float, max_density: float, uniqueness: float = 2.0,
                  context_size: int = 128) -> dict:
     """The completeness section of audit.json."""
     names = sorted({n for cl in lists for n in cl.concepts})
@@ -295,9 +305,10 @@ def completeness(d, loaded, lists: list[ConceptList], data, max_documents: int, 
     for k, cl in enumerate(lists):
         acts = per_list[k]
         others = torch.cat([ctx] + [a.reshape(-1, a.shape[-1]) for j, a in enumerate(per_list) if j != k])
+        other_means = torch.cat([ctx[:0]] + [a.mean(1) for j, a in enumerate(per_list) if j != k])
         rows = []
         for name, r in zip(cl.concepts, dedicated_features(acts, others, dens, dedicated_auroc, min_fire_fraction,
-                                                           max_density)):
+                                                           max_density, other_means, uniqueness)):
             if r["feature"] is not None:
                 r["feature"] = int(ids[r["feature"]])
             f = freq["hits"][name] / max(freq["n_tokens"], 1)
@@ -317,6 +328,7 @@ def completeness(d, loaded, lists: list[ConceptList], data, max_documents: int, 
             "corpus": {"n_documents": freq["n_documents"], "n_tokens": freq["n_tokens"], "n_chars": freq["n_chars"],
                        "max_documents": max_documents},
             "dedicated_auroc": dedicated_auroc, "min_fire_fraction": min_fire_fraction, "max_density": max_density,
+            "uniqueness": uniqueness,
             "n_context_tokens": int(ctx.shape[0]), "n_concepts": len(points), "n_found": sum(f for _, f in points),
             "bins": binned(points, edges), "categories": categories}
 
@@ -352,7 +364,7 @@ def p_found_svg(sec: dict, width: int = 620, height: int = 260) -> str:
              f'<line x1="{pad_l}" y1="{Y(0)}" x2="{pad_l}" y2="{Y(1)}" stroke="#c5cbd3"/>']
     for p in (0, 0.5, 1):
         parts.append(f'<text class="axis" x="{pad_l - 6}" y="{Y(p) + 3:.1f}" text-anchor="end">{p:g}</text>')
-    parts.append(f'<text class="axis" x="{pad_l + zero_w / 2}" y="{height - pad_b + 14}" text-anchor="middle">0</text>')
+    parts.append(f'<text class="axis" x="{pad_l + zero_w / 2}" y="{height - pad_b + 14}" text-anchor="middle">no hit</text>')
     for v in range(int(lo), int(hi) + 1):
         parts.append(f'<text class="axis" x="{X(v):.1f}" y="{height - pad_b + 14}" text-anchor="middle">1e{v}</text>')
     parts.append(f'<text class="axis" x="{pad_l + (width - pad_l) / 2}" y="{height - 4}" text-anchor="middle">'
@@ -388,7 +400,7 @@ def completeness_section(sec: dict, out_dir) -> str:
     from pipeline.audit.report import _link, feature_links
     links = feature_links(sec.get("dashboard"), out_dir)
     def span(b):
-        return "0" if b["lo"] is None else f'1e{b["lo"]:g} .. 1e{b["hi"]:g}'
+        return "0 (no hit)" if b["lo"] is None else f'1e{b["lo"]:g} .. 1e{b["hi"]:g}'
 
     bins = "".join(
         f'<tr><td>{span(b)}</td>'
@@ -420,7 +432,8 @@ on {sec['alive_tokens']} tokens &middot; frequencies over the first {cp['n_docum
 has a <b>dedicated feature</b> when some feature fires on its name in at least {sec['min_fire_fraction']:.0%} of
 its list's template sentences, fires on at most {sec['max_density']:g} of corpus tokens, and separates its name from
 every other name (all lists) and every other token of the {sec['n_context_tokens']} context positions with AUROC
-&ge; {sec['dedicated_auroc']:g}. The best feature shown is the candidate (fires in enough templates, rare enough)
+&ge; {sec['dedicated_auroc']:g}, and its mean activation on the name is at least {sec['uniqueness']:g}&times; its
+mean on any other name. The best feature shown is the candidate (fires in enough templates, rare enough)
 with the highest AUROC. Scaling Monosemanticity found the chance of a feature rising with frequency,
 reaching 50% slightly below frequency &times; alive features = 1.</p>
 {p_found_svg(sec)}

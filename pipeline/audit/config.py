@@ -106,6 +106,9 @@ class AuditConfig:
     """task=completeness: see dedicated_auroc."""
     max_density: float = 1e-3
     """task=completeness: see dedicated_auroc (density over the alive_tokens pass)."""
+    uniqueness: float = 2.0
+    """task=completeness: ... and its mean activation on the name is at least this multiple of its
+    mean on any other name of any list."""
     # task=absorption -------------------------------------------------------------------------
     absorption_words: int = 3000
     """task=absorption: words (single vocabulary tokens, a space plus letters) sampled for the
@@ -153,10 +156,11 @@ class AuditConfig:
         if self.map_method not in ("auto", "umap", "pca"):
             raise ConfigError(f"map_method={self.map_method!r} is not one of ['auto', 'umap', 'pca']")
         if (not 0.5 <= self.dedicated_auroc <= 1.0 or not 0.0 < self.min_fire_fraction <= 1.0
-                or not 0.0 < self.max_density <= 1.0):
+                or not 0.0 < self.max_density <= 1.0 or self.uniqueness < 1.0):
             raise ConfigError(f"dedicated_auroc={self.dedicated_auroc} must lie in [0.5, 1], min_fire_fraction="
-                              f"{self.min_fire_fraction} and max_density={self.max_density} in (0, 1]. Fix: "
-                              "dedicated_auroc=0.99 min_fire_fraction=0.5 max_density=0.001")
+                              f"{self.min_fire_fraction} and max_density={self.max_density} in (0, 1], uniqueness="
+                              f"{self.uniqueness} >= 1. Fix: dedicated_auroc=0.99 min_fire_fraction=0.5 "
+                              "max_density=0.001 uniqueness=2")
         if self.max_documents < 1 or self.alive_tokens < 1:
             raise ConfigError(f"max_documents={self.max_documents} and alive_tokens={self.alive_tokens} must be >= 1")
         if self.absorption_words < 100 or self.absorption_max_k < 1:

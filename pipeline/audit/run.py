@@ -98,7 +98,7 @@ def run_completeness(cfg: AuditConfig) -> dict:
     loaded = load_model(cfg.model)
     d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
     r = completeness(d, loaded, lists, cfg.corpus, cfg.max_documents, cfg.alive_tokens, cfg.dedicated_auroc,
-                     cfg.min_fire_fraction, cfg.max_density)
+                     cfg.min_fire_fraction, cfg.max_density, cfg.uniqueness)
     print(format_completeness(r), flush=True)
     return {"sae": d.path, "hook": d.hook, "model": loaded.model_id, **r, "corpus_config": asdict(cfg.corpus),
             "dashboard": cfg.dashboard}

@@ -349,7 +349,7 @@ def p_found_svg(sec: dict, width: int = 620, height: int = 260) -> str:
     pad_l, pad_r, pad_t, pad_b = 44, 16, 14, 34
     lo = bins[1]["lo"] if len(bins) > 1 else -3.0
     hi = bins[-1]["hi"] if len(bins) > 1 else 0.0
-    zero_w = 46  # the column for frequency 0
+    zero_w = 64  # the column for frequency 0
     plot_w = width - pad_l - pad_r - zero_w
 
     def X(v):
@@ -364,7 +364,8 @@ def p_found_svg(sec: dict, width: int = 620, height: int = 260) -> str:
              f'<line x1="{pad_l}" y1="{Y(0)}" x2="{pad_l}" y2="{Y(1)}" stroke="#c5cbd3"/>']
     for p in (0, 0.5, 1):
         parts.append(f'<text class="axis" x="{pad_l - 6}" y="{Y(p) + 3:.1f}" text-anchor="end">{p:g}</text>')
-    parts.append(f'<text class="axis" x="{pad_l + zero_w / 2}" y="{height - pad_b + 14}" text-anchor="middle">no hit</text>')
+    parts.append(f'<text class="axis" x="{pad_l + zero_w / 2 - 6}" y="{height - pad_b + 14}" text-anchor="middle">no hit</text>'
+                 f'<line x1="{pad_l + zero_w - 8}" y1="{Y(0)}" x2="{pad_l + zero_w - 8}" y2="{Y(1)}" stroke="#eceef1"/>')
     for v in range(int(lo), int(hi) + 1):
         parts.append(f'<text class="axis" x="{X(v):.1f}" y="{height - pad_b + 14}" text-anchor="middle">1e{v}</text>')
     parts.append(f'<text class="axis" x="{pad_l + (width - pad_l) / 2}" y="{height - 4}" text-anchor="middle">'
@@ -373,10 +374,10 @@ def p_found_svg(sec: dict, width: int = 620, height: int = 260) -> str:
     for c in sec["categories"]:
         for r in c["concepts"]:
             k += 1
-            jit = ((k * 37) % 17 - 8) / 8.0
-            x = (pad_l + zero_w / 2 + jit * 14) if r["frequency_x_alive"] <= 0 else \
-                X(math.log10(r["frequency_x_alive"])) + jit * 3
-            y = Y(1) + 6 + jit * 3 if r["found"] else Y(0) - 6 + jit * 3
+            jx, jy = ((k * 37) % 17 - 8) / 8.0, ((k * 53) % 11 - 5) / 5.0  # deterministic jitter
+            x = (pad_l + zero_w / 2 - 6 + jx * 16) if r["frequency_x_alive"] <= 0 else \
+                X(math.log10(r["frequency_x_alive"])) + jx * 2
+            y = Y(1) + 7 + jy * 5 if r["found"] else Y(0) - 7 + jy * 5
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2" fill="{"#1b7a3a" if r["found"] else "#9aa3ad"}" '
                          f'fill-opacity="0.6"><title>{html.escape(r["concept"])}: {r["hits"]} hits'
                          f'{", found" if r["found"] else ""}</title></circle>')
@@ -384,7 +385,7 @@ def p_found_svg(sec: dict, width: int = 620, height: int = 260) -> str:
     for b in bins:
         if not b["n"]:
             continue
-        x = pad_l + zero_w / 2 if b["lo"] is None else X((b["lo"] + b["hi"]) / 2)
+        x = pad_l + zero_w / 2 - 6 if b["lo"] is None else X((b["lo"] + b["hi"]) / 2)
         pts.append((x, Y(b["p_found"]), b))
     for x, y, b in pts:
         parts.append(f'<circle class="bin" cx="{x:.1f}" cy="{y:.1f}" r="5" fill="#1a5fb4"><title>'

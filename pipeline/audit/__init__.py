@@ -3,6 +3,9 @@
     python -m pipeline.audit                                   # every shipped concept set
     python -m pipeline.audit concepts=[deception,water] top=3
     python -m pipeline.audit task=splitting small=runs/sae-1k large=runs/sae-4k
+    python -m pipeline.audit task=neighbours                   # decoder neighbours and a 2-D map
+    python -m pipeline.audit task=completeness categories=[animals]
+    python -m pipeline.audit task=absorption                   # SAEBench's first-letter absorption
 
 Output: <out_dir>/audit.json (a section per task) and audit.html (static; links to the
 interpretation dashboard's feature pages). See docs/audit.md."""

@@ -46,7 +46,8 @@ def pairs(n_pairs: int = 32, d: int = 48, noise: float = 0.05, seed: int = 0):
     different norms), shuffled; and each row's pair."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n_pairs, d, generator=g)
-    rows = base.repeat_interleave(2, 0) + noise * torch.randn(2 * n_pairs, d, generator=g) * base.norm(dim=1).repeat_interleave(2)[:, None] / d ** 0.5
+    scale = base.norm(dim=1).repeat_interleave(2)[:, None] / d ** 0.5
+    rows = base.repeat_interleave(2, 0) + noise * torch.randn(2 * n_pairs, d, generator=g) * scale
     rows = rows * torch.rand(2 * n_pairs, 1, generator=g).add(0.5)
     perm = torch.randperm(2 * n_pairs, generator=g)
     inv = torch.argsort(perm)
@@ -240,9 +241,11 @@ def test_planted_concept_feature_is_found_and_others_are_not(tiny, animal_list, 
     # end to end: frequencies from a corpus with known counts, alive features on it
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in
-                              ["A zebra and a horse walked by the zebra pen."] * 30 + ["A camel, then a goat ate."] * 30))
+                              ["A zebra and a horse walked by the zebra pen."] * 30
+                              + ["A camel, then a goat ate."] * 30))
     save(sae, tmp_path / "sae", meta={"hook": HOOK})
-    cfg = AuditConfig(task="completeness", checkpoint=str(tmp_path / "sae"), model=ModelConfig(name=tiny.model_id, device="cpu"),
+    cfg = AuditConfig(task="completeness", checkpoint=str(tmp_path / "sae"),
+                      model=ModelConfig(name=tiny.model_id, device="cpu"),
                       categories=[str(animal_list)], alive_tokens=256, out_dir=str(tmp_path / "out"), dashboard=None,
                       max_density=0.5,  # zebra fills this tiny corpus: its feature fires on ~10% of the tokens
                       corpus=DataConfig(source="files", path=[str(corpus)], split="all", shuffle_seed=None))
@@ -342,7 +345,8 @@ def audited(tiny, tiny_model_dir, text_dir, animal_list, tmp_path_factory):
                         f"model.name={tiny_model_dir}", f"out_dir={tmp / 'out'}", f"dashboard={tmp / 'dash'}",
                         "n_neighbours=4"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    run(AuditConfig(task="absorption", checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+    run(AuditConfig(task="absorption", checkpoint=str(tmp / "sae"),
+                    model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
                     absorption_words=300, absorption_max_k=3, out_dir=str(tmp / "out"), dashboard=str(tmp / "dash")))
     return tmp, partner, p.stdout
 

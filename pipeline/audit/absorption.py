@@ -241,7 +241,8 @@ def absorption(d, loaded, max_words: int = 3000, max_k: int = 10, f1_jump: float
                         "examples": [{"word": words[i][1], "absorption_fraction": round(float(f), 4),
                                       "full": bool(u)} for i, f, u in zip(tp.tolist(), frac, full) if f > 0][:8]})
     ok = [r for r in letters if not r["skipped"] and r["probe_f1"] > 0.6 and r["n_probe_true_positives"]]
-    return {"n_words": len(words), "n_train": n_train, "n_test": len(words) - n_train, "icl_examples": [w for _, w in icl],
+    return {"n_words": len(words), "n_train": n_train, "n_test": len(words) - n_train,
+            "icl_examples": [w for _, w in icl],
             "template": "<word>" + TEMPLATE, "word_position": len(prefix), "max_k": max_k, "f1_jump": f1_jump,
             "n_letters_scored": len(ok), "too_few_letters": len(ok) < 20,
             "mean_absorption_fraction": float(np.mean([r["mean_absorption_fraction"] for r in ok])) if ok else None,
@@ -277,20 +278,24 @@ def absorption_section(sec: dict, out_dir) -> str:
         ex = " ".join(f'<span class="pill">{html.escape(e["word"])} {e["absorption_fraction"]:.2f}'
                       f'{" full" if e["full"] else ""}</span>' for e in r["examples"])
         cls = "" if r["probe_f1"] > 0.6 else ' class="meta"'
-        rows.append(f'<tr data-letter="{r["letter"]}"{cls}><td>{r["letter"]}</td><td class="num">{r["probe_f1"]:.2f}</td>'
+        k_f1 = r["k_sparse_f1"][len(r["main_latents"]) - 1] if r["main_latents"] else None
+        rows.append(f'<tr data-letter="{r["letter"]}"{cls}><td>{r["letter"]}</td>'
+                    f'<td class="num">{r["probe_f1"]:.2f}</td>'
                     f'<td class="num">{r["n_probe_true_positives"]}</td><td>{mains}</td>'
-                    f'<td class="num">{num(r["k_sparse_f1"][len(r["main_latents"]) - 1] if r["main_latents"] else None, ".2f")}</td>'
+                    f'<td class="num">{num(k_f1, ".2f")}</td>'
                     f'<td class="num">{num(r["mean_absorption_fraction"])}</td>'
                     f'<td class="num">{num(r["full_absorption_rate"])}</td><td>{ex}</td></tr>')
+    few = " (fewer than 20)" if sec["too_few_letters"] else ""
     return f"""<h2 id="absorption">Feature absorption (first letter)</h2>
 <p class="weak"><b>Caveat.</b> {html.escape(sec['caveat'])}</p>
 <p class="meta">SAE {html.escape(str(sec.get('sae')))} &middot; {sec['n_words']} words ({sec['n_train']} train,
 {sec['n_test']} test) &middot; prompt: {N_ICL} in-context examples, then &ldquo;{html.escape(sec['template'])}&rdquo;,
 read at the word's token &middot; max k {sec['max_k']}, F1 jump {sec['f1_jump']}</p>
-<table id="absorption-summary"><tr><th>mean absorption fraction</th><td class="num">{num(sec['mean_absorption_fraction'])}</td></tr>
+<table id="absorption-summary"><tr><th>mean absorption fraction</th>
+<td class="num">{num(sec['mean_absorption_fraction'])}</td></tr>
 <tr><th>mean full-absorption rate</th><td class="num">{num(sec['mean_full_absorption_rate'])}</td></tr>
 <tr><th>main latents per letter</th><td class="num">{num(sec['mean_num_main_latents'], '.2f')}</td></tr>
-<tr><th>letters scored (probe F1 &gt; 0.6)</th><td class="num">{sec['n_letters_scored']}{' (fewer than 20)' if sec['too_few_letters'] else ''}</td></tr></table>
+<tr><th>letters scored (probe F1 &gt; 0.6)</th><td class="num">{sec['n_letters_scored']}{few}</td></tr></table>
 <p>Per letter: the residual probe's test F1; its true positives on the test words (the words scored); the main
 latents (cosine of the decoder row with the probe) and the k-sparse probe's F1 with them; the mean absorption
 fraction and the full-absorption rate over the scored words; words with absorption &gt; 0. Greyed letters (probe F1

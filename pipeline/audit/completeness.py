@@ -364,8 +364,10 @@ def p_found_svg(sec: dict, width: int = 620, height: int = 260) -> str:
              f'<line x1="{pad_l}" y1="{Y(0)}" x2="{pad_l}" y2="{Y(1)}" stroke="#c5cbd3"/>']
     for p in (0, 0.5, 1):
         parts.append(f'<text class="axis" x="{pad_l - 6}" y="{Y(p) + 3:.1f}" text-anchor="end">{p:g}</text>')
-    parts.append(f'<text class="axis" x="{pad_l + zero_w / 2 - 6}" y="{height - pad_b + 14}" text-anchor="middle">no hit</text>'
-                 f'<line x1="{pad_l + zero_w - 8}" y1="{Y(0)}" x2="{pad_l + zero_w - 8}" y2="{Y(1)}" stroke="#eceef1"/>')
+    sep = pad_l + zero_w - 8
+    parts.append(f'<text class="axis" x="{pad_l + zero_w / 2 - 6}" y="{height - pad_b + 14}" '
+                 f'text-anchor="middle">no hit</text>'
+                 f'<line x1="{sep}" y1="{Y(0)}" x2="{sep}" y2="{Y(1)}" stroke="#eceef1"/>')
     for v in range(int(lo), int(hi) + 1):
         parts.append(f'<text class="axis" x="{X(v):.1f}" y="{height - pad_b + 14}" text-anchor="middle">1e{v}</text>')
     parts.append(f'<text class="axis" x="{pad_l + (width - pad_l) / 2}" y="{height - 4}" text-anchor="middle">'
@@ -422,7 +424,8 @@ def completeness_section(sec: dict, out_dir) -> str:
         cats.append(f'<details><summary>{html.escape(c["name"])}: {c["n_found"]} of {c["n_concepts"]} found</summary>'
                     f'<p class="meta">templates: {" | ".join(html.escape(t) for t in c["templates"])}</p>'
                     f'<table class="completeness-concepts"><thead><tr><th>concept</th><th>hits</th>'
-                    f'<th>freq &times; alive</th><th>best feature</th><th>AUROC</th><th>fires in</th><th>density</th><th>dedicated</th>'
+                    f'<th>freq &times; alive</th><th>best feature</th><th>AUROC</th><th>fires in</th>'
+                    f'<th>density</th><th>dedicated</th>'
                     f'</tr></thead><tbody>{rows}</tbody></table></details>')
     cp = sec["corpus"]
     return f"""<h2 id="completeness">Feature completeness</h2>

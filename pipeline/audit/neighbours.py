@@ -183,7 +183,8 @@ Points link to dashboard pages.</p>
 <h3>Cosine to the nearest neighbour</h3>{cosine_bars(h['edges'], h['counts'])}
 <p class="meta">mean {sec['mean_first_cosine']:.3f}, median {sec['median_first_cosine']:.3f}</p>"""
     if data is None:
-        return head + f"<p class=bad>{html.escape(sec['file'])} is missing next to audit.json: rerun task=neighbours.</p>"
+        return head + (f"<p class=bad>{html.escape(sec['file'])} is missing next to audit.json: rerun "
+                       "task=neighbours.</p>")
     first = [c[0] for c in data["cosine"]]
     scatter = scatter_svg(data["map"], first, links)
     shown = sorted(range(len(first)), key=lambda i: -first[i])[:max_rows]

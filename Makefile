@@ -62,7 +62,7 @@ interpret: setup  ## stage 3: feature dashboard, feature search, cross-lingual c
 steer: setup  ## generate with SAE features clamped (python -m pipeline.steer)
 	$(PY) -m pipeline.steer $(ARGS)
 
-audit: setup  ## concept search (held-out AUROC, steering), feature splitting (python -m pipeline.audit)
+audit: setup  ## audit a dictionary: ARGS="task=concepts|autointerp|splitting|neighbours|completeness|absorption|crossmodal ..." (python -m pipeline.audit)
 	$(PY) -m pipeline.audit $(ARGS)
 
 publish: setup  ## stage 4: release folder (SAELens layout), Hub or fsspec upload (python -m pipeline.publish)

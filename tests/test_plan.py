@@ -51,6 +51,21 @@ def test_cli_prints_a_plan():
     assert "n_features=1,048,576" in out and "FITS" in out and "tokens/s" in out
 
 
+def test_plan_says_what_fp8_adam_state_saves():
+    """34M features at d=4096: fp8 m and v need fewer feature shards, and the plan says so."""
+    from pipeline.plan import low_bit_hint
+    cfg = PlanConfig(d_model=4096, n_features=2**25, param_dtype="bfloat16", zero_stage=1, gpu_memory_gb=80)
+    fp32, fp8 = best_plan(cfg), best_plan(PlanConfig(**{**vars(cfg), "state_dtype": "fp8"}))
+    assert fp8.feature_parallel < fp32.feature_parallel  # Adam's state over all shards: about a quarter
+    assert fp8.memory.optimizer_state * fp8.feature_parallel < fp32.memory.optimizer_state * fp32.feature_parallel / 3
+    hint = low_bit_hint(cfg, fp32)
+    assert f"{fp8.gpus} GPUs" in hint and f"instead of {fp32.gpus}" in hint
+    assert low_bit_hint(PlanConfig(**{**vars(cfg), "state_dtype": "fp8"}), fp8) is None
+    out = subprocess.run([sys.executable, "-m", "pipeline.plan", "plan/target=llama3.1-8b", "plan/size=34m"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "with state_dtype=fp8" in out
+
+
 @pytest.mark.parametrize("architecture", ["relu_l1", "topk", "jumprelu", "batchtopk"])
 def test_feature_tiles_bound_the_step_transients(architecture):
     """Untiled, a step holds [batch, n_local] matrices; tiled, its transients grow with the tile,

@@ -4,6 +4,8 @@ FLOPs and expected step time.
     python -m pipeline.plan plan/target=llama3.1-8b plan/size=34m gpu_memory_gb=80   (make plan)
 """
 
+import dataclasses
+
 from pipeline.plan.model import Plan, PlanConfig, best_plan, make_plan, rank_memory
 
 __all__ = ["Plan", "PlanConfig", "best_plan", "dry_run_command", "make_plan", "rank_memory", "run", "format_plan"]
@@ -53,8 +55,23 @@ def dry_run_command(plan: Plan) -> str:
             f"optim.state_dtype={c.state_dtype} deepspeed.zero_stage={c.zero_stage} deepspeed.precision={'fp32' if c.param_dtype == 'float32' else 'bf16'}")
 
 
+def low_bit_hint(cfg: PlanConfig, plan: Plan) -> str | None:
+    """What fp8 Adam state (train's optim.state_dtype=fp8) would change, when the plan uses fp32."""
+    if cfg.state_dtype != "fp32":
+        return None
+    alt = best_plan(dataclasses.replace(cfg, state_dtype="fp8"))
+    if plan.fits and alt.gpus >= plan.gpus:
+        return None
+    return (f"with state_dtype=fp8 (Adam's m and v in fp8, ~2 instead of 8 bytes per parameter): "
+            f"{alt.memory.total / 2**30:,.2f} GiB per rank, {alt.gpus} GPUs "
+            f"(data_parallel={alt.data_parallel} x feature_parallel={alt.feature_parallel}) instead of {plan.gpus}")
+
+
 def run(cfg: PlanConfig) -> Plan:
     plan = best_plan(cfg)
     print(format_plan(plan))
+    hint = low_bit_hint(cfg, plan)
+    if hint:
+        print("\n" + hint)
     print(f"\ncheck the layout against the real modules:\n  {dry_run_command(plan)}")
     return plan

@@ -29,17 +29,19 @@ $(STAMP): setup.cfg
 DEMO := runs/demo
 demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M, offline corpus), ~20 min on 2 cores
 	$(PY) -m pipeline.cache n_tokens=100000 store.url=$(DEMO)/activations $(ARGS)
-	$(PY) -m torch.distributed.run --standalone --nproc-per-node=2 -m pipeline.train sae=relu_l1 \
+	@# topk (k=32): in 48 steps relu_l1 (lambda 5, or 3 at lr 1.2e-3) left most features near-duplicates
+	@# (median nearest decoder cosine 0.77, pipeline.audit task=neighbours); topk's is 0.15, FVU ~0.45
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node=2 -m pipeline.train sae=topk \
 	    parallel.feature_parallel=2 data.url=$(DEMO)/activations n_tokens=200000 optim.lr=4e-4 \
-	    out_dir=$(DEMO)/train/relu_l1
-	$(PY) -m pipeline.evaluate checkpoint=$(DEMO)/train/relu_l1/sae n_tokens=20000 out_dir=$(DEMO)/evaluate
-	$(PY) -m pipeline.interpret checkpoint=$(DEMO)/train/relu_l1/sae n_tokens=50000 out_dir=$(DEMO)/interpret
+	    out_dir=$(DEMO)/train/topk
+	$(PY) -m pipeline.evaluate checkpoint=$(DEMO)/train/topk/sae n_tokens=20000 out_dir=$(DEMO)/evaluate
+	$(PY) -m pipeline.interpret checkpoint=$(DEMO)/train/topk/sae n_tokens=50000 out_dir=$(DEMO)/interpret
 	@# steer with the sparsest feature of largest activation (firing on < 1% of tokens), clamped to 10x its max
 	FEATURE=$$($(PY) -c "import json; f = json.load(open('$(DEMO)/interpret/features.json'))['features']; \
 	    print(max((x for x in f if 0 < x['density'] < 0.01), key=lambda x: x['max_act'])['index'])") && \
-	$(PY) -m pipeline.steer checkpoint=$(DEMO)/train/relu_l1/sae features=$(DEMO)/interpret/features.json \
+	$(PY) -m pipeline.steer checkpoint=$(DEMO)/train/topk/sae features=$(DEMO)/interpret/features.json \
 	    "clamp=[\"$$FEATURE:10x\"]" out_dir=$(DEMO)/steer
-	$(PY) -m pipeline.publish dry_run=true checkpoints=[$(DEMO)/train/relu_l1/sae] \
+	$(PY) -m pipeline.publish dry_run=true checkpoints=[$(DEMO)/train/topk/sae] \
 	    eval_dirs=[$(DEMO)/evaluate] dashboard_dirs=[$(DEMO)/interpret] out_dir=$(DEMO)/release
 	@echo; echo "metrics:   $(DEMO)/evaluate/metrics.json"; cat $(DEMO)/evaluate/metrics.json | head -40
 	@echo "dashboard: file://$(CURDIR)/$(DEMO)/interpret/index.html"

@@ -300,7 +300,7 @@ def audited(tiny, tiny_model_dir, text_dir, zebra_file, tmp_path_factory):
     env = {**os.environ, "PIPELINE_RUNS": str(tmp / "runs")}
     base = [sys.executable, "-m", "pipeline.audit", f"model.name={tiny_model_dir}", "model.device=cpu",
             f"out_dir={tmp / 'out'}", f"dashboard={tmp / 'dash'}"]
-    p = subprocess.run(base + [f"checkpoint={tmp / 'sae'}", f"concepts=[{zebra_file},dog]", "top=3"], env=env,
+    p = subprocess.run(base + [f"checkpoint={tmp / 'sae'}", f"concepts=[{zebra_file},dog]", "top=3", "clamp_multiple=10"], env=env,
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     concepts_doc = json.loads((tmp / "out" / "audit.json").read_text())

@@ -36,6 +36,13 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny Llama loaded as the stages load models (CPU)."""
+    from pipeline.models import ModelConfig, load_model
+    return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+
+
 @pytest.fixture(scope="session")
 def text_dir(tmp_path_factory) -> Path:
     """A few kilobytes of varied text in .txt and .jsonl files."""

@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate import Dictionary
 from pipeline.interpret import InterpretConfig
 from pipeline.interpret import run as interpret
-from pipeline.models import ActivationCapture, ModelConfig, load_model
+from pipeline.models import ActivationCapture, ModelConfig
 from pipeline.sae import SAEConfig, create, save
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,11 +51,6 @@ def zebra_set() -> dict:
             "heldout_positive": [f.format("zebra") for f in HELDOUT],
             "heldout_negative": [f.format(o) for f, o in zip(HELDOUT, HELDOUT_OTHERS)],
             "concept_words": ["zebra"]}
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from pipeline.evaluate import Dictionary
 from pipeline.interpret import InterpretConfig
 from pipeline.interpret import dashboard as H
 from pipeline.interpret import run as interpret
-from pipeline.models import ActivationCapture, ModelConfig, load_model
+from pipeline.models import ActivationCapture, ModelConfig
 from pipeline.sae import SAEConfig, create, save
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,11 +174,6 @@ def test_shipped_concept_lists_and_bad_lists(tmp_path):
         AuditConfig(task="completeness", dedicated_auroc=1.5)
     with pytest.raises(ConfigError, match="uniqueness=0.5 >= 1. Fix"):
         AuditConfig(task="completeness", uniqueness=0.5)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
 
 
 @pytest.fixture(scope="module")

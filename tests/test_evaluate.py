@@ -12,7 +12,7 @@ import torch
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError, HookNotFoundError
 from pipeline.evaluate import Dictionary, EvalConfig, evaluate, run
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import ModelConfig
 from pipeline.sae import SAEConfig, create, save
 
 HOOK = "model.layers.1"
@@ -42,11 +42,6 @@ def random_topk(d: int, n: int = 128, k: int = 4, seed: int = 0):
     sae = create(SAEConfig(architecture="topk", n_features=n, d_model=d, k=k))
     sae.reset_parameters(seed)
     return sae
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pipeline.interpret import InterpretConfig, run
 from pipeline.interpret.collect import FeatureCollector, examples_of, segment_topk
 from pipeline.interpret.crosslingual import crosslingual, default_parallel_file, read_parallel
 from pipeline.interpret.search import prompt_activations
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import ModelConfig
 from pipeline.sae import SAEConfig, create, save
 
 HOOK = "model.layers.1"
@@ -27,11 +27,6 @@ def topk_sae(d=32, n=64, k=4):
     sae = create(SAEConfig(architecture="topk", n_features=n, d_model=d, k=k))
     sae.reset_parameters(0)
     return sae
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
 
 
 def interpret_cfg(tiny_model_dir, text_dir, tmp, **kw):

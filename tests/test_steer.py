@@ -12,14 +12,9 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.evaluate import Dictionary
 from pipeline.evaluate.common import logit_directions
-from pipeline.models import ModelConfig, load_model, replace_output
+from pipeline.models import ModelConfig, replace_output
 from pipeline.sae import SAEConfig, create, save
 from pipeline.steer import Clamp, SteerConfig, clamp_fn, generate, resolve_clamps, run
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
 
 
 def topk_sae(d=32, n=64, k=4):

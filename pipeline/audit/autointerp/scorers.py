@@ -16,6 +16,8 @@ answers about held-out contexts; the scorers turn its answers into numbers:
   from its loss after a neutral prefix; AUROC of that reduction, activating against not.
 - embedding (local): cosine of the explanation's embedding (as a query) and each context's (as a
   passage); AUROC activating against not.
+The judge's answers replay exactly from the cache; the local scores are recomputed in each run and
+are bit-reproducible for a given thread count (CPU kernels round differently with another one).
 """
 
 from __future__ import annotations

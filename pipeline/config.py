@@ -1,12 +1,28 @@
 """Hydra wiring shared by every stage: typed dataclass schemas in Hydra's ConfigStore, extended by
-the YAML files in conf/, turned back into dataclasses before a stage sees them."""
+the YAML files in conf/, turned back into dataclasses before a stage sees them.
+
+Two promises hold for every stage's command line (README.md, "Configuration and errors"):
+- Every key is declared. A key that no schema dataclass declares, whether it comes from the command
+  line (`key=`, `+key=`, `++key=`) or from a YAML file, is refused with the declared names closest
+  to it, before the stage runs. Only dict-typed fields take keys of their own (free-form settings
+  handed to another library: `deepspeed.overrides`, `storage_options`).
+- A UserError (pipeline/errors.py) prints its one message and exits with USER_ERROR_EXIT; any other
+  exception is a bug and shows its traceback. HYDRA_FULL_ERROR=1 shows user errors' tracebacks too.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import os
+import sys
+import typing
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
+
+from pipeline.errors import USER_ERROR_EXIT, ConfigError, UserError
 
 CONF_DIR = os.environ.get("PIPELINE_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
 
@@ -21,8 +37,120 @@ def stage_main(config_name: str, schema: type) -> Callable:
 
     def wrap(run: Callable) -> Callable:
         @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)
+        def compose_and_run(cfg) -> None:
+            # inside the job, so that Hydra does not log "Error executing job" before the message
+            with user_errors_reported(config_name):
+                # `+key=`, `++key=` and YAML keys reach here: OmegaConf.to_object would drop them
+                check_declared(OmegaConf.to_container(cfg, resolve=False), schema)
+                run(OmegaConf.to_object(cfg))
+
         @functools.wraps(run)
-        def main(cfg) -> None:
-            run(OmegaConf.to_object(cfg))
+        def main() -> None:
+            with user_errors_reported(config_name):
+                check_overrides(schema, sys.argv[1:])
+            compose_and_run()
         return main
     return wrap
+
+
+@contextmanager
+def user_errors_reported(stage: str) -> Iterator[None]:
+    """A UserError becomes its message on stderr and exit status USER_ERROR_EXIT; everything else,
+    SystemExit included (the trainer's stop on a signal), passes through untouched."""
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's own switch for the full traceback
+            raise
+        # every rank of a torchrun job reports: the error may be one rank's own
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+        sys.stdout.flush()
+        print(f"pipeline.{stage}{rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+
+
+def check_overrides(schema: type, args: list[str]) -> None:
+    """Refuse plain `key=value` overrides of undeclared keys before Hydra composes anything: Hydra
+    refuses them itself, but without close names (and suggests `+key=`). Config groups (`sae=relu_l1`,
+    `plan/size=1m`: folders of conf/ or --config-dir) and Hydra's own keys are Hydra's to check.
+    `+key=`/`++key=` are checked on the composed config (stage_main)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    parsed = get_args_parser().parse_args(args)
+    try:
+        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+    except HydraException:
+        return  # a malformed override: Hydra's own message says what is wrong with it
+    group_dirs = [d for d in (CONF_DIR, parsed.config_dir) if d]
+    tree: dict = {}
+    for o in overrides:
+        key = o.key_or_group
+        if (o.type != OverrideType.CHANGE or o.package is not None or "/" in key or key.split(".")[0] == "hydra"
+                or any(Path(d, key).is_dir() for d in group_dirs)):
+            continue
+        node = tree
+        for part in key.split("."):
+            node = node.setdefault(part, {})
+    check_declared(tree, schema)
+
+
+def check_declared(tree: Mapping, schema: type, prefix: str = "") -> None:
+    """Raise a ConfigError naming every key of the nested mapping `tree` that the dataclass
+    `schema` does not declare (nested dataclasses are walked; dict fields take any key), with the
+    declared names closest to each."""
+    unknown = list(_undeclared(tree, schema, prefix))
+    if not unknown:
+        return
+    declared = list(_declared(schema, prefix))
+    free = [p for p, t in declared if _is_dict(t)]
+    lines = [f"{key}: {_suggest(key, [p for p, _ in declared])}" for key in unknown]
+    raise ConfigError(
+        "unknown config key(s), which would be silently ignored:\n  " + "\n  ".join(lines)
+        + f"\nFix: use a declared key ({schema.__name__} in {schema.__module__.replace('.', '/')}.py and the configs "
+        "of its sections document each)"
+        + (f"; free-form keys belong under {', '.join(free)} only" if free else ""))
+
+
+def _fields(schema: type) -> dict[str, object]:
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _is_dict(t: object) -> bool:
+    return t is dict or typing.get_origin(t) is dict
+
+
+def _undeclared(tree: Mapping, schema: type, prefix: str) -> Iterator[str]:
+    fields = _fields(schema)
+    for key, value in tree.items():
+        if key not in fields:
+            yield f"{prefix}{key}"
+        elif dataclasses.is_dataclass(fields[key]) and isinstance(value, Mapping):
+            yield from _undeclared(value, fields[key], f"{prefix}{key}.")
+
+
+def _declared(schema: type, prefix: str) -> Iterator[tuple[str, object]]:
+    """(dotted path, type) of every field, sections and the fields inside them."""
+    for name, t in _fields(schema).items():
+        yield f"{prefix}{name}", t
+        if dataclasses.is_dataclass(t):
+            yield from _declared(t, f"{prefix}{name}.")
+
+
+def _suggest(key: str, declared: list[str]) -> str:
+    """Declared keys close to `key`, by the whole path or by the last part alone (the right name in
+    another section), then every key of its section (close names miss synonyms such as lr)."""
+    section, _, leaf = key.rpartition(".")
+    candidates = [p for p in declared if not key.startswith(p + ".")]  # not its own sections
+    leaves = difflib.get_close_matches(leaf, {p.rpartition(".")[2] for p in candidates}, n=5)
+    close = difflib.get_close_matches(key, candidates, n=5) + [p for p in candidates if p.rpartition(".")[2] in leaves]
+    siblings = [p.rpartition(".")[2] for p in declared if p.rpartition(".")[0] == section]
+    declares = f"{section or 'the top level'} declares {', '.join(siblings)}"
+    if not close:
+        return declares
+    did = f"did you mean {', '.join(dict.fromkeys(close))}?"
+    return f"{did} ({declares})" if section else did  # the top level's list would drown the answer

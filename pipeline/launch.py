@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from pipeline.errors import ConfigError
+from pipeline.errors import USER_ERROR_EXIT, ConfigError
 
 PORT_BASE, PORT_SPAN = 20000, 20000
 """Ports derived from a job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN)."""
@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = command(plan, a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd)
     except ConfigError as e:
         print(f"pipeline.launch: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     where = f"rank {plan.rank}/{plan.world_size}" if plan.rank is not None else \
         f"{plan.nproc_per_node} processes of {plan.world_size}"
     print(f"[launch] node {plan.node_rank}/{plan.nnodes} ({socket.gethostname()}): {where}, "

@@ -171,11 +171,16 @@ def resolve_hook(model: nn.Module, name: str) -> str:
     m = _ALIAS.match(name)
     if m and int(m.group(1)) < len(layers):
         return f"{blocks}.{m.group(1)}"
-    close = difflib.get_close_matches(name, list(modules), n=5)
-    raise HookNotFoundError(
-        f"hook {name!r} is not a module of {type(model).__name__}. Residual-stream hooks are "
-        f"{blocks}.0 ... {blocks}.{len(layers) - 1} (or layers.0 ... layers.{len(layers) - 1}); any module "
-        f"path from model.named_modules() works too" + (f"; did you mean {close}?" if close else "."))
+    raise HookNotFoundError(f"hook {name!r} is not a module of {type(model).__name__}. {hook_choices(model, name)}")
+
+
+def hook_choices(model: nn.Module, name: str) -> str:
+    """What a hook could be instead of `name`: the residual-stream range and the closest module paths."""
+    blocks, layers = block_list(model)
+    close = difflib.get_close_matches(name, [n for n, _ in model.named_modules() if n], n=5)
+    return (f"Residual-stream hooks are {blocks}.0 ... {blocks}.{len(layers) - 1} (or layers.0 ... "
+            f"layers.{len(layers) - 1}); any module path from model.named_modules() works too"
+            + (f"; did you mean {', '.join(close)}?" if close else "."))
 
 
 class _Stop(Exception):

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import ConfigError, HookNotFoundError
-from pipeline.models import LoadedModel, resolve_hook
+from pipeline.models import LoadedModel, hook_choices, resolve_hook
 from pipeline.sae import SparseAutoencoder, load
+from pipeline.sae.checkpoint import CONFIG_FILE
 
 
 class Dictionary:
@@ -34,20 +35,27 @@ class Dictionary:
         model and its output as wide as the SAE's input (checked again on the first activations)."""
         sae = load(path, device=loaded.device)
         meta = getattr(sae, "meta", {})
-        return cls.attach(sae, loaded, hook or meta.get("hook"), str(path), meta.get("model"))
+        return cls.attach(sae, loaded, hook or meta.get("hook"), str(path), meta.get("model"),
+                          hook_from_checkpoint=not hook)
 
     @classmethod
     def attach(cls, sae: SparseAutoencoder, loaded: LoadedModel, hook: str | None, path: str = "<memory>",
-               trained_on: dict | str | None = None) -> "Dictionary":
+               trained_on: dict | str | None = None, hook_from_checkpoint: bool = False) -> "Dictionary":
+        """`hook_from_checkpoint`: the hook is the one cfg.json records (the store's hook the SAE was
+        trained on), not one the user set: the error says so, since the user never typed it."""
         if not hook:
             raise ConfigError(f"the SAE at {path!r} names no hook in its cfg.json. Fix: set hook=<module path>, "
                               "e.g. hook=model.layers.15, to the layer it was trained on")
         try:
             module = resolve_hook(loaded.model, hook)
-        except HookNotFoundError as e:
-            raise HookNotFoundError(f"the SAE at {path!r} reads hook {hook!r}, which does not fit the model "
-                                    f"{loaded.model_id!r}: {e}. Fix: evaluate it with the model it was trained "
-                                    "on (model.name=...), or set hook=... if the layer has another name") from None
+        except HookNotFoundError:
+            origin = (f"recorded in its {CONFIG_FILE}: the hook of the activation store it was trained on"
+                      if hook_from_checkpoint else "set by hook=")
+            raise HookNotFoundError(
+                f"the SAE at {path!r} reads hook {hook!r} ({origin}), but the model {loaded.model_id!r} "
+                f"({type(loaded.model).__name__}) has no module of that name. {hook_choices(loaded.model, hook)} "
+                "Fix: use the model the SAE was trained on (model.name=...), or set hook=<module path> to this "
+                "model's name for that layer") from None
         width = _hook_width(loaded, module)
         d_sae = sae.cfg.d_model
         if width is not None and width != d_sae:

@@ -7,11 +7,15 @@ bytes against the real sharded modules built on the meta device."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pipeline.errors import ConfigError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+POSITIVE = ("d_model", "n_features", "batch_size", "gpu_memory_gb", "gpus_per_node", "usable_fraction",
+            "tflops", "mem_bandwidth_gbs", "intra_node_gbs", "inter_node_gbs")
+NON_NEGATIVE = ("k_aux", "feature_tile", "runtime_gb", "data_parallel", "feature_parallel", "max_gpus",
+                "shuffle_buffer_rows")
 
 
 @dataclass
@@ -71,6 +75,17 @@ class PlanConfig:
             raise ConfigError(f"optimizer={self.optimizer!r}: only adam is modelled")
         if self.state_dtype not in ("fp32", "fp8", "int8"):
             raise ConfigError(f"state_dtype={self.state_dtype!r} must be fp32, fp8 or int8")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in POSITIVE + NON_NEGATIVE:
+            value = getattr(self, name)
+            if not (value > 0 if name in POSITIVE else value >= 0):  # `not` so that NaN fails too
+                raise ConfigError(f"{name}={value} must be {'positive' if name in POSITIVE else '>= 0'} "
+                                  f"(default {name}={defaults[name]})")
+        if not self.usable_fraction <= 1:
+            raise ConfigError(f"usable_fraction={self.usable_fraction} must be in (0, 1]: the share of GPU memory "
+                              "the plan may fill")
+        if self.architecture in ("topk", "batchtopk") and not self.k >= 1:
+            raise ConfigError(f"k={self.k} must be >= 1 for {self.architecture} (active latents per token)")
 
 
 def local_features(n_features: int, feature_parallel: int) -> int:

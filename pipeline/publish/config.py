@@ -73,8 +73,16 @@ class PublishConfig:
             if getattr(self, name) and len(getattr(self, name)) != len(self.checkpoints):
                 raise ConfigError(f"{name} has {len(getattr(self, name))} entries for {len(self.checkpoints)} "
                                   "checkpoints; give one per checkpoint, or none to look next to each checkpoint")
-        if self.repo_id is not None and (self.repo_id.count("/") != 1 or not all(self.repo_id.split("/"))):
-            raise ConfigError(f"repo_id={self.repo_id!r} must be owner/name, e.g. my-org/smollm2-saes")
+        if self.repo_id is not None:
+            if self.repo_id.count("/") != 1 or not all(self.repo_id.split("/")):
+                raise ConfigError(f"repo_id={self.repo_id!r} must be owner/name, e.g. my-org/smollm2-saes")
+            # the Hub's own rule, checked here so that a dry run refuses what the upload would
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+            try:
+                validate_repo_id(self.repo_id)
+            except HFValidationError as e:
+                raise ConfigError(f"repo_id={self.repo_id!r} is not a name the Hub accepts: {e} Fix: choose a name "
+                                  "that follows this rule, e.g. repo_id=my-org/smollm2-saes") from None
         for name in ("max_shard_size", "single_commit_size", "commit_size"):
             if parse_size(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be positive")

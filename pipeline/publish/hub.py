@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import UserError
 from pipeline.publish.release import CARD, MANIFEST, PIPELINE_CONFIG, SAELENS_CFG, sha256_file
 
 log = logging.getLogger("pipeline.publish")
@@ -26,11 +27,11 @@ FINAL_NAMES = (SAELENS_CFG, PIPELINE_CONFIG, MANIFEST)
 """Per-SAE files committed last; with README.md they make a release visible as complete."""
 
 
-class PublishAuthError(PermissionError):
+class PublishAuthError(UserError, PermissionError):
     """No token, or the Hub refused it, or it may not write to the repo."""
 
 
-class PublishIncompleteError(OSError):
+class PublishIncompleteError(UserError, OSError):
     """The upload stopped part way (network failure); rerunning the same command resumes it."""
 
 

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 
 RELEASE_FORMAT = "pipeline.release"
 RELEASE_VERSION = 1
@@ -59,7 +59,7 @@ SAELENS_ARCH = {"relu_l1": ("standard", False), "topk": ("topk", True),
 _LAYER_HOOK = re.compile(r"^(?:model\.layers|layers|transformer\.h|gpt_neox\.layers|model\.decoder\.layers)\.(\d+)$")
 
 
-class ReleaseIncompleteError(OSError):
+class ReleaseIncompleteError(UserError, OSError):
     """A release folder has no manifest, or its files do not match it: it was never finished."""
 
 

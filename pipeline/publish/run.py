@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import InputNotFoundError
 from pipeline.publish import card, hub, target
 from pipeline.publish.config import PublishConfig
 from pipeline.publish.release import (CARD, HISTOGRAM, MANIFEST, METRICS, SAESource, parse_size, sae_id_for,
@@ -20,7 +21,7 @@ DENSITY_FILES = ("feature_density.safetensors", "feature_density.npy")
 """Per-feature densities from evaluation, if not in metrics.json under feature_density."""
 
 
-class MissingMetricsError(FileNotFoundError):
+class MissingMetricsError(InputNotFoundError):
     """A checkpoint has no evaluation metrics to publish with it."""
 
 
@@ -42,8 +43,8 @@ def find_dashboard(checkpoint: Path, eval_dir: Path | None, dashboard_dir: str |
     if dashboard_dir:
         d = Path(dashboard_dir)
         if not (d / "index.html").is_file():
-            raise FileNotFoundError(f"dashboard_dirs entry {dashboard_dir!r} has no index.html. Fix: point it at "
-                                    "the out_dir of `python -m pipeline.interpret`, or leave dashboard_dirs empty")
+            raise InputNotFoundError(f"dashboard_dirs entry {dashboard_dir!r} has no index.html. Fix: point it at "
+                                     "the out_dir of `python -m pipeline.interpret`, or leave dashboard_dirs empty")
         return d
     for d in ([eval_dir / "dashboard"] if eval_dir else []) + [checkpoint.parent / "interpret",
                                                                 checkpoint.parent / "dashboard"]:
@@ -56,8 +57,8 @@ def find_source(checkpoint: str, eval_dir: str | None, require_metrics: bool,
                 dashboard_dir: str | None = None) -> SAESource:
     ckpt = Path(checkpoint)
     if not (ckpt / "cfg.json").is_file():
-        raise FileNotFoundError(f"no exported SAE at {checkpoint!r} (cfg.json is missing). Fix: point checkpoints "
-                                "at a training run's export folder, e.g. checkpoints=[runs/demo/train/topk/sae]")
+        raise InputNotFoundError(f"no exported SAE at {checkpoint!r} (cfg.json is missing). Fix: point checkpoints "
+                                 "at a training run's export folder, e.g. checkpoints=[runs/demo/train/topk/sae]")
     dirs = [Path(eval_dir)] if eval_dir else eval_candidates(ckpt)
     where = next((d for d in dirs if (d / METRICS).is_file()), None)
     if where is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import InputNotFoundError
 from pipeline.sae.base import SAEConfig, SparseAutoencoder
 
 FORMAT_NAME = "pipeline.sae"
@@ -76,8 +77,8 @@ def save(sae: SparseAutoencoder, path: str | Path, input_scale: float = 1.0, met
 def read_config(path: str | Path) -> dict:
     f = Path(path) / CONFIG_FILE
     if not f.exists():
-        raise FileNotFoundError(f"no exported SAE at {str(path)!r}: {CONFIG_FILE} is missing. Fix: point at "
-                                "the export folder of a training run (<out_dir>/sae)")
+        raise InputNotFoundError(f"no exported SAE at {str(path)!r}: {CONFIG_FILE} is missing. Fix: point at "
+                                 "the export folder of a training run (<out_dir>/sae)")
     doc = json.loads(f.read_text())
     if doc.get("format") != FORMAT_NAME or doc.get("version") != FORMAT_VERSION:
         raise ValueError(f"{f} is not a {FORMAT_NAME} checkpoint of version {FORMAT_VERSION} "

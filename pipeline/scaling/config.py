@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.config import check_declared
 from pipeline.errors import ConfigError
+from pipeline.plan.model import PlanConfig
 
 LOSSES = ("auto", "fvu", "nmse", "mse", "proxy_loss")
 
@@ -42,3 +44,4 @@ class ScalingConfig:
         if self.bootstrap < 0 or self.holdout_largest < 0 or not self.huber_delta > 0:
             raise ConfigError(f"bootstrap={self.bootstrap} and holdout_largest={self.holdout_largest} must be >= 0, "
                               f"huber_delta={self.huber_delta} > 0")
+        check_declared(self.plan, PlanConfig, "plan.")  # a dict only because the fit fills in the dictionary's shape

@@ -41,8 +41,8 @@ def _step_flops_line(architecture: str, d_model: int, k: int) -> tuple[float, fl
     from pipeline.plan.model import PlanConfig, step_flops
     which = 1 if architecture in SPARSE_STEP else 0
     at = [step_flops(PlanConfig(d_model=d_model, n_features=n, architecture=architecture, k=k, batch_size=1))[which]
-          for n in (0, 1)]
-    return at[1] - at[0], at[0]
+          for n in (1, 2)]  # a planner config needs a dictionary: no n_features=0
+    return at[1] - at[0], 2 * at[0] - at[1]
 
 
 @dataclass

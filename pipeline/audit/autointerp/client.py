@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 
 SERVER_START_TIMEOUT = 600.0
 
 
-class EndpointError(ConnectionError):
+class EndpointError(UserError, ConnectionError):
     """The endpoint cannot be reached, or refused a request."""
 
 

@@ -19,10 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pipeline.sae as S
-from pipeline.publish import (MissingMetricsError, PublishAuthError, PublishConfig, PublishIncompleteError,
-                              ReleaseIncompleteError, run)
+from pipeline.errors import ConfigError, UserError
+from pipeline.publish import (MissingMetricsError, OutDirNotEmptyError, PublishAuthError, PublishConfig,
+                              PublishIncompleteError, ReleaseIncompleteError, run)
+from pipeline.publish.hub import parse_hf_url
 from pipeline.publish.release import transformer_lens_hook
-from pipeline.sae.checkpoint import save_config, save_shard
+from pipeline.sae.checkpoint import CheckpointFormatError, save_config, save_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer  # noqa: E402
@@ -206,6 +208,48 @@ def test_missing_metrics_is_a_clear_error(tmp_path):
     assert not (res.folder / "model.layers.2" / "metrics.json").exists()
     with pytest.raises(FileNotFoundError, match="no exported SAE at"):
         run(PublishConfig(checkpoints=[str(tmp_path / "nothing")], out_dir=str(tmp_path / "rel2")))
+
+
+def test_bad_inputs_are_user_errors(runs, tmp_path):
+    """Each names the bad value and the fix, and keeps the builtin base a caller may catch."""
+    stray = tmp_path / "notes" / "todo.txt"
+    stray.parent.mkdir()
+    stray.write_text("mine")
+    with pytest.raises(OutDirNotEmptyError, match=r"out_dir='.*notes'.*Fix: choose an empty or new out_dir") as e:
+        run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(stray.parent), progress=False))
+    assert isinstance(e.value, FileExistsError) and isinstance(e.value, UserError) and stray.read_text() == "mine"
+
+    twin = make_export(tmp_path / "twin" / "sae", "topk", "model.layers.1")  # runs["topk"] has that hook too
+    with pytest.raises(ConfigError, match=r"checkpoints '.*topk/sae' .*'model\.layers\.1'.* and '.*twin/sae'.*"
+                                          r"Fix: remove one from checkpoints") as e:
+        run(PublishConfig(checkpoints=[str(runs["topk"] / "sae"), str(twin)], out_dir=str(tmp_path / "rel"),
+                          require_metrics=False, progress=False))
+    assert isinstance(e.value, ValueError) and not (tmp_path / "rel").exists() and not (tmp_path / "rel.tmp").exists()
+
+    other = make_export(tmp_path / "other" / "sae", "topk", "model.layers.5")
+    doc = json.loads((other / "cfg.json").read_text())
+    (other / "cfg.json").write_text(json.dumps({**doc, "format": "sae_lens"}))
+    with pytest.raises(CheckpointFormatError, match=r"other/sae/cfg\.json.*format='sae_lens'.*Fix: point at"):
+        run(PublishConfig(checkpoints=[str(other)], out_dir=str(tmp_path / "rel"), require_metrics=False))
+    assert not (tmp_path / "rel.tmp").exists()  # refused before anything was written
+
+    with pytest.raises(ConfigError, match=r"'hf://my-org'.*Fix: name the repo and the SAE's folder") as e:
+        parse_hf_url("hf://my-org")
+    assert isinstance(e.value, ValueError)
+
+    # a release folder whose pipeline.json no longer lists the extras (jumprelu's log_threshold); same size,
+    # so the manifest check passes and the weights check refuses it
+    res = run(PublishConfig(checkpoints=[str(runs["jumprelu"] / "sae")], out_dir=str(tmp_path / "rel-j"),
+                            progress=False))
+    cfg = res.folder / res.sae_ids[0] / "pipeline.json"
+    text = cfg.read_text()
+    old = '"extras": "pipeline_extras.safetensors"'
+    assert old in text
+    cfg.write_text(text.replace(old, '"extras": null'.ljust(len(old))))
+    with pytest.raises(CheckpointFormatError, match=r"rel-j/model\.layers\.2'.*missing \['log_threshold'\].*"
+                                                    r"Fix: download the release again") as e:
+        S.load(res.folder / res.sae_ids[0])
+    assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)
 
 
 def test_incomplete_release_is_refused(runs, tmp_path):

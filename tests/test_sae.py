@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 from pipeline.parallel import ParallelDims
 from pipeline.sae import ARCHITECTURES, SAEConfig, create, load, save
-from pipeline.sae.checkpoint import save_config, save_shard
+from pipeline.sae.checkpoint import CheckpointFormatError, save_config, save_shard
 from pipeline.sae.sparse import dense_decode, dense_gather_linear, gather_linear, sparse_decode
 
 D, N = 16, 40
@@ -204,6 +204,17 @@ def test_export_shard_by_shard_loads_as_one(tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         load(tmp_path)
+    # a cfg.json of another format or version, or weights that do not match it: one line, no traceback
+    save(make("relu_l1"), tmp_path / "old")
+    doc = json.loads((tmp_path / "old" / "cfg.json").read_text())
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps({**doc, "version": 99}))
+    with pytest.raises(CheckpointFormatError, match=r"old/cfg\.json.*version=99.*Fix: .*re-export") as e:
+        load(tmp_path / "old")
+    assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)
+    save(make("relu_l1"), tmp_path / "mixed")
+    save_config(tmp_path / "mixed", make("jumprelu").cfg, [range(N)], 1.0, {})  # cfg.json of another export
+    with pytest.raises(CheckpointFormatError, match=r"mixed.*jumprelu.*missing \['log_threshold'\].*Fix: .*re-export"):
+        load(tmp_path / "mixed")
 
 
 def test_feature_ranges_cover_any_n_features():

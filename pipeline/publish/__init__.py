@@ -11,7 +11,7 @@ Loading back: pipeline.sae.load("hf://my-org/smollm2-saes/model.layers.15@main")
 from pipeline.publish.config import PublishConfig
 from pipeline.publish.hub import PublishAuthError, PublishIncompleteError
 from pipeline.publish.release import ReleaseIncompleteError, load
-from pipeline.publish.run import MissingMetricsError, PublishResult, build, run
+from pipeline.publish.run import MissingMetricsError, OutDirNotEmptyError, PublishResult, build, run
 
-__all__ = ["MissingMetricsError", "PublishAuthError", "PublishConfig", "PublishIncompleteError", "PublishResult",
-           "ReleaseIncompleteError", "build", "load", "run"]
+__all__ = ["MissingMetricsError", "OutDirNotEmptyError", "PublishAuthError", "PublishConfig", "PublishIncompleteError",
+           "PublishResult", "ReleaseIncompleteError", "build", "load", "run"]

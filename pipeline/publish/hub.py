@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.publish.release import CARD, MANIFEST, PIPELINE_CONFIG, SAELENS_CFG, sha256_file
 
 log = logging.getLogger("pipeline.publish")
@@ -224,8 +224,8 @@ def parse_hf_url(url: str) -> tuple[str, str, str | None]:
         rest, revision = rest.rsplit("@", 1)
     parts = [p for p in rest.split("/") if p]
     if len(parts) < 2:
-        raise ValueError(f"{url!r} is not hf://owner/repo[/folder][@revision], e.g. "
-                         "hf://my-org/smollm2-saes/model.layers.15@main")
+        raise ConfigError(f"{url!r} is not hf://owner/repo[/folder][@revision]. Fix: name the repo and the SAE's "
+                          "folder in it, e.g. hf://my-org/smollm2-saes/model.layers.15@main")
     return f"{parts[0]}/{parts[1]}", "/".join(parts[2:]), revision
 
 

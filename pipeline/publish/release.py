@@ -260,7 +260,7 @@ def load(path, device: str | torch.device = "cpu"):
     """The SAE of a release folder, or of `hf://owner/repo[/sae_id][@revision]`, as pipeline.sae.load
     returns it (same module, same tensors bit for bit); `.meta` holds pipeline.json."""
     from pipeline.sae import SAEConfig, create
-    from pipeline.sae.checkpoint import NOT_EXPORTED
+    from pipeline.sae.checkpoint import NOT_EXPORTED, CheckpointFormatError
 
     if str(path).startswith("hf://"):
         from pipeline.publish.hub import download
@@ -274,9 +274,12 @@ def load(path, device: str | torch.device = "cpu"):
         state.update(_load(folder / doc["release"]["extras"]))
     sae = create(SAEConfig(**doc["config"]), device=device)
     missing, unexpected = sae.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - set(NOT_EXPORTED):
-        raise ValueError(f"{folder}: weights do not match a {doc['architecture']} SAE "
-                         f"(missing {missing}, unexpected {unexpected})")
+    missing = [k for k in missing if k not in NOT_EXPORTED]
+    if unexpected or missing:
+        raise CheckpointFormatError(
+            f"{str(folder)!r}: the weights do not match the {doc['architecture']} SAE its {PIPELINE_CONFIG} describes "
+            f"(missing {missing}, unexpected {unexpected}). Fix: download the release again, or rebuild it from "
+            "the export with `python -m pipeline.publish`")
     sae.meta = doc
     return sae.eval()
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import InputNotFoundError
+from pipeline.errors import ConfigError, InputNotFoundError, UserError
 from pipeline.publish import card, hub, target
 from pipeline.publish.config import PublishConfig
-from pipeline.publish.release import (CARD, HISTOGRAM, MANIFEST, METRICS, SAESource, parse_size, sae_id_for,
-                                      write_sae_folder)
+from pipeline.publish.release import (CARD, HISTOGRAM, MANIFEST, METRICS, SAESource, is_release, parse_size,
+                                      sae_id_for, write_sae_folder)
+from pipeline.sae.checkpoint import read_config
 
 log = logging.getLogger("pipeline.publish")
 DENSITY_FILES = ("feature_density.safetensors", "feature_density.npy")
@@ -23,6 +24,10 @@ DENSITY_FILES = ("feature_density.safetensors", "feature_density.npy")
 
 class MissingMetricsError(InputNotFoundError):
     """A checkpoint has no evaluation metrics to publish with it."""
+
+
+class OutDirNotEmptyError(UserError, FileExistsError):
+    """out_dir holds files that are not a release: rebuilding the release there would delete them."""
 
 
 @dataclass
@@ -96,18 +101,26 @@ def build(cfg: PublishConfig) -> tuple[Path, list[dict]]:
                for i, c in enumerate(cfg.checkpoints)]
     out = Path(cfg.out_dir)
     if out.exists() and any(out.iterdir()) and not list(out.glob(f"*/{MANIFEST}")) and not (out / CARD).exists():
-        raise FileExistsError(f"out_dir={cfg.out_dir!r} holds files that are not a release; choose an empty or new "
-                              "folder (it is rebuilt on every run)")
+        raise OutDirNotEmptyError(f"out_dir={cfg.out_dir!r} holds files that are not a release, and the release "
+                                  "folder is rebuilt (emptied) on every run. Fix: choose an empty or new out_dir")
+    seen: dict[str, tuple[str, str | None]] = {}  # sae_id -> (checkpoint, hook)
+    for src in sources:
+        if is_release(src.checkpoint):  # pipeline.sae.load reads a release folder too; its cfg.json is SAELens's
+            hook = json.loads((src.checkpoint / "cfg.json").read_text()).get("hook")
+        else:  # an export: its format and version checked before anything is written
+            hook = read_config(src.checkpoint).get("hook")
+        sid = src.sae_id or sae_id_for(hook)
+        if sid in seen:
+            raise ConfigError(f"checkpoints {seen[sid][0]!r} (hook {seen[sid][1]!r}) and {str(src.checkpoint)!r} "
+                              f"(hook {hook!r}) both go to the release folder {sid!r}: a release holds one SAE "
+                              "per hook. Fix: remove one from checkpoints, or publish them as separate releases "
+                              "(another out_dir and path_in_repo or target)")
+        seen[sid] = (str(src.checkpoint), hook)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    saes, seen = [], set()
-    for src in sources:
-        hook = json.loads((src.checkpoint / "cfg.json").read_text()).get("hook")
-        sid = src.sae_id or sae_id_for(hook)
-        if sid in seen:
-            raise ValueError(f"two checkpoints have the hook {hook!r}: a release holds one SAE per hook folder")
-        seen.add(sid)
+    saes = []
+    for src, sid in zip(sources, seen):
         manifest = write_sae_folder(src, tmp / sid, parse_size(cfg.max_shard_size), cfg.context_size,
                                     cfg.datasets[0] if cfg.datasets else None)
         doc = json.loads((tmp / sid / "pipeline.json").read_text())

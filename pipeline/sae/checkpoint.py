@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import InputNotFoundError
+from pipeline.errors import ConfigError, InputNotFoundError
 from pipeline.sae.base import SAEConfig, SparseAutoencoder
 
 FORMAT_NAME = "pipeline.sae"
@@ -26,6 +26,11 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 NOT_EXPORTED = ("tokens_since_fired", "threshold_steps")  # training state only
+
+
+class CheckpointFormatError(ConfigError):
+    """A folder named as an exported SAE holds a cfg.json of another format or version, or weights
+    that do not match it."""
 
 
 def weights_file(shard: int, n_shards: int) -> str:
@@ -79,10 +84,19 @@ def read_config(path: str | Path) -> dict:
     if not f.exists():
         raise InputNotFoundError(f"no exported SAE at {str(path)!r}: {CONFIG_FILE} is missing. Fix: point at "
                                  "the export folder of a training run (<out_dir>/sae)")
-    doc = json.loads(f.read_text())
-    if doc.get("format") != FORMAT_NAME or doc.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{f} is not a {FORMAT_NAME} checkpoint of version {FORMAT_VERSION} "
-                         f"(format={doc.get('format')!r}, version={doc.get('version')!r})")
+    try:
+        doc = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{str(f)!r} is not valid JSON ({e}). Fix: point at another export folder, or "
+                                    "re-export the SAE (rerun its training command: it resumes from the last "
+                                    "checkpoint and writes <out_dir>/sae again)") from None
+    found = (doc.get("format"), doc.get("version")) if isinstance(doc, dict) else (None, None)
+    if found != (FORMAT_NAME, FORMAT_VERSION):
+        raise CheckpointFormatError(
+            f"{str(f)!r} is not a {FORMAT_NAME} checkpoint of version {FORMAT_VERSION} (format={found[0]!r}, "
+            f"version={found[1]!r}). Fix: point at the export folder of a training run (<out_dir>/sae) or a "
+            "release folder written by `python -m pipeline.publish`; for a checkpoint of another version, re-export "
+            "it with this version of the pipeline (rerun its training command)")
     return doc
 
 
@@ -103,8 +117,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
         if name in parts[0]:
             state[name] = torch.cat([p[name] for p in parts])
     missing, unexpected = sae.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - set(NOT_EXPORTED):
-        raise ValueError(f"{path}: weights do not match a {doc['architecture']} SAE "
-                         f"(missing {missing}, unexpected {unexpected})")
+    missing = [k for k in missing if k not in NOT_EXPORTED]
+    if unexpected or missing:
+        raise CheckpointFormatError(
+            f"{str(path)!r}: the weights do not match the {doc['architecture']} SAE its {CONFIG_FILE} describes "
+            f"(missing {missing}, unexpected {unexpected}). Fix: do not mix the files of two exports in one "
+            "folder; re-export the SAE (rerun its training command: it resumes from the last checkpoint and writes "
+            "<out_dir>/sae again)")
     sae.meta = doc
     return sae.eval()

@@ -1,10 +1,12 @@
-"""Activation loader vs raw reads of the same store files, on a local disk and on S3 (moto).
+"""Activation loader vs raw reads of the same store files, on a local disk and on S3 (moto), with
+chunk checksums on and off.
 
     python benchmarks/loader_throughput.py [--rows 200000] [--d-model 576] [--json]
 
-Writes a synthetic store (float16, the caching stage's default layout) to a temp folder and
-copies it to a loopback S3 server (moto, in its own process so that it does not share our GIL).
-For each, side by side and alternately (best of --repeats):
+Writes two synthetic stores (float16, the caching stage's default layout), one with chunk checksums
+(CRC32C, the default) and one without, to a temp folder and copies them to a loopback S3 server
+(moto, in its own process so that it does not share our GIL). For each, side by side and
+alternately (best of --repeats; the two stores alternate too):
   raw seq   read every activation chunk file's bytes with fsspec, one after another;
   raw par   the same on --workers threads (what the loader's readers could get at most);
   loader    one epoch of ActivationLoader (shuffled float32 batches, default settings but a
@@ -16,7 +18,8 @@ what the trainer consumes at its default config on this machine (--trainer-rows-
 "loader CPU s/GB" is the process's CPU time per GB of chunk files: on a busy shared machine the
 loader (CPU-bound: zstd) gets less than its 2 cores, and this shows what it would need.
 Finally it times a gloo broadcast of one batch between two processes: the cost per batch of
-"one feature-parallel rank reads and broadcasts", the alternative to each rank reading."""
+"one feature-parallel rank reads and broadcasts", the alternative to each rank reading.
+"checksums on / off" divides the loader's rows/s with checksums by its rows/s without."""
 
 from __future__ import annotations
 
@@ -36,9 +39,13 @@ import torch
 from pipeline.store import ActivationLoader, ActivationStore, ActivationStoreWriter, StoreLayout, commit
 
 
-def write_store(url: str, rows: int, d_model: int) -> None:
+CHECKSUMS = {"on": True, "off": False}
+
+
+def write_store(url: str, rows: int, d_model: int, checksum: bool) -> None:
     rpc = 127  # a 128-token context without BOS, 32 contexts per chunk: the caching defaults
-    layout = StoreLayout(("h",), d_model, "float16", -(-rows // rpc), rpc, shard_contexts=256, chunk_contexts=32)
+    layout = StoreLayout(("h",), d_model, "float16", -(-rows // rpc), rpc, shard_contexts=256, chunk_contexts=32,
+                         checksum=checksum)
     writer = ActivationStoreWriter(url, layout, {"fingerprint": "bench"}, overwrite=True)
     gen = torch.Generator().manual_seed(0)
     for k in range(layout.n_shards):
@@ -95,12 +102,21 @@ def loader_read(store: ActivationStore, batch_size: int, workers: int, shuffle_b
     return {"MB_s": nbytes / dt / 1e6, "rows_s": rows / dt, "first_batch_s": first, "cpu_s_per_GB": cpu / nbytes * 1e9}
 
 
-def measure(store: ActivationStore, a) -> dict:
-    runs = {"raw_seq": [], "raw_par": [], "loader": []}
-    for _ in range(a.repeats):  # alternate, so that a noisy neighbour hurts all three alike
-        runs["raw_seq"].append(raw_read(store, 1))
-        runs["raw_par"].append(raw_read(store, a.workers))
-        runs["loader"].append(loader_read(store, a.batch_size, a.workers, a.shuffle_buffer))
+def measure(stores: dict[str, ActivationStore], a) -> dict:
+    """The best rates of each store (by checksums "on"/"off"), and the loader's ratio of the two."""
+    runs = {k: {"raw_seq": [], "raw_par": [], "loader": []} for k in stores}
+    for _ in range(a.repeats):  # alternate, so that a noisy neighbour hurts all alike
+        for k, store in stores.items():
+            runs[k]["raw_seq"].append(raw_read(store, 1))
+            runs[k]["raw_par"].append(raw_read(store, a.workers))
+            runs[k]["loader"].append(loader_read(store, a.batch_size, a.workers, a.shuffle_buffer))
+    out = {f"checksums_{k}": summary(r, a) for k, r in runs.items()}
+    out["loader_checksums_on_vs_off"] = out["checksums_on"]["loader_rows_s"] / out["checksums_off"]["loader_rows_s"]
+    return out
+
+
+def summary(runs: dict, a) -> dict:
+    """One store's best rates over the repeats, and the ratios of the targets."""
     best = max(runs["loader"], key=lambda r: r["rows_s"])
     out = {"raw_seq_MB_s": max(runs["raw_seq"]), "raw_par_MB_s": max(runs["raw_par"]),
            "loader_MB_s": best["MB_s"], "loader_rows_s": best["rows_s"], "first_batch_s": best["first_batch_s"],
@@ -185,24 +201,26 @@ def main() -> None:
                      "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
                      "load_average_before": os.getloadavg()[0]}  # other users of a shared machine
     with tempfile.TemporaryDirectory() as tmp:
-        url = os.path.join(tmp, "store")
-        write_store(url, a.rows, a.d_model)
-        local = ActivationStore.open(url)
-        results["store_MB"] = sum(os.path.getsize(f) for f in chunk_files(local)) / 1e6
+        urls = {k: os.path.join(tmp, f"store-checksums-{k}") for k in CHECKSUMS}
+        for k, url in urls.items():
+            write_store(url, a.rows, a.d_model, CHECKSUMS[k])
+        local = {k: ActivationStore.open(url) for k, url in urls.items()}
+        results["store_MB"] = sum(os.path.getsize(f) for f in chunk_files(local["on"])) / 1e6
         results["local"] = measure(local, a)
         if not a.no_s3:
             proc, options = start_moto()
             try:
                 fs = fsspec.filesystem("s3", **options)
                 fs.mkdir("bench")
-                fs.put(url, "bench/store", recursive=True)
-                results["s3"] = measure(ActivationStore.open("s3://bench/store", options), a)
+                for k, url in urls.items():
+                    fs.put(url, f"bench/{k}", recursive=True)
+                results["s3"] = measure({k: ActivationStore.open(f"s3://bench/{k}", options) for k in urls}, a)
             finally:
                 proc.kill()
     if not a.no_broadcast:
         seconds = broadcast_cost(a.batch_size, a.d_model)
         results["broadcast"] = {"s_per_batch": seconds, "MB_s": a.batch_size * a.d_model * 4 / seconds / 1e6,
-                                "loader_s_per_batch": a.batch_size / results["local"]["loader_rows_s"]}
+                                "loader_s_per_batch": a.batch_size / results["local"]["checksums_on"]["loader_rows_s"]}
 
     if a.json:
         print(json.dumps(results, indent=1))
@@ -211,16 +229,18 @@ def main() -> None:
           f"shuffle window {a.shuffle_buffer} rows, "
           f"{a.workers} reader threads, {os.cpu_count()} CPUs (load average {results['load_average_before']:.1f} "
           f"before the run), best of {a.repeats}")
-    head = ("store", "raw seq MB/s", "raw par MB/s", "loader MB/s", "loader rows/s", "loader/raw seq",
+    head = ("store", "checksums", "raw seq MB/s", "raw par MB/s", "loader MB/s", "loader rows/s", "loader/raw seq",
             "loader/raw par", "x trainer", "first batch s", "loader CPU s/GB")
     print(" | ".join(head))
-    for name in ("local", "s3"):
-        if name in results:
-            r = results[name]
-            print(" | ".join([name, f"{r['raw_seq_MB_s']:.0f}", f"{r['raw_par_MB_s']:.0f}", f"{r['loader_MB_s']:.0f}",
-                              f"{r['loader_rows_s']:,.0f}", f"{r['loader_vs_raw_seq']:.0%}",
+    for name in [n for n in ("local", "s3") if n in results]:
+        for k in CHECKSUMS:
+            r = results[name][f"checksums_{k}"]
+            print(" | ".join([name, k, f"{r['raw_seq_MB_s']:.0f}", f"{r['raw_par_MB_s']:.0f}",
+                              f"{r['loader_MB_s']:.0f}", f"{r['loader_rows_s']:,.0f}", f"{r['loader_vs_raw_seq']:.0%}",
                               f"{r['loader_vs_raw_par']:.0%}", f"{r['x_trainer']:.0f}x", f"{r['first_batch_s']:.2f}",
                               f"{r['loader_cpu_s_per_GB']:.1f}"]))
+    print("loader rows/s, checksums on / off: " + ", ".join(
+        f"{name} {results[name]['loader_checksums_on_vs_off']:.2f}" for name in ("local", "s3") if name in results))
     if "broadcast" in results:
         b = results["broadcast"]
         print(f"read-and-broadcast alternative: gloo broadcast of one float32 batch between 2 processes "

@@ -23,9 +23,11 @@ D = 8
 
 
 def make_store(url: str, n_contexts: int = N_CTX, *, token_offset: int = 0, dtype: str = "float16",
-               storage_options: dict | None = None, commit_it: bool = True, seed: int = 0) -> str:
-    """Token id = token_offset + row; every 5th context has a massive activation at position 2."""
-    layout = StoreLayout(("h",), D, dtype, n_contexts, RPC, shard_contexts=2 * CHUNK_CTX, chunk_contexts=CHUNK_CTX)
+               storage_options: dict | None = None, commit_it: bool = True, seed: int = 0, **layout) -> str:
+    """Token id = token_offset + row; every 5th context has a massive activation at position 2.
+    `layout`: more StoreLayout fields (compressor, checksum, modality: position 1 is then an image row)."""
+    layout = StoreLayout(("h",), D, dtype, n_contexts, RPC, shard_contexts=2 * CHUNK_CTX, chunk_contexts=CHUNK_CTX,
+                         **layout)
     writer = ActivationStoreWriter(url, layout, {"fingerprint": "x"}, storage_options=storage_options)
     gen = torch.Generator().manual_seed(seed)
     for k in range(layout.n_shards):
@@ -35,7 +37,8 @@ def make_store(url: str, n_contexts: int = N_CTX, *, token_offset: int = 0, dtyp
         x = torch.randn(len(ctx), D, generator=gen) + 0.5
         x[(pos == 2) & (ctx % 5 == 0)] *= 100
         writer.begin_shard(k)
-        writer.append({"h": x}, torch.arange(len(ctx)) + span.start * RPC + token_offset, ctx, pos)
+        writer.append({"h": x}, torch.arange(len(ctx)) + span.start * RPC + token_offset, ctx, pos,
+                      (pos == 1).to(torch.int8) if layout.modality else None)
         writer.end_shard(len(span))
     writer.close()
     if commit_it:

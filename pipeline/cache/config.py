@@ -25,6 +25,10 @@ class StoreConfig:
     """Contexts per shard, the unit of parallel work and of resumption (a multiple of chunk_contexts)."""
     compressor: str = "blosc-lz4"
     """blosc-lz4 (stores incompressible activation chunks raw, fast), zstd (~7% smaller, slower to read) or none."""
+    checksum: bool = True
+    """End every chunk with a CRC32C, verified on every read, so that a corrupt chunk raises an error
+    naming it instead of being read as wrong values. false: to resume a store written before
+    checksums existed (the store has no layout.checksum), or to measure what they cost."""
     overwrite: bool = False
     """Replace a store written with a different configuration (never needed to resume)."""
 

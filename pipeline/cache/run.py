@@ -30,8 +30,10 @@ def fingerprint(cfg: CacheConfig, layout: StoreLayout, manifest: str | None = No
             "data": asdict(cfg.data), "hooks": list(cfg.hooks), "context_size": cfg.context_size,
             "drop_positions": cfg.drop_positions,
             # not the planned size: a store can be extended, or committed early, under one fingerprint;
-            # modality only when set, so that text stores keep the fingerprint they had before it existed
-            "layout": {k: v for k, v in asdict(layout).items() if k != "n_contexts" and (k != "modality" or v)}}
+            # modality and checksum only when set, so that text stores, and stores without checksums,
+            # keep the fingerprint they had before these existed (an old store resumes with checksum=false)
+            "layout": {k: v for k, v in asdict(layout).items()
+                       if k != "n_contexts" and (k not in ("modality", "checksum") or v)}}
     if manifest is not None:
         desc["manifest"] = {"path": cfg.manifest, "digest": manifest, "image_splitting": cfg.image_splitting}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16], desc
@@ -79,7 +81,7 @@ def run(cfg: CacheConfig) -> CacheResult:
     layout = StoreLayout(tuple(cfg.hooks), next(iter(widths.values())), cfg.store.dtype,
                          math.ceil(cfg.n_tokens / rows_per_context), rows_per_context,
                          cfg.store.shard_contexts, cfg.store.chunk_contexts, cfg.store.compressor,
-                         modality=image_id is not None)
+                         modality=image_id is not None, checksum=cfg.store.checksum)
     fp, desc = fingerprint(cfg, layout, manifest_digest(cfg.manifest, items) if items is not None else None)
     tok = loaded.tokenizer
     header = {"fingerprint": fp, "config": desc, "d_model": layout.d_model, "hooks": list(cfg.hooks),

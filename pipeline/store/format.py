@@ -7,6 +7,9 @@ import numpy as np
 import torch
 
 FORMAT_NAME = "pipeline.activation-store"
+# Version 1 throughout: additions that readers of either age handle keep it (docs/store-format.md,
+# Versions), such as the modality array and chunk checksums (layout.checksum, a zarr codec that any
+# zarr reader verifies; stores without it read as before, with a warning).
 FORMAT_VERSION = 1
 
 HEADER_ATTR = "pipeline"          # group attribute written when the store is created
@@ -36,16 +39,22 @@ STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint1
 COMPRESSORS = ("blosc-lz4", "zstd", "none")
 
 
-def compressors(name: str) -> list:
+def compressors(name: str, checksum: bool = True) -> list:
+    """The bytes-to-bytes codecs of every array: the compressor, then (layout.checksum) a CRC32C of
+    the compressed bytes, which zarr verifies on every read. Without it a flipped byte in a raw or
+    lz4 chunk decodes to wrong values without any error. A store whose header has no
+    layout.checksum predates it and has none (docs/store-format.md)."""
     import zarr.codecs
     if name not in COMPRESSORS:
         from pipeline.errors import ConfigError
         raise ConfigError(f"store compressor {name!r} is not supported; use one of {list(COMPRESSORS)}")
     if name == "zstd":
-        return [zarr.codecs.ZstdCodec(level=1)]
-    if name == "blosc-lz4":
-        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
-    return []
+        codecs = [zarr.codecs.ZstdCodec(level=1)]
+    elif name == "blosc-lz4":
+        codecs = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    else:
+        codecs = []
+    return codecs + [zarr.codecs.Crc32cCodec()] if checksum else codecs
 
 
 def check_dtype(dtype: str) -> str:

@@ -47,10 +47,11 @@ the limit (each feature-parallel rank multiplies the bytes read), broadcasting i
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
@@ -60,6 +61,8 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.store import format as F
 from pipeline.store.reader import ActivationStore, ChunkError
+
+log = logging.getLogger("pipeline.store")
 
 # Tags that keep the seeded streams independent of one another.
 _EPOCH, _STORE_CYCLE, _WINDOW = 0, 1, 2
@@ -77,6 +80,11 @@ class Batch(NamedTuple):
     contexts: torch.Tensor   # [n] int32 context index inside its store
     positions: torch.Tensor  # [n] int16 position inside the context
     stores: torch.Tensor     # [n] int16 index of the store in the loader's list
+    rows: torch.Tensor       # [n] int64 row index inside its store
+
+
+class Interrupted(Exception):
+    """The wait for a batch ended because the loader's `interrupt` event was set."""
 
 
 @dataclass(frozen=True)
@@ -137,11 +145,15 @@ class ActivationLoader:
     drop_last : bool
         Drop each epoch's short last batch. Without exclusion rules every rank then yields the
         same number of batches (`batches_in_epoch`), which keeps data-parallel ranks in step.
+        An epoch that would yield a rank no batch at all (with drop_last, fewer rows than a batch)
+        raises ConfigError: at construction when that is known from the stores' sizes, else at the
+        end of the first such epoch, rather than reading epoch after epoch for nothing.
     device : str or torch.device
         Where batches go. On CUDA, batches are built in pinned memory and copied non-blocking.
     skip_corrupt : bool
-        Skip chunks that are missing or do not decode (counted in `skipped`) instead of raising
-        ChunkError. Skipping is local to a rank: ranks may then yield different numbers of batches.
+        Skip chunks that are missing, fail their checksum or do not decode (each logged, counted in
+        `skipped`) instead of raising ChunkError. Skipping is local to a rank: ranks may then yield
+        different numbers of batches.
     expected_d_model, expected_dtype : optional
         What the trainer expects; a store that differs raises ConfigError.
     exclude_positions_below : int
@@ -149,13 +161,18 @@ class ActivationLoader:
     exclude_norm_factor : float or None
         Drop rows whose norm exceeds this multiple of their store's median norm (the massive
         activations of the first tokens); None keeps all. Exclusions are counted in `excluded`.
+        Rows whose norm is not finite (NaN or inf values, which only stores written before the
+        writer refused them hold) are excluded and counted by this rule too.
     weights : sequence of float, optional
         Mixing weights of the stores: an epoch then draws about weight / sum(weights) of its rows
         from each store (cycling through a store's chunks across epochs). Default: every chunk of
         every store once per epoch.
     with_ids : bool
-        Yield `Batch` tuples (activations with token ids, contexts, positions and store index)
-        instead of bare tensors.
+        Yield `Batch` tuples (activations with token ids, contexts, positions, store index and store
+        row) instead of bare tensors.
+    interrupt : threading.Event, optional
+        Set (e.g. by a signal handler) while the caller waits for a batch, it ends the wait within
+        a second with `Interrupted`; the position is kept, so a new iteration yields that batch.
     storage_options : dict, optional
         fsspec options for stores given as URLs.
     """
@@ -168,7 +185,7 @@ class ActivationLoader:
                  expected_d_model: int | None = None, expected_dtype: str | None = None,
                  exclude_positions_below: int = 0, exclude_norm_factor: float | None = None,
                  weights: Sequence[float] | None = None, with_ids: bool = False,
-                 storage_options: dict | None = None):
+                 interrupt: threading.Event | None = None, storage_options: dict | None = None):
         if isinstance(stores, (str, ActivationStore)):
             stores = [stores]
         self.stores = [s if isinstance(s, ActivationStore) else ActivationStore.open(s, storage_options)
@@ -181,7 +198,7 @@ class ActivationLoader:
         self.batch_size, self.seed, self.dp_rank, self.dp_size = batch_size, seed, dp_rank, dp_size
         self.shuffle_buffer, self.prefetch, self.prefetch_batches = shuffle_buffer, prefetch, prefetch_batches
         self.num_workers, self.epochs, self.drop_last = num_workers, epochs, drop_last
-        self.skip_corrupt, self.with_ids = skip_corrupt, with_ids
+        self.skip_corrupt, self.with_ids, self.interrupt = skip_corrupt, with_ids, interrupt
         self.exclude_positions_below, self.exclude_norm_factor = exclude_positions_below, exclude_norm_factor
         self.weights = None if weights is None else [float(w) for w in weights]
         self.device = torch.device(device)
@@ -197,10 +214,9 @@ class ActivationLoader:
         self._running: tuple[threading.Event, threading.Thread] | None = None
         self._plans: dict[int, _Plan] = {}
         self._plan_lock = threading.Lock()
-        if self.plan(0).rank_rows.min() == 0:
-            raise ConfigError(f"the stores hold {sum(s.n_tokens for s in self.stores)} rows, too few to "
-                              f"give each of dp_size={dp_size} ranks a row. Fix: use a larger store "
-                              "or fewer data-parallel ranks")
+        rank_rows = self.plan(0).rank_rows
+        if rank_rows.min() < (batch_size if drop_last else 1):  # no batch at all: refused before any read
+            raise self._too_few_rows(0, int(rank_rows.argmin()), int(rank_rows.min()), dict(_NO_COUNTS))
 
     # -- what the trainer reads --------------------------------------------------------------------
     @property
@@ -222,6 +238,19 @@ class ActivationLoader:
         if self.drop_last:
             return int(rows.min()) // self.batch_size
         return -(-int(rows[self.dp_rank]) // self.batch_size)
+
+    def _too_few_rows(self, epoch: int, rank: int, kept: int, dropped: dict) -> ConfigError:
+        """The error for an epoch that gives a rank no batch (`kept` rows, with drop_last fewer than
+        a batch): iterating on would read epoch after epoch and yield nothing, forever."""
+        why = {"position": "excluded by exclude_positions_below", "norm": "excluded by exclude_norm_factor",
+               "skipped": "chunk(s) skipped as corrupt"}
+        after = ", ".join(f"{n} {why[k]}" for k, n in dropped.items() if n)
+        return ConfigError(
+            f"epoch {epoch} gives data-parallel rank {rank} (of {self.dp_size}) {kept} rows"
+            f"{f' ({after})' if after else ''}, fewer than one batch of {self.batch_size} rows"
+            f"{' per rank' if self.dp_size > 1 else ''}, so it would yield no batch (the stores hold "
+            f"{sum(s.n_tokens for s in self.stores)} rows). Fix: a smaller batch_size, more tokens in the store "
+            "(cache more), fewer data-parallel ranks, or looser exclusion rules")
 
     # -- planning: pure functions of (seed, epoch, rank) ---------------------------------------------
     def plan(self, epoch: int) -> _Plan:
@@ -288,6 +317,8 @@ class ActivationLoader:
                 try:
                     item = q.get(timeout=1.0)
                 except queue.Empty:
+                    if self.interrupt is not None and self.interrupt.is_set():
+                        raise Interrupted("the wait for a batch was interrupted") from None
                     if not thread.is_alive() and q.empty():
                         raise RuntimeError("the loader thread stopped without a result") from None
                     continue
@@ -317,23 +348,31 @@ class ActivationLoader:
 
     def _produce(self, start: _Cursor, q: queue.Queue, stop: threading.Event) -> None:
         """The loader thread: waits for windows and cuts them into batches."""
-        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="activation-loader-read")
+        pool = _ReadPool(self.num_workers, "activation-loader-read")
         buffers = _Buffers(self.shuffle_buffer + max(s.chunk_rows for s in self.stores), self.d_model,
                            F.STORAGE_DTYPES[self._buf_dtype])
         live: deque[_Window] = deque()  # windows whose rows may still go into a batch
         scratch = np.empty((self.batch_size, self.d_model), F.STORAGE_DTYPES[self._buf_dtype])  # reused
         try:
             batch, counts = start.batch, dict(start.counts)
+            epoch_counts, kept = counts, 0  # counts before this epoch, rows it kept
             pieces: list[tuple[_Window, int, int]] = []
             have = 0
             for win in self._windows(start, pool, stop, buffers):
                 if isinstance(win, int):  # epoch `win` is over: its short last batch, then the next
-                    if have and not self.drop_last and not _put(q, stop, self._batch(
-                            pieces, _Cursor(win + 1, counts=counts), counts, scratch)):
+                    short = have and not self.drop_last
+                    if batch == 0 and not short:  # refused rather than reading epoch after epoch for nothing
+                        raise self._too_few_rows(win, self.dp_rank, kept,
+                                                 {k: counts[k] - epoch_counts[k] for k in counts})
+                    if short and not _put(q, stop, self._batch(pieces, _Cursor(win + 1, counts=counts), counts,
+                                                               scratch)):
                         return
-                    batch, pieces, have = 0, [], 0
+                    batch, pieces, have, epoch_counts, kept = 0, [], 0, counts, 0
                     _release(live, buffers, keep=False)
                     continue
+                if not win.finish(stop):
+                    return
+                kept += len(win.perm)
                 _release(live, buffers, keep=len(pieces) > 0)
                 live.append(win)
                 base, counts = counts, _add(counts, win.counts)
@@ -354,11 +393,11 @@ class ActivationLoader:
         except BaseException as exc:  # handed to the training thread, which raises it
             _put(q, stop, exc)
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
 
-    def _windows(self, start: _Cursor, pool: ThreadPoolExecutor, stop: threading.Event, buffers: "_Buffers"):
-        """Finished windows from `start` on, each epoch followed by its number; `prefetch` more
-        windows are being read meanwhile, across epoch ends too."""
+    def _windows(self, start: _Cursor, pool: "_ReadPool", stop: threading.Event, buffers: "_Buffers"):
+        """Windows from `start` on, each epoch followed by its number: the first yielded is being
+        read, and `prefetch` more behind it, across epoch ends too."""
         ahead: deque[_Window | int] = deque()
         epochs = itertools.count(start.epoch) if self.epochs is None else range(start.epoch, self.epochs)
         for epoch in epochs:
@@ -369,12 +408,9 @@ class ActivationLoader:
                 segments = plan.segments[plan.windows[w]:plan.windows[w + 1]]
                 ahead.append(_Window(self, pool, epoch, w, segments, buffers))
                 while sum(isinstance(x, _Window) for x in ahead) > self.prefetch:
-                    first = ahead.popleft()
-                    yield first.finish() if isinstance(first, _Window) else first
+                    yield ahead.popleft()
             ahead.append(epoch)
-        while ahead:
-            first = ahead.popleft()
-            yield first.finish() if isinstance(first, _Window) else first
+        yield from ahead
 
     def _batch(self, pieces: list[tuple["_Window", int, int]], cursor: _Cursor, counts: dict,
                scratch: np.ndarray):
@@ -439,13 +475,13 @@ class ActivationLoader:
         self._counts = dict(state["counts"])
 
 
-_ID_FIELDS = ("tokens", "contexts", "positions", "stores")
+_ID_FIELDS = ("tokens", "contexts", "positions", "stores", "rows")
 
 
 class _Window:
     """One shuffle window: its segments read on the pool into one buffer, then permuted."""
 
-    def __init__(self, loader: ActivationLoader, pool: ThreadPoolExecutor, epoch: int, index: int,
+    def __init__(self, loader: ActivationLoader, pool: "_ReadPool", epoch: int, index: int,
                  segments: np.ndarray, buffers: "_Buffers"):
         self.loader, self.epoch, self.index, self.segments = loader, epoch, index, segments
         self.offsets = np.concatenate([[0], np.cumsum(segments[:, 3] - segments[:, 2])]).astype(np.int64)
@@ -474,17 +510,24 @@ class _Window:
             else:  # an all-zero chunk of these is legitimately absent: zarr reads it as zeros
                 col[o] = st.read_chunk(name, chunk, lo, hi, required=False)
 
-    def finish(self) -> "_Window":
-        """Waits for the reads, applies skips and exclusion rules, and permutes the kept rows."""
+    def finish(self, stop: threading.Event) -> bool:
+        """Waits for the reads, applies skips and exclusion rules, and permutes the kept rows.
+        False if `stop` was set first: a read stalled in storage must not hold up close()."""
+        pending = self.futures
+        while pending:
+            if stop.is_set():
+                return False
+            pending = wait(pending, timeout=0.1).not_done
         ld = self.loader
         keep = np.ones(len(self.buf), dtype=bool)
         counts = dict(_NO_COUNTS)
         for i, fut in enumerate(self.futures):
             try:
                 fut.result()
-            except ChunkError:
+            except ChunkError as exc:
                 if not ld.skip_corrupt:
                     raise
+                log.warning("skip_corrupt: skipping the rows of a bad chunk: %s", exc)
                 keep[self.offsets[i]:self.offsets[i + 1]] = False
                 counts["skipped"] += 1
         if ld.exclude_positions_below > 0:
@@ -492,14 +535,18 @@ class _Window:
             counts["position"], keep = int(bad.sum()), keep & ~bad
         if ld.exclude_norm_factor is not None:
             medians = np.array([st.stats[h].median_norm for st, h in zip(ld.stores, ld.hooks)])
-            bad = keep & (self.cols["norm"] > ld.exclude_norm_factor * medians[self.store])
+            norm = self.cols["norm"]
+            bad = keep & (~np.isfinite(norm) | (norm > ld.exclude_norm_factor * medians[self.store]))
             counts["norm"], keep = int(bad.sum()), keep & ~bad
         self.counts = counts
         kept = np.flatnonzero(keep)
         self.perm = kept[_rng(ld.seed, _WINDOW, self.epoch, ld.dp_rank, self.index).permutation(len(kept))]
-        self.ids = {"tokens": self.cols.get(F.TOKENS), "contexts": self.cols.get(F.CONTEXT),
-                    "positions": self.cols.get(F.POSITION), "stores": self.store}
-        return self
+        if ld.with_ids:  # store row of each buffer row: its segment's first row + its offset in it
+            seg = np.repeat(np.arange(len(self.segments)), np.diff(self.offsets))
+            rows = self.segments[seg, 2] + np.arange(len(seg)) - self.offsets[seg]
+            self.ids = {"tokens": self.cols[F.TOKENS], "contexts": self.cols[F.CONTEXT],
+                        "positions": self.cols[F.POSITION], "stores": self.store, "rows": rows}
+        return True
 
 
 def deal(rows: np.ndarray, rank: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -557,6 +604,41 @@ def _release(live: deque, buffers: _Buffers, keep: bool) -> None:
     `keep` says may still be read."""
     while len(live) > int(keep):
         buffers.put(live.popleft().buf)
+
+
+class _ReadPool:
+    """Daemon threads running reads. ThreadPoolExecutor's threads are joined when the interpreter
+    exits, so one read stalled in storage (a hung mount or connection) would keep a trainer that
+    was told to stop from ever exiting; a daemon thread is left behind instead."""
+
+    def __init__(self, n: int, name: str):
+        self.n, self.tasks = n, queue.SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        fut = Future()
+        self.tasks.put((fut, fn, args))
+        return fut
+
+    def _work(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            fut, fn, args = task
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancels the reads not started; each thread ends after its current one."""
+        while True:  # only the loader thread submits, and it is the one shutting down
+            try:
+                self.tasks.get_nowait()[0].cancel()
+            except queue.Empty:
+                break
+        for _ in range(self.n):
+            self.tasks.put(None)
 
 
 def _rng(*keys: int) -> np.random.Generator:

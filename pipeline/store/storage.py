@@ -4,11 +4,12 @@ connection and credential failures into errors that name the URL and the fix."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import Any
 
 from fsspec.core import url_to_fs
 
-from pipeline.errors import StorageAccessError
+from pipeline.errors import StorageAccessError, StoreError
 
 
 def is_local(url: str) -> bool:
@@ -73,15 +74,45 @@ class Storage:
             return LocalStore(self.root, read_only=read_only)
         return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
 
+    def open_group(self, mode: str = "r"):
+        """The zarr group at the root; a missing or unreadable metadata file raises StoreError."""
+        import zarr
+        with self._metadata(""):
+            return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)
+
+    def open_array(self, group, name: str):
+        """Array `name` of `group`; a missing or unreadable metadata file raises StoreError."""
+        with self._metadata(name):
+            return group[name]
+
+    @contextmanager
+    def _metadata(self, node: str):
+        """Zarr reports a truncated or garbled zarr.json as a bare JSON, Unicode or schema error (a
+        ValueError or TypeError) and a missing one as KeyError or FileNotFoundError, none naming the file."""
+        try:
+            yield
+        except (ValueError, TypeError, KeyError) as exc:
+            path = self.path(f"{node}/zarr.json" if node else "zarr.json")
+            state = "missing" if isinstance(exc, (KeyError, FileNotFoundError)) else \
+                f"unreadable ({type(exc).__name__}: {exc})"
+            raise StoreError(
+                f"the metadata file {path!r} of the store at {self.url!r} is {state}. Fix: restore the file from "
+                "a copy of the store, or delete the store and rerun the caching stage") from exc
+
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
     def read_json(self, key: str) -> Any | None:
+        """The JSON object at `key`, or None if there is none; one that does not parse raises StoreError."""
         try:
             with self.fs.open(self.path(key), "rb") as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: a truncated or garbled file
+            raise StoreError(
+                f"{self.path(key)!r} (under {self.url!r}) is not valid JSON ({type(exc).__name__}: {exc}). Fix: "
+                "restore it from a copy, or delete it and rerun the stage that wrote it") from exc
 
     def write_json(self, key: str, obj: Any) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()

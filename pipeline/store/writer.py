@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.errors import ConfigError, StoreMismatchError
+from pipeline.errors import ConfigError, StoreError, StoreMismatchError
 from pipeline.store import format as F
 from pipeline.store.storage import Storage
 
@@ -33,6 +33,7 @@ class StoreLayout:
     chunk_contexts: int
     compressor: str = "blosc-lz4"
     modality: bool = False  # vision-language stores: an int8 `modality` array marks image rows
+    checksum: bool = True   # every chunk ends with a CRC32C that zarr verifies on read (format.compressors)
 
     def __post_init__(self):
         F.check_dtype(self.dtype)
@@ -64,7 +65,8 @@ class StoreLayout:
 class ShardStats:
     """Running normalisation statistics of one hook in one shard, in float64. Rows whose norm
     exceeds `outlier_factor` x the median norm of the shard's first chunk (the massive
-    activations at the first positions of a context) are counted but left out of the sums."""
+    activations at the first positions of a context) are counted but left out of the sums.
+    Every row is finite: the shard refuses others before they get here (_ShardState._check_finite)."""
 
     def __init__(self, d_model: int, outlier_factor: float):
         self.outlier_factor = outlier_factor
@@ -117,6 +119,9 @@ class ActivationStoreWriter:
                        "layout": {**asdict(layout), "hooks": list(layout.hooks)},
                        "outlier_factor": outlier_factor}
         self._open(overwrite)
+        # Zarr skips chunks that hold only zeros (an all-text modality chunk, context 0's ids): write
+        # them all, so that a reader can tell a lost chunk file from an all-zero chunk.
+        self.arrays = {k: a.with_config({"write_empty_chunks": True}) for k, a in self.arrays.items()}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -125,7 +130,7 @@ class ActivationStoreWriter:
     # -- creation ----------------------------------------------------------------------------
     def _open(self, overwrite: bool) -> None:
         exists = self.storage.check_access()
-        group = zarr.open_group(self.storage.zarr_store(), mode="a") if exists else None
+        group = self.storage.open_group("a") if exists else None
         old = dict(group.attrs).get(F.HEADER_ATTR) if group is not None else None
         if old is not None and old.get("fingerprint") != self.header["fingerprint"]:
             if not overwrite:
@@ -141,13 +146,13 @@ class ActivationStoreWriter:
                     f"{self.storage.url!r} exists and is not an activation store; refusing to write into "
                     "it. Fix: choose another URL, or set overwrite=true to replace its contents")
             self.storage.fs.rm(self.storage.root, recursive=True)
-        group = zarr.open_group(self.storage.zarr_store(), mode="a")
+        group = self.storage.open_group("a")
         self.group = group
         lay = self.layout
         if old is not None and old.get("fingerprint") == self.header["fingerprint"]:
             self._resize(old, group)
             return
-        codec = F.compressors(lay.compressor)
+        codec = F.compressors(lay.compressor, lay.checksum)
         row_chunks = (lay.chunk_rows,)
         self.arrays = {
             F.TOKENS: group.create_array(F.TOKENS, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
@@ -169,7 +174,8 @@ class ActivationStoreWriter:
         """Reopen a store of the same configuration, possibly planned to a different size: shards
         do not depend on the planned size, so a store can be extended with more tokens, or a
         running cache stopped early and committed at the size it reached."""
-        self.arrays = {k: group[k] for k in _array_names(self.layout.hooks, self.layout.modality)}
+        names = _array_names(self.layout.hooks, self.layout.modality)
+        self.arrays = {k: self.storage.open_array(group, k) for k in names}
         commit = dict(group.attrs).get(F.COMMIT_ATTR)
         if self.is_committed() and commit is not None:
             if self.layout.n_contexts == old["layout"]["n_contexts"]:
@@ -291,6 +297,11 @@ class _ShardState:
         self.buf = [({h: a[n:] for h, a in acts.items()}, tokens[n:], context[n:], position[n:], modality[n:])] \
             if len(tokens) > n else []
         self.buffered = len(tokens) - n
+        dtype = self.w.layout.dtype
+        stored = {h: F.encode(a[:n], dtype) for h, a in acts.items()}
+        seen = {h: F.decode(x, dtype) for h, x in stored.items()}  # what readers will see
+        for h, x in seen.items():
+            self._check_finite(h, acts[h][:n], x)
         sl = slice(self.next_row, self.next_row + n)
         arrays = self.w.arrays
         arrays[F.TOKENS][sl] = tokens[:n].numpy().astype(np.int32)
@@ -298,15 +309,33 @@ class _ShardState:
         arrays[F.POSITION][sl] = position[:n].numpy().astype(np.int16)
         if F.MODALITY in arrays:
             arrays[F.MODALITY][sl] = modality[:n].numpy().astype(np.int8)
-        for h, a in acts.items():
-            stored = F.encode(a[:n], self.w.layout.dtype)
-            x = F.decode(stored, self.w.layout.dtype)  # statistics of what readers will see
+        for h, x in seen.items():
             norm = x.norm(dim=1).numpy()
-            arrays[F.hook_path(h, F.ACTS)][sl] = stored
+            arrays[F.hook_path(h, F.ACTS)][sl] = stored[h]
             arrays[F.hook_path(h, F.NORM)][sl] = norm
             self.stats[h].add(x.numpy(), norm)
         self.next_row += n
         self.rows_written += n
+
+    def _check_finite(self, hook: str, given: torch.Tensor, seen: torch.Tensor) -> None:
+        """Refuses the shard if a row holds a NaN or infinite value. Dropping such rows instead
+        would leave holes in the fixed row layout that every reader relies on, and keeping them
+        poisons the statistics (a NaN median turns the norm rule off for the whole store)."""
+        bad = ~torch.isfinite(seen).all(dim=1)
+        if not bad.any():
+            return
+        rows = (self.next_row + torch.nonzero(bad).flatten()).tolist()
+        if torch.isfinite(given[bad]).all():  # finite in the model, out of range once stored
+            cause = f"finite in the model's output, out of the range of store.dtype={self.w.layout.dtype}"
+            fix = "store.dtype=bfloat16 or store.dtype=float32"
+        else:
+            cause = "already in the model's output"
+            fix = "run the model in float32 (model.dtype=float32) and check its weights and inputs"
+        raise StoreError(
+            f"shard {self.shard} of the store at {self.w.storage.url!r} was not written: hook {hook!r} gave "
+            f"{len(rows)} row(s) with a NaN or infinite value among store rows {self.next_row}.."
+            f"{self.next_row + len(seen) - 1} ({', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''}; "
+            f"{cause}). Fix: {fix}")
 
     def finish(self, n_contexts: int) -> None:
         if self.buffered:
@@ -338,6 +367,15 @@ def commit(writer: ActivationStoreWriter) -> dict | None:
     if n_contexts == 0:
         from pipeline.errors import EmptyDataError
         raise EmptyDataError(f"no contexts were written to {storage.url!r}: the data source is empty")
+    # A version that accepted non-finite rows left a NaN median in the marker of a shard that held one.
+    poisoned = [k for k, m in enumerate(markers) if any(
+        s["median_norm"] is not None and not math.isfinite(s["median_norm"]) for s in m["stats"].values())]
+    if poisoned:
+        raise StoreError(
+            f"shard(s) {poisoned} of the store at {storage.url!r} have a non-finite median norm (written by a "
+            "version that accepted NaN or infinite rows). Fix: delete "
+            f"{', '.join(storage.path(F.shard_marker(k)) for k in poisoned)} and rerun the caching command: each "
+            "shard is rewritten, or refused with its non-finite rows named")
     n_rows = n_contexts * lay.rows_per_context
     if n_rows < lay.n_rows:  # the data ran out before the planned size
         for arr in writer.arrays.values():

@@ -23,6 +23,10 @@ class DataConfig:
     """Drop rows at context positions below this (the massive first-token activations)."""
     exclude_norm_factor: float | None = None
     """Drop rows whose norm exceeds this multiple of the store's median norm (None keeps all)."""
+    skip_corrupt: bool = False
+    """Train on without the rows of a store chunk that is missing or fails its checksum (each
+    skipped chunk is logged with its key and rows) instead of stopping with an error naming it.
+    Off: a damaged store stops training, and the error says how to rewrite the chunk."""
     same_batches_at_any_layout: bool = False
     """Every data-parallel rank reads the whole global batch and keeps its slice, so the batches,
     and the trajectory, do not depend on data_parallel (costs data_parallel x the reads). The
@@ -91,13 +95,15 @@ class TrainConfig:
     n_tokens: int = 2_000_000
     """Training tokens; steps = n_tokens // batch_size."""
     batch_size: int = 4096
-    """Global batch in tokens (rows), split over the data-parallel ranks."""
+    """Global batch in tokens (rows), split over the data-parallel ranks; each rank's share must fit in
+    the rows one epoch of the store gives that rank after the exclusion rules (else refused)."""
     seed: int = 0
     """Seeds the initialisation (identical at every layout) and the data order."""
     out_dir: str = "runs/demo/train"
     """Checkpoints (checkpoints/step-N), TensorBoard logs (tb/), metrics.jsonl and the export (sae/)."""
     checkpoint_every: int = 1000
-    """Steps between checkpoints (also written at the end and on SIGTERM/SIGUSR1); 0: only those."""
+    """Steps between checkpoints (also written at the end, and on SIGTERM/SIGUSR1 when a step was done
+    since the last one: slurm/README.md, pre-emption); 0: only those."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept (0 keeps all)."""
     resume: bool = True

@@ -3,9 +3,12 @@ prefetching ActivationLoader, resumable from a checkpoint."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from pipeline.store import ActivationLoader, ActivationStore
+from pipeline.store.loader import Interrupted
 
 
 class RankBatches:
@@ -15,18 +18,24 @@ class RankBatches:
     `same_batches_at_any_layout`, every replica reads the whole global batch and keeps its slice,
     so the global batches, and the trajectory, do not depend on the layout (the equivalence tests
     compare layouts this way). Feature-parallel ranks of one replica always get identical batches:
-    they read with the same seed and data-parallel rank."""
+    they read with the same seed and data-parallel rank.
 
-    def __init__(self, store: ActivationStore, hook: str, cfg, dp_rank: int, dp_size: int, device):
+    Setting `interrupt` ends a wait for a batch with `Interrupted`; a configuration in which an
+    epoch gives a rank fewer rows than a batch raises ConfigError (at once, or once the exclusion
+    rules have been applied to one epoch)."""
+
+    def __init__(self, store: ActivationStore, hook: str, cfg, dp_rank: int, dp_size: int, device,
+                 interrupt: threading.Event | None = None):
         global_view = cfg.data.same_batches_at_any_layout and dp_size > 1
         per_rank = cfg.batch_size // dp_size
         self.slice = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank) if global_view else None
-        self.loader = ActivationLoader(
-            store, cfg.batch_size if global_view else per_rank, hook=hook, seed=cfg.seed,
+        self.store, self._args = store, dict(
+            batch_size=cfg.batch_size if global_view else per_rank, hook=hook, seed=cfg.seed,
             dp_rank=0 if global_view else dp_rank, dp_size=1 if global_view else dp_size,
             shuffle_buffer=cfg.data.shuffle_buffer, epochs=None, drop_last=True, device=device,
             expected_d_model=store.d_model, exclude_positions_below=cfg.data.exclude_positions_below,
-            exclude_norm_factor=cfg.data.exclude_norm_factor)
+            exclude_norm_factor=cfg.data.exclude_norm_factor, skip_corrupt=cfg.data.skip_corrupt)
+        self.loader = ActivationLoader(store, **self._args, interrupt=interrupt)
         self._it = None
 
     def __iter__(self):
@@ -35,8 +44,25 @@ class RankBatches:
     def __next__(self) -> torch.Tensor:
         if self._it is None:
             self._it = iter(self.loader)
-        x = next(self._it)
+        try:
+            x = next(self._it)
+        except Interrupted:
+            self._it = None  # that iteration is over; the next one starts with the batch not taken
+            raise
         return x[self.slice] if self.slice is not None else x
+
+    def nonfinite_rows(self, state: dict) -> list[int]:
+        """Store rows holding a NaN or an infinity in this rank's batch that follows `state`, read
+        again with their row ids (reading ids every step would cost more reads)."""
+        loader = ActivationLoader(self.store, **{**self._args, "device": "cpu"}, with_ids=True)
+        loader.load_state_dict(state)
+        try:
+            batch = next(iter(loader))
+        finally:
+            loader.close()
+        acts, rows = (batch.acts, batch.rows) if self.slice is None else \
+            (batch.acts[self.slice], batch.rows[self.slice])
+        return rows[~torch.isfinite(acts).all(1)].tolist()
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

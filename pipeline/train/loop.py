@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from pipeline.errors import ConfigError, NonFiniteLossError
 from pipeline.parallel import Mesh, init_distributed
 from pipeline.sae import SAEConfig, checkpoint as export
 from pipeline.store import ActivationStore
-from pipeline.train.checkpoint import Checkpoints
+from pipeline.store.loader import Interrupted
+from pipeline.train.checkpoint import Checkpoints, tag
 from pipeline.train import heldout
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import RankBatches
@@ -39,47 +42,53 @@ def train(cfg: TrainConfig) -> Path | None:
     stats = store.stats[hook]
     scale = math.sqrt(store.d_model / stats.mean_sq_norm)  # so that E||x||^2 = d_model
 
-    device = init_distributed()
-    mesh = Mesh(cfg.parallel, device)
-    sae = mesh.build_sae(sae_cfg, cfg.seed, mean=stats.mean * scale)
-    engine = build_engine(cfg, sae, mesh, device)
-    dtype = torch.bfloat16 if precision(cfg, device) == "bf16" else torch.float32
-    batches = RankBatches(store, hook, cfg, mesh.dp_rank, cfg.parallel.data_parallel, device)
-    out_dir = Path(cfg.out_dir)
-    ckpts = Checkpoints(out_dir / "checkpoints", mesh, cfg.keep_checkpoints)
-    start = ckpts.resume(engine, batches) if cfg.resume else 0
-    if start and mesh.rank == 0:
-        print(f"resumed from {ckpts.root / ckpts.latest()} at step {start}", flush=True)
-    log = Logger(out_dir, mesh, sae, cfg.steps, start, cfg.batch_size, cfg.log_every, cfg.dense_fraction,
-                 cfg.progress)
-    stop = _StopSignals()
-    try:
+    with ExitStack() as cleanup:
+        stop = cleanup.enter_context(_StopSignals())  # from here on a signal asks for a stop, never kills
+        device = init_distributed()
+        mesh = Mesh(cfg.parallel, device)
+        # before the engine: a batch larger than an epoch is refused without waiting for DeepSpeed
+        batches = RankBatches(store, hook, cfg, mesh.dp_rank, cfg.parallel.data_parallel, device, stop.event)
+        cleanup.callback(batches.close)
+        sae = mesh.build_sae(sae_cfg, cfg.seed, mean=stats.mean * scale)
+        engine = build_engine(cfg, sae, mesh, device)
+        dtype = torch.bfloat16 if precision(cfg, device) == "bf16" else torch.float32
+        out_dir = Path(cfg.out_dir)
+        ckpts = Checkpoints(out_dir / "checkpoints", mesh, sae_cfg, cfg.keep_checkpoints)
+        start = ckpts.resume(engine, batches) if cfg.resume else 0
+        if start and mesh.rank == 0:
+            print(f"resumed from {ckpts.root / ckpts.latest()} at step {start}", flush=True)
+        log = Logger(out_dir, mesh, sae, cfg.steps, start, cfg.batch_size, cfg.log_every, cfg.dense_fraction,
+                     cfg.progress)
+        cleanup.callback(log.close)
+        saved = start  # the step of the newest checkpoint (0: none)
         for step in range(start, cfg.steps):
             before = batches.state_dict()  # a checkpoint of the state before this step resumes with this batch
-            x = next(batches).to(device, non_blocking=True).mul_(scale).to(dtype)
+            try:
+                x = next(batches)
+            except Interrupted:  # a signal ended the wait for data
+                x = None
+            if stop.agreed(device):
+                if step > saved:
+                    ckpts.save(engine, before, step, step * cfg.batch_size)
+                    saved = step
+                if mesh.rank == 0:
+                    where = f"checkpoint {ckpts.root / tag(saved)}" if saved else "no step was done, nothing to save"
+                    print(f"stopped by a signal after step {step}; {where}. Rerun the same command to resume",
+                          flush=True)
+                return None
+            x = x.to(device, non_blocking=True).mul_(scale).to(dtype)
             out = engine(x, sparsity_scale=sparsity_scale(cfg, step))
-            s = step_stats(out, x, stop.received, mesh)
+            s = step_stats(out, x, mesh)
             if s["nonfinite"]:
                 folder = ckpts.save(engine, before, step, step * cfg.batch_size)
-                raise NonFiniteLossError(
-                    f"the loss is {s['loss']} at step {step} (mse {s['mse']}, sparsity {s['sparsity']}, aux "
-                    f"{s['aux']}); stopped, and saved the last finite state to {folder}. Fix: lower optim.lr "
-                    "or the sparsity coefficient, check the store for non-finite rows, or train in fp32")
+                raise nonfinite_loss(s, step, folder, batches, before, store.url)
             engine.backward(out.loss)
             engine.step()
             log.step(step, s, out.fired)
             done = step + 1
-            if s["stop"] or done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 ckpts.save(engine, batches.state_dict(), done, done * cfg.batch_size)
-            if s["stop"]:
-                if mesh.rank == 0:
-                    print(f"stopped by a signal after step {done}; saved {ckpts.root / ckpts.latest()}. Rerun "
-                          "the same command to resume", flush=True)
-                return None
-    finally:
-        stop.restore()
-        log.close()
-        batches.close()
+                saved = done
     if not cfg.export:
         return None
     folder = out_dir / "sae"
@@ -114,17 +123,51 @@ def export_meta(cfg: TrainConfig, store: ActivationStore, hook: str, stats, last
                          "feature_parallel": cfg.parallel.feature_parallel, "final": last}}
 
 
+def nonfinite_loss(s: dict, step: int, folder: Path, batches: RankBatches, state: dict,
+                   url: str) -> NonFiniteLossError:
+    """The error for a non-finite loss at `step`, naming the store rows of its global batch (the
+    one after loader state `state`) that hold NaN or infinite values, if any. Collective: each
+    rank reads its share of the batch again."""
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, batches.nonfinite_rows(state))
+    rows = sorted(set().union(*shares))  # feature-parallel ranks share their rows
+    if rows:
+        listed = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+        cause = f"the batch holds NaN or infinite input values in store rows {listed} of {url}"
+        fix = "re-cache the store (data.exclude_norm_factor also drops rows whose stored norm is not finite)"
+    else:
+        cause = "every input row of the batch is finite"
+        fix = "lower optim.lr or the sparsity coefficient, or train in fp32"
+    return NonFiniteLossError(
+        f"the loss is {s['loss']} at step {step} (mse {s['mse']}, sparsity {s['sparsity']}, aux {s['aux']}); "
+        f"{cause}; stopped, and saved the last finite state to {folder}. Fix: {fix}")
+
+
 class _StopSignals:
-    """SIGTERM and SIGUSR1 (cluster pre-emption) ask for a checkpoint and a clean stop after the
-    current step; the flag is shared through the per-step all-reduce, so all ranks stop together."""
+    """SIGTERM and SIGUSR1 (a scheduler's pre-emption; slurm/train.sbatch sends USR1) ask for a
+    checkpoint of the last step and a stop with exit status 0, which the batch script takes as
+    "requeue me". The handler only sets an event, which ends a wait for data within a second
+    (RankBatches) and which every rank reads at the same point of each step, before the step's
+    collectives, in one all-reduce (`agreed`): all ranks stop at the same step, also when the
+    signal found some of them waiting for data and others waiting in that all-reduce. A step
+    under way is finished first: one rank cannot leave its collectives halfway."""
 
     def __init__(self):
-        self.received = False
-        self.old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self.event = threading.Event()
 
-    def _handle(self, signum, frame):
-        self.received = True
+    def __enter__(self) -> "_StopSignals":
+        self.old = {sig: signal.signal(sig, lambda signum, frame: self.event.set())
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
 
-    def restore(self):
+    def __exit__(self, *exc) -> None:
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank received a signal. Collective; the same code on gloo and NCCL."""
+        if dist.get_world_size() == 1:
+            return self.event.is_set()
+        flag = torch.tensor([float(self.event.is_set())], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -15,16 +15,16 @@ from tqdm import tqdm
 from pipeline.parallel import Mesh
 from pipeline.sae import ForwardOutput, SparseAutoencoder
 
-_NAMES = ("loss", "mse", "sparsity", "aux", "l0", "sse", "sum_sq", "n", "nonfinite", "stop")
+_NAMES = ("loss", "mse", "sparsity", "aux", "l0", "sse", "sum_sq", "n", "nonfinite")
 
 
-def step_stats(out: ForwardOutput, x: torch.Tensor, stop: bool, mesh: Mesh) -> dict:
+def step_stats(out: ForwardOutput, x: torch.Tensor, mesh: Mesh) -> dict:
     """Global-batch values of this step on every rank, in one all-reduce over the world: means
-    over the data-parallel ranks, sums for sse/sum_sq/n/sum_x, flags set if any rank set them."""
+    over the data-parallel ranks, sums for sse/sum_sq/n/sum_x, nonfinite set if any rank's loss is."""
     x = x.float()
     local = torch.stack([out.loss.float(), out.mse.float(), out.sparsity.float(), out.aux.float(), out.l0.float(),
                          out.mse.float() * x.shape[0], x.pow(2).sum(), torch.tensor(float(x.shape[0])),
-                         torch.tensor(float(not torch.isfinite(out.loss).item())), torch.tensor(float(stop))])
+                         torch.tensor(float(not torch.isfinite(out.loss).item()))])
     v = torch.cat([local.cpu(), x.sum(0).cpu()]).to(x.device)
     if dist.get_world_size() > 1:
         dist.all_reduce(v)
@@ -35,7 +35,7 @@ def step_stats(out: ForwardOutput, x: torch.Tensor, stop: bool, mesh: Mesh) -> d
     var = s["sum_sq"] - v[len(_NAMES):].pow(2).sum().item() / s["n"]
     s["var"] = var
     s["fvu"] = s["sse"] / var if var > 0 else math.nan
-    s["nonfinite"], s["stop"] = s["nonfinite"] > 0, s["stop"] > 0
+    s["nonfinite"] = s["nonfinite"] > 0
     return s
 
 

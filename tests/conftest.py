@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -81,7 +83,9 @@ def s3_server():
 def s3_bucket(s3_server, request):
     import s3fs
     fs = s3fs.S3FileSystem(**s3_server)
-    name = "b-" + request.node.name.lower().replace("_", "-")[:50]
+    # a valid bucket name (<= 63 of [a-z0-9-]), distinct for parametrized tests whose names share a prefix
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:45].strip("-")
+    name = f"b-{slug}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"
     fs.mkdir(name)
     fs.invalidate_cache()
     return name, s3_server

@@ -123,6 +123,15 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _kill_9(p: subprocess.Popen) -> None:
+    """SIGKILL to every rank and the launcher at once, mid-step, as when a node dies."""
+    for pid in _descendants(p.pid) + [p.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # a helper process that ended on its own meanwhile
+            pass
+
+
 def _interrupt_after_first_checkpoint(args: list[str], nproc: int, out: Path, sig: int) -> str:
     p = _launch(args, nproc)
     latest = out / "checkpoints" / "latest"
@@ -130,9 +139,8 @@ def _interrupt_after_first_checkpoint(args: list[str], nproc: int, out: Path, si
     while not latest.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert p.poll() is None, "the run ended before it could be interrupted:\n" + p.stdout.read()[-3000:]
-    if sig == signal.SIGKILL:  # every rank and the launcher, mid-step, as when a node dies
-        for pid in _descendants(p.pid) + [p.pid]:
-            os.kill(pid, signal.SIGKILL)
+    if sig == signal.SIGKILL:
+        _kill_9(p)
     else:
         os.kill(p.pid, sig)  # as a scheduler does: the launcher forwards it to the ranks
     log = p.communicate(timeout=120)[0]

@@ -15,7 +15,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from pipeline.errors import ConfigError, StoreError, StoreIncompleteError
 from pipeline.store import format as F
-from pipeline.store.storage import Storage
+from pipeline.store.storage import Storage, is_transport_error
 
 log = logging.getLogger("pipeline.store")
 
@@ -184,9 +184,13 @@ class ActivationStore:
         key, arr = self.chunk_key(name, chunk), self._array(name)
         try:
             data = self._read_rows(arr, key, span, lo, hi, required, out)
-        except OSError:  # the storage's own failures, and a missing chunk's ChunkError, pass as they are
+        except ChunkError:  # a missing chunk
             raise
-        except Exception as exc:  # a checksum mismatch, a wrong size, any codec's error (blosc: SystemError)
+        except Exception as exc:
+            if is_transport_error(exc):  # the storage failing is not the chunk's fault: never skipped
+                raise self.storage.access_error(exc, f"reading chunk {key!r} (rows {span.start}..{span.stop - 1})") \
+                    from exc
+            # a checksum mismatch, a wrong size, any codec's error (blosc: SystemError)
             raise ChunkError(f"chunk {key!r} of the store at {self.url!r} (rows {span.start}..{span.stop - 1}) "
                              f"is corrupt ({type(exc).__name__}: {exc}). {self._fix(span)}", key, span) from exc
         if out is not None and data is not out:

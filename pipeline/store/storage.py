@@ -3,6 +3,7 @@ connection and credential failures into errors that name the URL and the fix."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +29,26 @@ def _chain(exc: BaseException):
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """Whether `exc` is the storage service or the network failing (what fsspec backends raise once
+    their own retries are spent: s3fs's OSError translations, botocore's and aiohttp's own errors,
+    a local disk's OSError), as opposed to a missing file, which callers handle, or an error of ours."""
+    if isinstance(exc, (StoreError, FileNotFoundError)):
+        return False
+    return isinstance(exc, (OSError, TimeoutError) + _client_errors())
+
+
+def _client_errors() -> tuple[type, ...]:
+    found = []
+    for module, names in (("botocore.exceptions", ("BotoCoreError", "ClientError")), ("aiohttp", ("ClientError",))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:  # a backend that is not installed raises none of its errors
+            continue
+        found += [getattr(mod, n) for n in names]
+    return tuple(found)
 
 
 def describe_access_error(url: str, storage_options: dict | None, exc: BaseException) -> StorageAccessError:
@@ -68,6 +89,26 @@ class Storage:
         except Exception as exc:
             raise describe_access_error(self.url, self.storage_options, exc) from exc
 
+    @contextmanager
+    def failures(self, doing: str):
+        """Turns the storage failing (after the backend's retries) while `doing` into a StorageAccessError."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_transport_error(exc):
+                raise
+            raise self.access_error(exc, doing) from exc
+
+    def access_error(self, exc: BaseException, doing: str) -> StorageAccessError:
+        """The error for the storage failing while `doing`: it names the store, says nothing is lost, and how to resume."""
+        err = StorageAccessError(
+            f"{doing} at {self.url!r} failed: the storage gave up answering ({type(exc).__name__}: {exc}). "
+            "What was written before is intact. Fix: check the storage service (and storage_options.endpoint_url), "
+            "then rerun the same command: it resumes where this run stopped; for a flaky service, raise "
+            "storage_options.config_kwargs.retries.max_attempts")
+        err.__cause__ = exc
+        return err
+
     def zarr_store(self, read_only: bool = False):
         from zarr.storage import FsspecStore, LocalStore
         if is_local(self.url):
@@ -90,7 +131,8 @@ class Storage:
         """Zarr reports a truncated or garbled zarr.json as a bare JSON, Unicode or schema error (a
         ValueError or TypeError) and a missing one as KeyError or FileNotFoundError, none naming the file."""
         try:
-            yield
+            with self.failures(f"reading the metadata of {node or 'the group'}"):
+                yield
         except (ValueError, TypeError, KeyError) as exc:
             path = self.path(f"{node}/zarr.json" if node else "zarr.json")
             state = "missing" if isinstance(exc, (KeyError, FileNotFoundError)) else \
@@ -105,7 +147,7 @@ class Storage:
     def read_json(self, key: str) -> Any | None:
         """The JSON object at `key`, or None if there is none; one that does not parse raises StoreError."""
         try:
-            with self.fs.open(self.path(key), "rb") as f:
+            with self.failures(f"reading {key}"), self.fs.open(self.path(key), "rb") as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
@@ -115,6 +157,10 @@ class Storage:
                 "restore it from a copy, or delete it and rerun the stage that wrote it") from exc
 
     def write_json(self, key: str, obj: Any) -> None:
+        with self.failures(f"writing {key}"):
+            self._write_json(key, obj)
+
+    def _write_json(self, key: str, obj: Any) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()
         path = self.path(key)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -129,10 +175,11 @@ class Storage:
 
     def list_json(self, prefix: str) -> list[str]:
         try:
-            names = self.fs.ls(self.path(prefix), detail=False)
+            with self.failures(f"listing {prefix}"):
+                names = self.fs.ls(self.path(prefix), detail=False)
         except FileNotFoundError:
             return []
         return sorted(n.rsplit("/", 1)[-1] for n in names if n.endswith(".json"))
 
 
-__all__ = ["Storage", "describe_access_error", "is_local"]
+__all__ = ["Storage", "describe_access_error", "is_local", "is_transport_error"]

@@ -15,7 +15,7 @@ import zarr
 
 from pipeline.errors import ConfigError, StoreError, StoreMismatchError
 from pipeline.store import format as F
-from pipeline.store.storage import Storage
+from pipeline.store.storage import Storage, is_transport_error
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ class ActivationStoreWriter:
         self.header = {"format": F.FORMAT_NAME, "version": F.FORMAT_VERSION, **header,
                        "layout": {**asdict(layout), "hooks": list(layout.hooks)},
                        "outlier_factor": outlier_factor}
-        self._open(overwrite)
+        with self.storage.failures("creating or reopening the store"):
+            self._open(overwrite)
         # Zarr skips chunks that hold only zeros (an all-text modality chunk, context 0's ids): write
         # them all, so that a reader can tell a lost chunk file from an all-zero chunk.
         self.arrays = {k: a.with_config({"write_empty_chunks": True}) for k, a in self.arrays.items()}
@@ -148,27 +149,27 @@ class ActivationStoreWriter:
             self.storage.fs.rm(self.storage.root, recursive=True)
         group = self.storage.open_group("a")
         self.group = group
-        lay = self.layout
         if old is not None and old.get("fingerprint") == self.header["fingerprint"]:
+            names = _array_names(self.layout.hooks, self.layout.modality)
+            self._create_arrays(group, [k for k in names if k not in group])  # a writer stopped while creating them
             self._resize(old, group)
             return
-        codec = F.compressors(lay.compressor, lay.checksum)
-        row_chunks = (lay.chunk_rows,)
-        self.arrays = {
-            F.TOKENS: group.create_array(F.TOKENS, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
-            F.CONTEXT: group.create_array(F.CONTEXT, shape=(lay.n_rows,), dtype="int32", chunks=row_chunks, compressors=codec),
-            F.POSITION: group.create_array(F.POSITION, shape=(lay.n_rows,), dtype="int16", chunks=row_chunks, compressors=codec),
-        }
-        if lay.modality:
-            self.arrays[F.MODALITY] = group.create_array(F.MODALITY, shape=(lay.n_rows,), dtype="int8",
-                                                         chunks=row_chunks, compressors=codec)
-        for hook in lay.hooks:
-            self.arrays[F.hook_path(hook, F.ACTS)] = group.create_array(
-                F.hook_path(hook, F.ACTS), shape=(lay.n_rows, lay.d_model), dtype=F.STORAGE_DTYPES[lay.dtype],
-                chunks=(lay.chunk_rows, lay.d_model), compressors=codec)
-            self.arrays[F.hook_path(hook, F.NORM)] = group.create_array(
-                F.hook_path(hook, F.NORM), shape=(lay.n_rows,), dtype="float32", chunks=row_chunks, compressors=codec)
+        # The header first: a writer stopped while creating the arrays (killed, or the storage failed)
+        # leaves a store that a rerun recognises as its own and completes, not "not an activation store".
         group.attrs[F.HEADER_ATTR] = self.header
+        self.arrays = self._create_arrays(group, _array_names(self.layout.hooks, self.layout.modality))
+
+    def _create_arrays(self, group: zarr.Group, names: list[str]) -> dict[str, zarr.Array]:
+        lay = self.layout
+        codec = F.compressors(lay.compressor, lay.checksum)
+        rows = {"shape": (lay.n_rows,), "chunks": (lay.chunk_rows,), "compressors": codec}
+        specs = {F.TOKENS: {"dtype": "int32", **rows}, F.CONTEXT: {"dtype": "int32", **rows},
+                 F.POSITION: {"dtype": "int16", **rows}, F.MODALITY: {"dtype": "int8", **rows}}
+        for hook in lay.hooks:
+            specs[F.hook_path(hook, F.ACTS)] = {"shape": (lay.n_rows, lay.d_model), "dtype": F.STORAGE_DTYPES[lay.dtype],
+                                                "chunks": (lay.chunk_rows, lay.d_model), "compressors": codec}
+            specs[F.hook_path(hook, F.NORM)] = {"dtype": "float32", **rows}
+        return {name: group.create_array(name, **specs[name]) for name in names}
 
     def _resize(self, old: dict, group: zarr.Group) -> None:
         """Reopen a store of the same configuration, possibly planned to a different size: shards
@@ -263,7 +264,8 @@ class ActivationStoreWriter:
                     state.finish(item[1])
                     state = None
         except BaseException as exc:  # surfaced to the producer on its next call
-            self._error = exc
+            self._error = self.storage.access_error(exc, f"writing shard {state.shard if state else '?'}") \
+                if is_transport_error(exc) else exc
             while True:  # unblock a producer waiting on a full queue
                 try:
                     self._queue.get_nowait()
@@ -353,6 +355,11 @@ class _ShardState:
 def commit(writer: ActivationStoreWriter) -> dict | None:
     """Commit the store if every shard is in; returns the commit record, or None if shards are
     missing. Idempotent: several workers may race to commit and write the same record."""
+    with writer.storage.failures("committing the store"):
+        return _commit(writer)
+
+
+def _commit(writer: ActivationStoreWriter) -> dict | None:
     lay, storage = writer.layout, writer.storage
     done = writer.finished_shards()
     if len(done) < lay.n_shards:

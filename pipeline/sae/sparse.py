@@ -4,13 +4,30 @@ A code is `vals [batch, m]` at local feature indices `idx [batch, m]`. The dense
 is then only the encoder's forward matmul; decoding, and the gradients of the decoder and of the
 encoder's selected rows, cost O(batch * m * d_model) instead of O(batch * n_features * d_model).
 `dense_*` are the plain reference versions the tests compare against.
+
+On CUDA, with triton installed, the gathers and scatters run as the Triton kernels of
+triton_kernels.py (see triton_for); the torch code here is the CPU path and their reference.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def triton_for(*tensors: Tensor):
+    """The triton_kernels module if these tensors should use it, else None (the torch code here):
+    they are all on CUDA and triton imports, or TRITON_INTERPRET=1 was set before the kernels
+    were defined (triton's interpreter, which runs them on CPU tensors: the CPU tests). triton is
+    imported only here, on first use, so a CPU process never pays for it."""
+    cuda = all(t.is_cuda for t in tensors)
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    from pipeline.sae import triton_kernels as tk
+    return tk if tk.AVAILABLE and (cuda or tk.INTERPRETED) else None
 
 
 def rows_grad(idx: Tensor, g: Tensor, x: Tensor, n_rows: int) -> Tensor:
@@ -39,12 +56,14 @@ class _GatherLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x, W, c, idx = ctx.saved_tensors
+        tk = triton_for(x, W, idx)
         gx = gW = gb = gc = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:  # sum_j g[b, j] W[idx[b, j]]
-            gx = F.embedding_bag(idx, W, per_sample_weights=g.to(W.dtype), mode="sum")
+            gx = (tk.gather_sum(idx, W, g.to(W.dtype)) if tk else
+                  F.embedding_bag(idx, W, per_sample_weights=g.to(W.dtype), mode="sum"))
             gc = -gx.sum(0) if ctx.needs_input_grad[3] else None
         if ctx.needs_input_grad[1]:
-            gW = rows_grad(idx, g, x - c, W.shape[0]).to(W.dtype)
+            gW = (tk.rows_grad if tk else rows_grad)(idx, g, x - c, W.shape[0]).to(W.dtype)
         if ctx.needs_input_grad[2]:
             gb = torch.zeros(W.shape[0], device=g.device, dtype=W.dtype).index_add_(0, idx.reshape(-1), g.reshape(-1).to(W.dtype))
         return gx if ctx.needs_input_grad[0] else None, gW, gb, gc, None, None
@@ -68,20 +87,24 @@ class _SparseDecode(torch.autograd.Function):
         v = vals * inv[idx] if unit_norm else vals  # weights of the raw rows
         ctx.save_for_backward(v, idx, W, inv)
         ctx.unit_norm = unit_norm
-        return F.embedding_bag(idx, W, per_sample_weights=v, mode="sum")
+        tk = triton_for(W, idx)
+        return tk.gather_sum(idx, W, v) if tk else F.embedding_bag(idx, W, per_sample_weights=v, mode="sum")
 
     @staticmethod
     def backward(ctx, g: Tensor):
         v, idx, W, inv = ctx.saved_tensors
+        tk = triton_for(W, idx)
         gvals = gW = None
-        if ctx.needs_input_grad[0]:  # g[b] . W[idx[b, j]]: embedding_bag's own kernel for it is the fastest
+        if ctx.needs_input_grad[0] and tk:  # g[b] . W[idx[b, j]]
+            gvals = tk.gather_dot(idx, W, g)
+        elif ctx.needs_input_grad[0]:  # on CPU embedding_bag's own kernel for it is the fastest
             with torch.enable_grad():
                 v_ = v.detach().requires_grad_()
                 gvals, = torch.autograd.grad(F.embedding_bag(idx, W.detach(), per_sample_weights=v_, mode="sum"), v_, g)
-            if ctx.unit_norm:
-                gvals = gvals * inv[idx]
+        if gvals is not None and ctx.unit_norm:
+            gvals = gvals * inv[idx]
         if ctx.needs_input_grad[2]:
-            gW = rows_grad(idx, v, g, W.shape[0]).to(W.dtype)
+            gW = (tk.rows_grad if tk else rows_grad)(idx, v, g, W.shape[0]).to(W.dtype)
             if ctx.unit_norm:  # d(W_r / |W_r|): remove the part along W_r, on the rows used only,
                 for rows in idx.unique().split(16384):  # a block at a time (temporaries [16384, d])
                     Wr = W[rows]

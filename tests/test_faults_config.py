@@ -127,6 +127,20 @@ def test_every_key_the_shipped_yaml_sets_is_declared():
     assert seen >= len(STAGES) + 10
 
 
+@pytest.mark.parametrize("sae", ["topk", "relu_l1"])
+def test_training_defaults_have_one_source(sae):
+    """`python -m pipeline.train` with no overrides (but the sae group) is `TrainConfig()`: conf/train.yaml
+    repeats no default of pipeline/train/config.py (issue 16); out_dir follows the architecture in both."""
+    from pipeline.sae import SAEConfig
+    from pipeline.train import TrainConfig
+    composed = OmegaConf.to_object(_compose("train", [f"sae={sae}"]))
+    dataclass = TrainConfig(sae=SAEConfig(**dataclasses.asdict(composed.sae)))  # the group's own settings
+    assert composed.data.exclude_norm_factor == dataclass.data.exclude_norm_factor == 8.0
+    assert composed.out_dir == dataclass.out_dir == f"runs/demo/train/{sae}"
+    assert composed == dataclass
+    assert set(OmegaConf.load(Path(CONF_DIR) / "train.yaml")) == {"defaults", "out_dir", "hydra"}
+
+
 def test_scaling_plan_keys_are_the_planners():
     from pipeline.scaling import ScalingConfig
     ScalingConfig(plan={"gpu_memory_gb": 80, "tflops": 400})

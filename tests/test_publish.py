@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import pipeline.publish as P
 import pipeline.sae as S
 from pipeline.errors import ConfigError, UserError
 from pipeline.publish import (MissingMetricsError, OutDirNotEmptyError, PublishAuthError, PublishConfig,
@@ -128,7 +129,7 @@ def assert_same_sae(a, b) -> None:
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
 @pytest.mark.parametrize("arch", S.ARCHITECTURES)
 def test_round_trip_is_bit_identical(runs, tmp_path, arch, sharded):
-    """export -> release folder -> pipeline.sae.load: the same tensors and the same outputs."""
+    """export -> release folder -> pipeline.publish.load: the same tensors and the same outputs."""
     res = run(PublishConfig(checkpoints=[str(runs[arch] / "sae")], out_dir=str(tmp_path / "rel"),
                             max_shard_size="3kB" if sharded else "5GB", progress=False))
     folder = res.folder / res.sae_ids[0]
@@ -137,7 +138,7 @@ def test_round_trip_is_bit_identical(runs, tmp_path, arch, sharded):
         assert len(files) > 2 and "sae_weights.safetensors.index.json" in files
     else:
         assert files == ["sae_weights.safetensors"]
-    assert_same_sae(S.load(runs[arch] / "sae"), S.load(folder))
+    assert_same_sae(S.load(runs[arch] / "sae"), P.load(folder))
 
 
 def test_release_follows_the_saelens_layout(runs, tmp_path):
@@ -176,7 +177,7 @@ def test_release_follows_the_saelens_layout(runs, tmp_path):
     assert {"sparse-autoencoder", "saelens", *S.ARCHITECTURES} <= set(meta["tags"])
     for needle in ("| fvu | 0.125 |", "| downstream.ce_loss_recovered | 0.93 |", "model.layers.1/density_histogram.png", '"k": 4',
                    'SAE.from_pretrained("alice/saes", "model.layers.0")',
-                   'pipeline.sae.load("hf://alice/saes/model.layers.0")'):
+                   'pipeline.publish.load("hf://alice/saes/model.layers.0")'):
         assert needle in text, needle
 
 
@@ -248,8 +249,17 @@ def test_bad_inputs_are_user_errors(runs, tmp_path):
     cfg.write_text(text.replace(old, '"extras": null'.ljust(len(old))))
     with pytest.raises(CheckpointFormatError, match=r"rel-j/model\.layers\.2'.*missing \['log_threshold'\].*"
                                                     r"Fix: download the release again") as e:
-        S.load(res.folder / res.sae_ids[0])
+        P.load(res.folder / res.sae_ids[0])
     assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)
+
+
+def test_pipeline_sae_reads_exports_only(runs, tmp_path):
+    """pipeline.sae imports nothing above it: a release is pipeline.publish.load's, which reads exports too."""
+    res = run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), progress=False))
+    assert_same_sae(S.load(runs["topk"] / "sae"), P.load(runs["topk"] / "sae"))
+    for path in (res.folder / res.sae_ids[0], "hf://alice/saes/model.layers.0"):
+        with pytest.raises(ConfigError, match=r"Fix: .*load .* with pipeline\.publish\.load"):
+            S.load(path)
 
 
 def test_incomplete_release_is_refused(runs, tmp_path):
@@ -257,7 +267,7 @@ def test_incomplete_release_is_refused(runs, tmp_path):
     folder = res.folder / res.sae_ids[0]
     (folder / "release.json").unlink()
     with pytest.raises(ReleaseIncompleteError, match="release.json is missing.*rerun"):
-        S.load(folder)
+        P.load(folder)
 
 
 # --- the Hugging Face Hub (loopback) -----------------------------------------------------------------
@@ -295,7 +305,7 @@ def test_hub_upload_arrives_equal_reruns_send_nothing_and_never_log_the_token(ru
     assert res2.hub.upload == [] and hub.state.uploads == sent and hub.state.commits == 1
 
     for sid, arch in zip(res.sae_ids, ("topk", "jumprelu")):
-        assert_same_sae(S.load(runs[arch] / "sae"), S.load(f"hf://alice/saes/{sid}@main"))
+        assert_same_sae(S.load(runs[arch] / "sae"), P.load(f"hf://alice/saes/{sid}@main"))
 
     out, err = capfd.readouterr()
     logs = caplog.text + out + err
@@ -311,7 +321,7 @@ def test_hub_release_in_a_subfolder_and_branch(runs, tmp_path, hub):
     assert "smollm2/v1/model.layers.3/sae_weights.safetensors" in files and "smollm2/v1/README.md" in files
     assert "smollm2/v1/README.md" not in hub.state.files("alice/many", "main")
     assert hub.state.repos["alice/many"].private
-    assert_same_sae(S.load(runs["batchtopk"] / "sae"), S.load("hf://alice/many/smollm2/v1/model.layers.3@dev"))
+    assert_same_sae(S.load(runs["batchtopk"] / "sae"), P.load("hf://alice/many/smollm2/v1/model.layers.3@dev"))
     assert 'hf://alice/many/smollm2/v1/model.layers.3' in (res.folder / "README.md").read_text()
 
 
@@ -325,7 +335,7 @@ def test_hub_interrupted_upload_resumes_and_is_never_shown_complete(runs, tmp_pa
     files = hub.state.files("alice/big")
     assert files and not any(p.endswith(("release.json", "cfg.json")) for p in files)
     with pytest.raises(ReleaseIncompleteError, match="release.json is missing"):
-        S.load("hf://alice/big/model.layers.0")
+        P.load("hf://alice/big/model.layers.0")
 
     hub.state.fail.clear()
     res = run(cfg)
@@ -334,7 +344,7 @@ def test_hub_interrupted_upload_resumes_and_is_never_shown_complete(runs, tmp_pa
     remote = hub.state.files("alice/big")
     remote.pop(".gitattributes")
     assert remote == release_files(res.folder)
-    assert_same_sae(S.load(runs["jumprelu"] / "sae"), S.load("hf://alice/big/model.layers.2"))
+    assert_same_sae(S.load(runs["jumprelu"] / "sae"), P.load("hf://alice/big/model.layers.2"))
 
     # an update that fails part way must not leave the old manifest presenting the new files as complete
     make_export(tmp_path / "v2" / "sae", "jumprelu", "model.layers.2", seed=7)
@@ -347,7 +357,7 @@ def test_hub_interrupted_upload_resumes_and_is_never_shown_complete(runs, tmp_pa
     assert "model.layers.2/release.json" not in hub.state.files("alice/big")
     hub.state.fail.clear()
     run(cfg2)
-    assert_same_sae(S.load(tmp_path / "v2" / "sae"), S.load("hf://alice/big/model.layers.2"))
+    assert_same_sae(S.load(tmp_path / "v2" / "sae"), P.load("hf://alice/big/model.layers.2"))
 
 
 def test_hub_bad_credentials_and_foreign_repo(runs, tmp_path, hub, monkeypatch):

@@ -32,7 +32,7 @@ from pipeline.evaluate.config import EvalConfig
 from pipeline.evaluate.dictionary import Dictionary
 from pipeline.evaluate.run import evaluate
 from pipeline.models import ActivationCapture, LoadedModel, load_model, resolve_hook, text_config
-from pipeline.sae import load
+from pipeline.publish import release
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|resid_post)\.(\d+)$")
 METRIC_KEYS = ("fvu", "explained_variance", "mse", "cosine_similarity", "l0", "dead_fraction", "ce_loss",
@@ -54,7 +54,7 @@ def vlm_hook(sae_hook: str | None, override: str | None, loaded: LoadedModel) ->
 
 def attach(path: str, loaded: LoadedModel, hook_override: str | None = None) -> Dictionary:
     """The exported SAE at `path` on the VLM's text model, after checking widths."""
-    sae = load(path, device=loaded.device)
+    sae = release.load(path, device=loaded.device)
     meta = getattr(sae, "meta", {}) or {}
     width = text_config(loaded.model.config).hidden_size
     if width != sae.cfg.d_model:

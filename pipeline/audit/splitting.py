@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pipeline.errors import ConfigError
 from pipeline.evaluate.dictionary import Dictionary
-from pipeline.sae import load
+from pipeline.publish import release
 
 
 def best_match(small: Tensor, large: Tensor, block: int | None = None) -> tuple[Tensor, Tensor]:
@@ -72,7 +72,7 @@ def match_features(small: Tensor, large: Tensor, threshold: float = 0.7) -> dict
 
 def load_decoder(path: str | Path) -> tuple[Tensor, dict]:
     """An exported SAE's decoder rows as used (Dictionary.decoder) and its cfg.json metadata."""
-    sae = load(path)
+    sae = release.load(path)
     meta = dict(getattr(sae, "meta", {}) or {})
     d = Dictionary(sae, meta.get("hook") or "?", meta.get("hook") or "?", str(path))
     return d.decoder(), meta

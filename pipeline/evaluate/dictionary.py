@@ -18,7 +18,8 @@ from torch import Tensor
 
 from pipeline.errors import ConfigError, HookNotFoundError
 from pipeline.models import LoadedModel, hook_choices, resolve_hook
-from pipeline.sae import SparseAutoencoder, load
+from pipeline.publish import release  # release.load reads an export or a release folder
+from pipeline.sae import SparseAutoencoder
 from pipeline.sae.checkpoint import CONFIG_FILE
 
 
@@ -31,9 +32,10 @@ class Dictionary:
 
     @classmethod
     def load(cls, path: str | Path, loaded: LoadedModel, hook: str | None = None) -> "Dictionary":
-        """The exported SAE at `path`, checked against `loaded`: the hook must be a module of the
-        model and its output as wide as the SAE's input (checked again on the first activations)."""
-        sae = load(path, device=loaded.device)
+        """The SAE at `path` (an export or a release folder), checked against `loaded`: the hook must be
+        a module of the model and its output as wide as the SAE's input (checked again on the first
+        activations)."""
+        sae = release.load(path, device=loaded.device)
         meta = getattr(sae, "meta", {})
         return cls.attach(sae, loaded, hook or meta.get("hook"), str(path), meta.get("model"),
                           hook_from_checkpoint=not hook)

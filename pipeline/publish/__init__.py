@@ -5,7 +5,8 @@ to the Hugging Face Hub and/or any fsspec URL.
     python -m pipeline.publish target=s3://bucket/releases/smollm2 dry_run=true
 
 Output contract: the release layout (docs/release-format.md, pipeline/publish/release.py).
-Loading back: pipeline.sae.load("hf://my-org/smollm2-saes/model.layers.15@main") or a local folder.
+Loading back: pipeline.publish.load("hf://my-org/smollm2-saes/model.layers.15@main"), a local release
+folder or an export (pipeline.sae.load reads exports only, and imports nothing of this stage).
 """
 
 from pipeline.publish.config import PublishConfig

@@ -77,13 +77,13 @@ def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location
                   json.dumps(training, indent=2, sort_keys=True), "```", "", "</details>"]
     sid = saes[0]["sae_id"]
     if repo_id:
-        ours = f'pipeline.sae.load("hf://{repo_id}/{prefix}{sid}")'
+        ours = f'pipeline.publish.load("hf://{repo_id}/{prefix}{sid}")'
         theirs = f'SAE.from_pretrained("{repo_id}", "{prefix}{sid}")'
     else:
-        ours = f'pipeline.sae.load("<download of {location or "this folder"}>/{sid}")'
+        ours = f'pipeline.publish.load("<download of {location or "this folder"}>/{sid}")'
         theirs = f'SAE.load_from_disk("<download of {location or "this folder"}>/{sid}")'
     lines += ["", "## Loading", "", "With `pipeline` (the module that trained it; bit-identical weights):", "",
-              "```python", "import pipeline.sae", f"sae = {ours}", "latents = sae.encode(x)  # x: raw activations "
+              "```python", "import pipeline.publish", f"sae = {ours}", "latents = sae.encode(x)  # x: raw activations "
               "[batch, d_in]", "x_hat = sae(x).x_hat", "```", "", "With SAELens (6.x):", "", "```python",
               "from sae_lens import SAE", f"sae = {theirs}", "x_hat = sae.decode(sae.encode(x))", "```", ""]
     if any(s["doc"]["architecture"] == "batchtopk" for s in saes):
@@ -91,6 +91,6 @@ def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location
                   "global inference threshold learned in training.", ""]
     if any(s.get("sharded") for s in saes):
         lines += ["Sharded weights (`sae_weights-*-of-*.safetensors` with `sae_weights.safetensors.index.json`) "
-                  "load with `pipeline.sae.load`; SAELens's loader reads only an unsharded "
+                  "load with `pipeline.publish.load`; SAELens's loader reads only an unsharded "
                   "`sae_weights.safetensors`.", ""]
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """Upload a release folder to the Hugging Face Hub, idempotently and resumably, and download one
-back for `pipeline.sae.load("hf://owner/repo/sae_id@revision")`.
+back for `pipeline.publish.load("hf://owner/repo/sae_id@revision")`.
 
 What is already on the Hub is read first (one tree listing); only files whose content differs are
 sent. Small releases go in one commit. Large ones go in several commits of data files; the files that

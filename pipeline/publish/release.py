@@ -143,10 +143,9 @@ class SAESource:
 def write_sae_folder(src: SAESource, folder: Path, max_shard_bytes: int, context_size: int | None = None,
                      dataset: str | None = None) -> dict:
     """Write one SAE folder (manifest last); returns the manifest."""
-    from pipeline.sae import load
     from pipeline.sae.checkpoint import NOT_EXPORTED
 
-    sae = load(src.checkpoint)
+    sae = load(src.checkpoint)  # an export, or a folder of another release
     doc = dict(sae.meta)
     state = {k: v.detach().cpu().float() for k, v in sae.state_dict().items() if k not in NOT_EXPORTED}
     tensors, extras = saelens_state(state, doc["architecture"])
@@ -257,8 +256,18 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(path, device: str | torch.device = "cpu"):
+    """Any SAE this pipeline writes, as one unsharded module in eval mode: a release folder or
+    `hf://owner/repo[/sae_id][@revision]` (load_release), else an exported checkpoint (pipeline.sae.load)."""
+    from pipeline.sae import load as load_export
+
+    if str(path).startswith("hf://") or is_release(path):
+        return load_release(path, device)
+    return load_export(path, device)
+
+
+def load_release(path, device: str | torch.device = "cpu"):
     """The SAE of a release folder, or of `hf://owner/repo[/sae_id][@revision]`, as pipeline.sae.load
-    returns it (same module, same tensors bit for bit); `.meta` holds pipeline.json."""
+    returns its export (same module, same tensors bit for bit); `.meta` holds pipeline.json."""
     from pipeline.sae import SAEConfig, create
     from pipeline.sae.checkpoint import NOT_EXPORTED, CheckpointFormatError
 
@@ -285,4 +294,5 @@ def load(path, device: str | torch.device = "cpu"):
 
 
 __all__ = ["CARD", "MANIFEST", "ReleaseIncompleteError", "SAESource", "check_complete", "is_release", "load",
-           "parse_size", "read_weights", "sae_id_for", "saelens_config", "saelens_state", "write_sae_folder"]
+           "load_release", "parse_size", "read_weights", "sae_id_for", "saelens_config", "saelens_state",
+           "write_sae_folder"]

@@ -105,7 +105,7 @@ def build(cfg: PublishConfig) -> tuple[Path, list[dict]]:
                                   "folder is rebuilt (emptied) on every run. Fix: choose an empty or new out_dir")
     seen: dict[str, tuple[str, str | None]] = {}  # sae_id -> (checkpoint, hook)
     for src in sources:
-        if is_release(src.checkpoint):  # pipeline.sae.load reads a release folder too; its cfg.json is SAELens's
+        if is_release(src.checkpoint):  # release.load reads a release folder too; its cfg.json is SAELens's
             hook = json.loads((src.checkpoint / "cfg.json").read_text()).get("hook")
         else:  # an export: its format and version checked before anything is written
             hook = read_config(src.checkpoint).get("hook")

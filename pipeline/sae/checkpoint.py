@@ -94,21 +94,21 @@ def read_config(path: str | Path) -> dict:
     if found != (FORMAT_NAME, FORMAT_VERSION):
         raise CheckpointFormatError(
             f"{str(f)!r} is not a {FORMAT_NAME} checkpoint of version {FORMAT_VERSION} (format={found[0]!r}, "
-            f"version={found[1]!r}). Fix: point at the export folder of a training run (<out_dir>/sae) or a "
-            "release folder written by `python -m pipeline.publish`; for a checkpoint of another version, re-export "
-            "it with this version of the pipeline (rerun its training command)")
+            f"version={found[1]!r}). Fix: point at the export folder of a training run (<out_dir>/sae); load a "
+            "release folder written by `python -m pipeline.publish` with pipeline.publish.load; for a checkpoint of "
+            "another version, re-export it with this version of the pipeline (rerun its training command)")
     return doc
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """The exported SAE at `path` as one unsharded module in eval mode; `.meta` holds cfg.json.
-    `path` may also be a published release folder or hf://owner/repo[/sae_id][@revision]
-    (pipeline.publish, docs/release-format.md): the same module, bit for bit."""
+    A published release (a release folder or hf://owner/repo[/sae_id][@revision], docs/release-format.md)
+    loads with pipeline.publish.load, which reads exports too: pipeline.sae imports nothing above it."""
     from pipeline.sae import create
 
-    from pipeline.publish import release  # the release layout's reader lives with its writer
-    if str(path).startswith("hf://") or release.is_release(path):
-        return release.load(path, device)
+    if str(path).startswith("hf://"):
+        raise ConfigError(f"{str(path)!r} is a published release on the Hub, not an exported checkpoint. Fix: load "
+                          "it with pipeline.publish.load (it reads releases and exports alike)")
     doc = read_config(path)
     sae = create(SAEConfig(**doc["config"]), device=device)
     parts = [load_file(str(Path(path) / s["file"])) for s in doc["shards"]]

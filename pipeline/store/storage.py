@@ -31,6 +31,13 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """The endpoint refused or never answered the connection (as opposed to failing mid-way)."""
+    names = {type(e).__name__ for e in _chain(exc)}
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionRefusedError",
+                         "ClientConnectorError"})
+
+
 def is_transport_error(exc: BaseException) -> bool:
     """Whether `exc` is the storage service or the network failing (what fsspec backends raise once
     their own retries are spent: s3fs's OSError translations, botocore's and aiohttp's own errors,
@@ -100,7 +107,13 @@ class Storage:
             raise self.access_error(exc, doing) from exc
 
     def access_error(self, exc: BaseException, doing: str) -> StorageAccessError:
-        """The error for the storage failing while `doing`: it names the store, says nothing is lost, and how to resume."""
+        """The error for the storage failing while `doing`: it names the store, says nothing is lost, and how to resume
+        (or, for an endpoint that cannot be reached or credentials that are refused, that fix)."""
+        if _credential_error(exc) or _unreachable(exc):
+            err = StorageAccessError(f"{doing}: {describe_access_error(self.url, self.storage_options, exc)}. What was "
+                                     "written before is intact: rerun the same command once it is fixed")
+            err.__cause__ = exc
+            return err
         err = StorageAccessError(
             f"{doing} at {self.url!r} failed: the storage gave up answering ({type(exc).__name__}: {exc}). "
             "What was written before is intact. Fix: check the storage service (and storage_options.endpoint_url), "

@@ -1,4 +1,8 @@
-"""Configuration of the training stage (`python -m pipeline.train`, conf/train.yaml)."""
+"""Configuration of the training stage (`python -m pipeline.train`, conf/train.yaml).
+
+The defaults are the ones below: conf/train.yaml repeats none of them (it picks the sae group and
+spells out_dir as a Hydra interpolation), so `train(TrainConfig())` trains what `python -m
+pipeline.train` does (tests/test_faults_config.py checks it)."""
 
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ class DataConfig:
     """Rows shuffled together by the loader."""
     exclude_positions_below: int = 0
     """Drop rows at context positions below this (the massive first-token activations)."""
-    exclude_norm_factor: float | None = None
-    """Drop rows whose norm exceeds this multiple of the store's median norm (None keeps all)."""
+    exclude_norm_factor: float | None = 8.0
+    """Drop rows whose norm exceeds this multiple of the store's median norm (None keeps all): the
+    massive first-token activations (FACTS: ~1e-5 of rows, a quarter of the variance)."""
     skip_corrupt: bool = False
     """Train on without the rows of a store chunk that is missing or fails its checksum (each
     skipped chunk is logged with its key and rows) instead of stopping with an error naming it.
@@ -99,8 +104,10 @@ class TrainConfig:
     the rows one epoch of the store gives that rank after the exclusion rules (else refused)."""
     seed: int = 0
     """Seeds the initialisation (identical at every layout) and the data order."""
-    out_dir: str = "runs/demo/train"
-    """Checkpoints (checkpoints/step-N), TensorBoard logs (tb/), metrics.jsonl and the export (sae/)."""
+    out_dir: str | None = None
+    """Checkpoints (checkpoints/step-N), TensorBoard logs (tb/), metrics.jsonl and the export (sae/).
+    None: runs/demo/train/<sae.architecture>, which conf/train.yaml spells as the interpolation
+    runs/demo/train/${sae.architecture} so that Hydra's saved config names the folder."""
     checkpoint_every: int = 1000
     """Steps between checkpoints (also written at the end, and on SIGTERM/SIGUSR1 when a step was done
     since the last one: slurm/README.md, pre-emption); 0: only those."""
@@ -127,6 +134,8 @@ class TrainConfig:
     one process, print per-rank parameters and bytes checked against the planner, and stop."""
 
     def __post_init__(self):
+        if self.out_dir is None:
+            self.out_dir = f"runs/demo/train/{self.sae.architecture}"
         if self.batch_size < 1 or self.n_tokens < self.batch_size:
             raise ConfigError(f"batch_size={self.batch_size} must be positive and at most n_tokens={self.n_tokens}")
         if self.batch_size % self.parallel.data_parallel:

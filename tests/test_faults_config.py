@@ -127,18 +127,69 @@ def test_every_key_the_shipped_yaml_sets_is_declared():
     assert seen >= len(STAGES) + 10
 
 
-@pytest.mark.parametrize("sae", ["topk", "relu_l1"])
+# -- one source of defaults (issue 16) ---------------------------------------------------------------
+
+# What a stage's YAML may still set besides `defaults:` and `hydra:`, and why. Everything else is a
+# default, and defaults live in the stage's dataclass only.
+YAML_KEYS = {
+    # TrainConfig's default (out_dir=None: runs/demo/train/<sae.architecture>) spelled as an
+    # interpolation, so that Hydra's saved config names the folder
+    "train": {"out_dir"},
+    # EvalConfig's default data.split=test, restated because it must win over the split the picked
+    # data group option sets (data=files and data=hf set split=all)
+    "evaluate": {"data"},
+}
+# The key that names a config group's option; every other key an option sets must differ from the
+# dataclass default (an option sets only what makes it that option).
+GROUP_IDENTITY = {"data": "source", "model": "name", "sae": "architecture",
+                  "plan/target": "d_model", "plan/size": "n_features"}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_defaults_have_one_source(stage):
+    """`python -m pipeline.<stage>` with no overrides composes the stage's dataclass constructed with no
+    arguments (`evaluate(EvalConfig())` is `python -m pipeline.evaluate`), and conf/<stage>.yaml sets
+    nothing but Hydra's own sections and the YAML_KEYS exceptions."""
+    cfg = _compose(stage, [])
+    composed = OmegaConf.to_object(cfg)
+    assert composed == OmegaConf.get_type(cfg)()
+    yaml = OmegaConf.load(Path(CONF_DIR) / f"{stage}.yaml")
+    assert set(yaml) - {"defaults", "hydra"} == YAML_KEYS.get(stage, set())
+    if stage == "evaluate":
+        assert set(yaml.data) == {"split"} and composed.data.split == "test"
+        assert composed.exclude_norm_factor == 8.0
+    if stage == "train":
+        assert composed.data.exclude_norm_factor == 8.0 and composed.out_dir == "runs/demo/train/topk"
+
+
+@pytest.mark.parametrize("sae", sorted(p.stem for p in Path(CONF_DIR, "sae").glob("*.yaml")))
 def test_training_defaults_have_one_source(sae):
-    """`python -m pipeline.train` with no overrides (but the sae group) is `TrainConfig()`: conf/train.yaml
-    repeats no default of pipeline/train/config.py (issue 16); out_dir follows the architecture in both."""
+    """Each sae group option composes `TrainConfig(sae=SAEConfig(**what the option sets))`; out_dir
+    follows the architecture in both."""
     from pipeline.sae import SAEConfig
     from pipeline.train import TrainConfig
     composed = OmegaConf.to_object(_compose("train", [f"sae={sae}"]))
-    dataclass = TrainConfig(sae=SAEConfig(**dataclasses.asdict(composed.sae)))  # the group's own settings
-    assert composed.data.exclude_norm_factor == dataclass.data.exclude_norm_factor == 8.0
+    option = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR, "sae", f"{sae}.yaml")))
+    dataclass = TrainConfig(sae=SAEConfig(**option))
     assert composed.out_dir == dataclass.out_dir == f"runs/demo/train/{sae}"
     assert composed == dataclass
-    assert set(OmegaConf.load(Path(CONF_DIR) / "train.yaml")) == {"defaults", "out_dir", "hydra"}
+
+
+def test_group_options_set_only_what_differs_from_the_dataclass():
+    from pipeline.data import DataConfig
+    from pipeline.models import ModelConfig
+    from pipeline.plan.model import PlanConfig
+    from pipeline.sae import SAEConfig
+    defaults = {"data": DataConfig(), "model": ModelConfig(), "sae": SAEConfig(),
+                "plan/target": PlanConfig(), "plan/size": PlanConfig()}
+    groups = {str(p.parent.relative_to(CONF_DIR)) for p in Path(CONF_DIR).glob("*/**/*.yaml")}
+    assert groups - {"sweep", "sweep/launcher"} == set(GROUP_IDENTITY)  # sweeps are experiments, not defaults
+    for group, identity in GROUP_IDENTITY.items():
+        for option in sorted(Path(CONF_DIR, group).glob("*.yaml")):
+            values = OmegaConf.to_container(OmegaConf.load(option))
+            assert identity in values, option
+            repeated = {k: v for k, v in values.items() if k != identity and v == getattr(defaults[group], k)}
+            assert not repeated, f"{option} repeats the dataclass defaults {repeated}"
 
 
 def test_scaling_plan_keys_are_the_planners():

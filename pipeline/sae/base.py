@@ -202,7 +202,7 @@ class SparseAutoencoder(nn.Module):
 
     def _finish(self, x: Tensor, x_hat: Tensor, sparsity: Tensor, aux: Tensor, fired: Tensor) -> ForwardOutput:
         """The common tail of forward(): MSE, L0 and the dead-latent counter."""
-        mse = (x - x_hat).pow(2).sum(-1).mean()
+        mse = (x.float() - x_hat.float()).pow(2).sum(-1).mean()  # fp32 under bf16 (engine.py); a no-op in fp32
         n = x.shape[0]
         l0 = self.comm.sum_features(fired.sum().float()) / n
         if self.training:
@@ -210,7 +210,7 @@ class SparseAutoencoder(nn.Module):
                 # one all-reduce for the fired counts and the token count of the global batch
                 total = self.comm.sum_batch(torch.cat([fired.long(), fired.new_tensor([n], dtype=torch.long)]))
                 self.tokens_since_fired.add_(total[-1]).masked_fill_(total[:-1] > 0, 0)
-        return ForwardOutput(x_hat, mse + sparsity + aux, mse, sparsity, aux, l0, fired)
+        return ForwardOutput(x_hat, mse + sparsity.float() + aux.float(), mse, sparsity, aux, l0, fired)
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
         raise NotImplementedError

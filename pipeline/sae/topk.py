@@ -110,5 +110,5 @@ class TopK(SparseAutoencoder):
             return torch.zeros((), device=x.device, dtype=x_hat.dtype)
         idx = sel.idx
         e_hat = self.comm.reduce(self.decode(self.code(x, b_dec, idx, sel.vals, self.keep_global(sel.vals, k)), idx))
-        e = (x - x_hat).detach()
-        return self.cfg.aux_coef * (e - e_hat).pow(2).sum(-1).mean()
+        e = (x.float() - x_hat.float()).detach()  # fp32 under bf16, like the MSE (engine.py)
+        return self.cfg.aux_coef * (e - e_hat.float()).pow(2).sum(-1).mean()

@@ -169,7 +169,13 @@ class ActivationStoreWriter:
             specs[F.hook_path(hook, F.ACTS)] = {"shape": (lay.n_rows, lay.d_model), "dtype": F.STORAGE_DTYPES[lay.dtype],
                                                 "chunks": (lay.chunk_rows, lay.d_model), "compressors": codec}
             specs[F.hook_path(hook, F.NORM)] = {"dtype": "float32", **rows}
-        return {name: group.create_array(name, **specs[name]) for name in names}
+        arrays = {}
+        for name in names:
+            try:
+                arrays[name] = group.create_array(name, **specs[name])
+            except zarr.errors.ContainsArrayError:  # a concurrent worker of this store (same fingerprint) made it
+                arrays[name] = self.storage.open_array(group, name)
+        return arrays
 
     def _resize(self, old: dict, group: zarr.Group) -> None:
         """Reopen a store of the same configuration, possibly planned to a different size: shards

@@ -38,6 +38,15 @@ class DataConfig:
     equivalence tests use it; off, each rank reads only its own rows."""
 
 
+def check_precision(precision: str, zero_stage: int) -> None:
+    """bf16 needs ZeRO >= 1: only its optimizers keep fp32 master weights (see the top of pipeline/train/engine.py)."""
+    if precision == "bf16" and zero_stage == 0:
+        raise ConfigError("deepspeed.precision=bf16 with deepspeed.zero_stage=0: ZeRO-0 keeps no fp32 master "
+                          "weights, so bf16 updates smaller than a bf16 ulp of a weight would be lost (DeepSpeed "
+                          "also rejects bf16 with fp32 gradient accumulation there). Fix: deepspeed.zero_stage=1 "
+                          "(or 2), or deepspeed.precision=fp32")
+
+
 STATE_DTYPES = ("fp32", "fp8", "int8")
 
 
@@ -79,7 +88,8 @@ class DeepSpeedConfig:
     """0: plain data parallelism; 1: optimizer state partitioned over data-parallel ranks; 2: and
     gradients. (3 is not supported: feature sharding already partitions the weights.)"""
     precision: str = "auto"
-    """auto (bf16 with fp32 master weights on GPU, fp32 on CPU), bf16 or fp32."""
+    """auto (bf16 with fp32 master weights on GPU, fp32 on CPU), bf16 or fp32. bf16 casts the weights
+    and inputs (no autocast) and needs zero_stage >= 1 for its fp32 masters (pipeline/train/engine.py)."""
     overrides: dict = field(default_factory=dict)
     """Merged last into the generated DeepSpeed config (pipeline/train/engine.py), for experts."""
 
@@ -88,6 +98,7 @@ class DeepSpeedConfig:
             raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1 or 2")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"deepspeed.precision={self.precision!r} must be auto, bf16 or fp32")
+        check_precision(self.precision, self.zero_stage)  # fail fast; `auto` is checked once resolved
 
 
 @dataclass

@@ -1,5 +1,36 @@
 """The DeepSpeed side of training, built in one place: its config (every default that changes
-results set explicitly), the learning-rate schedule, and the engine around a sharded SAE."""
+results set explicitly), the learning-rate schedule, and the engine around a sharded SAE.
+
+Precision. bf16 training (deepspeed.precision=bf16; `auto` resolves to bf16 on CUDA and fp32 on
+CPU, see precision()) is CASTING, not autocast: there is no torch.autocast region anywhere in the
+trainer. DeepSpeed casts the module's parameters to bf16 (the SAE builds them in fp32), the loop
+casts each input batch to bf16 (pipeline/train/loop.py), and every forward and backward matmul then
+runs on bf16 tensors (with fp32 accumulation inside the matmul kernels, rounded to bf16 on output).
+fp32 is kept where rounding would accumulate or where a sum runs over many terms:
+  - master weights and the Adam state: ZeRO-1 (DeepSpeed's BF16_Optimizer, chosen for bf16 with
+    fp32 gradient accumulation) and ZeRO-2 keep an fp32 copy of every parameter (partitioned over
+    the data-parallel ranks) and apply the update there; the bf16 parameters are a rounded copy
+    taken after each step. An update smaller than half a bf16 ulp of a weight (2^-9 relative) is
+    therefore not lost. ZeRO-0 has no fp32 master (the bf16 weights would be updated in place and
+    small updates rounded away: FACTS.md "DeepSpeed on CPU"), so bf16 with zero_stage=0 is refused
+    with a ConfigError (config.check_precision), before DeepSpeed's own NotImplementedError.
+  - gradients: accumulated in fp32 (data_types.grad_accum_dtype) and all-reduced in fp32
+    (communication_data_type), averaged after the reduction; the global gradient norm used for
+    clipping is computed in fp32 from them.
+  - the loss: the MSE and AuxK terms upcast x and x_hat to fp32 before the difference
+    (pipeline/sae/base.py _finish, topk.py auxk), so the residual of a good reconstruction, a small
+    difference of two large numbers, is not rounded to 8 bits; the logged metrics (metrics.py) and
+    the held-out FVU (heldout.py, in float64) are computed from fp32 / float64 copies as well.
+  - the sparse paths' weight gradients (pipeline/sae/sparse.py rows_grad and the Triton kernels):
+    sums over every token that selected a row, accumulated in fp32 and cast to the parameter's
+    dtype once at the end (sparse kernels also lack bf16 on some devices).
+  - decoder row norms (unit-norm architectures) are computed by torch's norm, which accumulates in
+    fp32 for bf16 input; the relu_l1 penalty's norms come out of its bf16 matmul column like x_hat.
+What is bf16: the weights used in forward/backward, activations, x_hat, the encoder
+pre-activations (hence topk's selection can differ from fp32's on near-ties), and the exported
+dictionary, which is the bf16 copy of the weights (stored as fp32: at most half a bf16 ulp, 2^-9
+relative, from the fp32 masters). tests/test_train_parallel.py checks bf16 layouts against one
+process and bf16's held-out FVU against fp32's."""
 
 from __future__ import annotations
 
@@ -7,7 +38,7 @@ import torch
 
 from pipeline.parallel import Mesh
 from pipeline.sae import SparseAutoencoder
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, check_precision
 from pipeline.train.low_bit import low_bit_adam
 
 
@@ -20,6 +51,7 @@ def precision(cfg: TrainConfig, device: torch.device) -> str:
 
 def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
     bf16 = precision(cfg, device) == "bf16"
+    check_precision("bf16" if bf16 else "fp32", cfg.deepspeed.zero_stage)  # also `auto` resolved to bf16
     dp = cfg.parallel.data_parallel
     ds = {
         "train_batch_size": cfg.batch_size,

@@ -1,5 +1,5 @@
-"""Configuration of the autointerp audit task (`python -m pipeline.audit task=autointerp`, the
-`autointerp:` block of conf/audit.yaml)."""
+"""Configuration of the autointerp audit task (`python -m pipeline.audit task=autointerp`,
+`autointerp.*` overrides; the defaults are the ones below, conf/audit.yaml repeats none)."""
 
 from __future__ import annotations
 

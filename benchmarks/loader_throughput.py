@@ -105,8 +105,9 @@ def loader_read(store: ActivationStore, batch_size: int, workers: int, shuffle_b
 def measure(stores: dict[str, ActivationStore], a) -> dict:
     """The best rates of each store (by checksums "on"/"off"), and the loader's ratio of the two."""
     runs = {k: {"raw_seq": [], "raw_par": [], "loader": []} for k in stores}
-    for _ in range(a.repeats):  # alternate, so that a noisy neighbour hurts all alike
-        for k, store in stores.items():
+    order = list(stores.items())
+    for i in range(a.repeats):  # alternate, in turn first and second, so that noise and warm-up hurt all alike
+        for k, store in order if i % 2 == 0 else order[::-1]:
             runs[k]["raw_seq"].append(raw_read(store, 1))
             runs[k]["raw_par"].append(raw_read(store, a.workers))
             runs[k]["loader"].append(loader_read(store, a.batch_size, a.workers, a.shuffle_buffer))

@@ -128,11 +128,12 @@ class Storage:
             return LocalStore(self.root, read_only=read_only)
         return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
 
-    def open_group(self, mode: str = "r"):
-        """The zarr group at the root; a missing or unreadable metadata file raises StoreError."""
+    def open_group(self, mode: str = "r", attributes: dict | None = None):
+        """The zarr group at the root (created with `attributes` if it does not exist); a missing or
+        unreadable metadata file raises StoreError."""
         import zarr
         with self._metadata(""):
-            return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)
+            return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode, attributes=attributes)
 
     def open_array(self, group, name: str):
         """Array `name` of `group`; a missing or unreadable metadata file raises StoreError."""

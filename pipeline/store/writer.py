@@ -147,16 +147,17 @@ class ActivationStoreWriter:
                     f"{self.storage.url!r} exists and is not an activation store; refusing to write into "
                     "it. Fix: choose another URL, or set overwrite=true to replace its contents")
             self.storage.fs.rm(self.storage.root, recursive=True)
-        group = self.storage.open_group("a")
+        # A new group's metadata is written with the header in it: a concurrent worker of the same
+        # store never sees a group without one (which it would refuse as "not an activation store").
+        group = self.storage.open_group("a", attributes={F.HEADER_ATTR: self.header})
         self.group = group
         if old is not None and old.get("fingerprint") == self.header["fingerprint"]:
             names = _array_names(self.layout.hooks, self.layout.modality)
             self._create_arrays(group, [k for k in names if k not in group])  # a writer stopped while creating them
             self._resize(old, group)
             return
-        # The header first: a writer stopped while creating the arrays (killed, or the storage failed)
-        # leaves a store that a rerun recognises as its own and completes, not "not an activation store".
-        group.attrs[F.HEADER_ATTR] = self.header
+        # The header came first (above): a writer stopped while creating the arrays (killed, or the
+        # storage failed) leaves a store that a rerun recognises as its own and completes.
         self.arrays = self._create_arrays(group, _array_names(self.layout.hooks, self.layout.modality))
 
     def _create_arrays(self, group: zarr.Group, names: list[str]) -> dict[str, zarr.Array]:

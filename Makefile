@@ -34,12 +34,12 @@ demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M, of
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node=2 -m pipeline.train sae=topk \
 	    parallel.feature_parallel=2 data.url=$(DEMO)/activations n_tokens=200000 optim.lr=4e-4 \
 	    out_dir=$(DEMO)/train/topk
-	$(PY) -m pipeline.evaluate checkpoint=$(DEMO)/train/topk/sae n_tokens=20000 out_dir=$(DEMO)/evaluate
-	$(PY) -m pipeline.interpret checkpoint=$(DEMO)/train/topk/sae n_tokens=50000 out_dir=$(DEMO)/interpret
+	$(PY) -m pipeline.evaluate input.checkpoint=$(DEMO)/train/topk/sae input.n_tokens=20000 out_dir=$(DEMO)/evaluate
+	$(PY) -m pipeline.interpret input.checkpoint=$(DEMO)/train/topk/sae input.n_tokens=50000 out_dir=$(DEMO)/interpret
 	@# steer with the sparsest feature of largest activation (firing on < 1% of tokens), clamped to 10x its max
 	FEATURE=$$($(PY) -c "import json; f = json.load(open('$(DEMO)/interpret/features.json'))['features']; \
 	    print(max((x for x in f if 0 < x['density'] < 0.01), key=lambda x: x['max_act'])['index'])") && \
-	$(PY) -m pipeline.steer checkpoint=$(DEMO)/train/topk/sae features=$(DEMO)/interpret/features.json \
+	$(PY) -m pipeline.steer input.checkpoint=$(DEMO)/train/topk/sae features=$(DEMO)/interpret/features.json \
 	    "clamp=[\"$$FEATURE:10x\"]" out_dir=$(DEMO)/steer
 	$(PY) -m pipeline.publish dry_run=true checkpoints=[$(DEMO)/train/topk/sae] \
 	    eval_dirs=[$(DEMO)/evaluate] dashboard_dirs=[$(DEMO)/interpret] out_dir=$(DEMO)/release

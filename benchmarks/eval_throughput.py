@@ -24,11 +24,12 @@ import time
 
 import torch
 
+from pipeline.analysis import Dictionary, InputConfig
+from pipeline.analysis.batches import context_batches
+from pipeline.analysis.collect import FeatureCollector, collect
+from pipeline.analysis.metrics import evaluate
 from pipeline.data import DataConfig
-from pipeline.evaluate import Dictionary, EvalConfig, evaluate
-from pipeline.evaluate.common import context_batches
-from pipeline.interpret import InterpretConfig, collect
-from pipeline.interpret.collect import FeatureCollector
+from pipeline.interpret import InterpretConfig
 from pipeline.models import ActivationCapture, ModelConfig, load_model
 from pipeline.sae import SAEConfig, create, save
 
@@ -75,20 +76,17 @@ def main() -> None:
     def forward_to_hook(ids):
         capture(ids.to(dev))
 
-    icfg = InterpretConfig(data=data, context_size=a.context_size, n_tokens=n_tokens, batch_size=a.batch_size,
-                           progress=False)
-    ecfg = EvalConfig(data=data, context_size=a.context_size, n_tokens=n_tokens, batch_size=a.batch_size,
-                      progress=False)
-    ecfg_spliced = EvalConfig(data=data, context_size=a.context_size, n_tokens=n_tokens, batch_size=a.batch_size,
-                              progress=False, ablations=[])
+    inp = InputConfig(data=data, context_size=a.context_size, n_tokens=n_tokens, batch_size=a.batch_size)
+    icfg = InterpretConfig(input=inp, progress=False)
     # one collector for the whole run, as in the stage: after its first batches few entries enter
     collector = FeatureCollector(0, d.n_features, icfg.top_k, icfg.n_samples, icfg.context_before,
                                  icfg.context_after, device=dev)
     paths = {"forward_to_hook": forward_to_hook,
-             "interpretation": lambda ids: collect(d, loaded, icfg, 0, d.n_features, batches=[ids], collector=collector),
+             "interpretation": lambda ids: collect(d, loaded, inp, collector, batches=[ids], progress=False),
              "forward_full": forward_full,
-             "evaluation_spliced_only": lambda ids: evaluate(d, loaded, ecfg_spliced, batches=[ids]),
-             "evaluation": lambda ids: evaluate(d, loaded, ecfg, batches=[ids])}
+             "evaluation_spliced_only": lambda ids: evaluate(d, loaded, inp, ablations=[], progress=False,
+                                                             batches=[ids]),
+             "evaluation": lambda ids: evaluate(d, loaded, inp, progress=False, batches=[ids])}
     for ids in batches:  # warm-up (and the collector's first, most expensive, updates)
         forward_to_hook(ids)
         paths["interpretation"](ids)

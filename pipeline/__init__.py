@@ -1,4 +1,12 @@
-"""Dictionary learning at frontier scale: cache activations, train feature-sharded SAEs, evaluate, publish."""
+"""Dictionary learning at frontier scale: cache activations, train feature-sharded SAEs, evaluate, publish.
+
+Layers. The stages (cache, train, evaluate, interpret, steer, audit, publish, plan, scaling) each have
+one entry point (`python -m pipeline.<stage>`) and talk only through storage. A stage imports only
+lower layers, never another stage: analysis (what the analysis stages share: the dictionary adapter,
+the input config, metrics, example collection, steering hook, HTML), sae, store, models, data,
+vision, parallel, cost_model, config, errors. The lower layers import no stage, and pipeline.sae
+imports nothing above it. tests/test_layers.py checks this on the import graph.
+"""
 
 import logging
 

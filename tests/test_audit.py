@@ -17,12 +17,12 @@ import pytest
 import torch
 import yaml
 
+from pipeline.analysis import Dictionary, InputConfig
 from pipeline.audit import (AuditConfig, ConceptSetError, auroc, effect_size, load_concept_set, match_features,
                             resolve_concept_sets, run, search_concept, shipped)
 from pipeline.audit.search import SteeringCheck, word_ids
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
-from pipeline.evaluate import Dictionary
 from pipeline.interpret import InterpretConfig
 from pipeline.interpret import run as interpret
 from pipeline.models import ActivationCapture, ModelConfig
@@ -287,15 +287,16 @@ def audited(tiny, tiny_model_dir, text_dir, zebra_file, tmp_path_factory):
     cs = load_concept_set(zebra_file)
     sae = planted_sae(tiny, hook, cs, decoder_word="zebra")
     save(sae, tmp / "sae", meta={"hook": hook, "model": {"id": str(tiny_model_dir)}})
-    interpret(InterpretConfig(checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
-                              data=DataConfig(source="files", path=[str(text_dir / "*.txt")]), context_size=32,
-                              n_tokens=32 * 8, batch_size=4, top_k=4, n_samples=4, out_dir=str(tmp / "dash"),
+    inp = InputConfig(checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+                      data=DataConfig(source="files", path=[str(text_dir / "*.txt")]), context_size=32,
+                      n_tokens=32 * 8, batch_size=4)
+    interpret(InterpretConfig(input=inp, top_k=4, n_samples=4, out_dir=str(tmp / "dash"),
                               crosslingual_in_dashboard=False, progress=False))
     (tmp / "dash" / "features" / f"{FEATURE}.html").write_text("<p>planted</p>")  # linked even if it never fired
     env = {**os.environ, "PIPELINE_RUNS": str(tmp / "runs")}
-    base = [sys.executable, "-m", "pipeline.audit", f"model.name={tiny_model_dir}", "model.device=cpu",
+    base = [sys.executable, "-m", "pipeline.audit", f"input.model.name={tiny_model_dir}", "input.model.device=cpu",
             f"out_dir={tmp / 'out'}", f"dashboard={tmp / 'dash'}"]
-    p = subprocess.run(base + [f"checkpoint={tmp / 'sae'}", f"concepts=[{zebra_file},dog]", "top=3", "clamp_multiple=10"], env=env,
+    p = subprocess.run(base + [f"input.checkpoint={tmp / 'sae'}", f"concepts=[{zebra_file},dog]", "top=3", "clamp_multiple=10"], env=env,
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     concepts_doc = json.loads((tmp / "out" / "audit.json").read_text())

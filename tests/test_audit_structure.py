@@ -6,6 +6,7 @@ command line writing audit.json, neighbours.json and audit.html."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ import scipy.sparse as sp
 import torch
 import yaml
 
+from pipeline.analysis import Dictionary, InputConfig
 from pipeline.audit import AuditConfig, run
 from pipeline.audit.absorption import absorption_scores, main_latents
 from pipeline.audit.completeness import (ConceptListError, count_hits, corpus_frequencies, dedicated_features,
@@ -25,9 +27,8 @@ from pipeline.audit.completeness import (ConceptListError, count_hits, corpus_fr
 from pipeline.audit.neighbours import nearest_neighbours, neighbourhoods
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
-from pipeline.evaluate import Dictionary
 from pipeline.interpret import InterpretConfig
-from pipeline.interpret import dashboard as H
+from pipeline.analysis import html as H
 from pipeline.interpret import run as interpret
 from pipeline.models import ActivationCapture, ModelConfig
 from pipeline.sae import SAEConfig, create, save
@@ -239,8 +240,8 @@ def test_planted_concept_feature_is_found_and_others_are_not(tiny, animal_list, 
                               ["A zebra and a horse walked by the zebra pen."] * 30
                               + ["A camel, then a goat ate."] * 30))
     save(sae, tmp_path / "sae", meta={"hook": HOOK})
-    cfg = AuditConfig(task="completeness", checkpoint=str(tmp_path / "sae"),
-                      model=ModelConfig(name=tiny.model_id, device="cpu"),
+    cfg = AuditConfig(task="completeness", input=InputConfig(checkpoint=str(tmp_path / "sae"),
+                                                             model=ModelConfig(name=tiny.model_id, device="cpu")),
                       categories=[str(animal_list)], alive_tokens=256, out_dir=str(tmp_path / "out"), dashboard=None,
                       max_density=0.5,  # zebra fills this tiny corpus: its feature fires on ~10% of the tokens
                       corpus=DataConfig(source="files", path=[str(corpus)], split="all", shuffle_seed=None))
@@ -331,17 +332,17 @@ def audited(tiny, tiny_model_dir, text_dir, animal_list, tmp_path_factory):
     with torch.no_grad():
         sae.W_dec.copy_(rows)
     save(sae, tmp / "sae", meta={"hook": HOOK, "model": {"id": str(tiny_model_dir)}})
-    interpret(InterpretConfig(checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
-                              data=DataConfig(source="files", path=[str(text_dir / "*.txt")]), context_size=32,
-                              n_tokens=32 * 4, batch_size=4, top_k=2, n_samples=2, out_dir=str(tmp / "dash"),
+    inp = InputConfig(checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+                      data=DataConfig(source="files", path=[str(text_dir / "*.txt")]), context_size=32,
+                      n_tokens=32 * 4, batch_size=4)
+    interpret(InterpretConfig(input=inp, top_k=2, n_samples=2, out_dir=str(tmp / "dash"),
                               crosslingual_in_dashboard=False, progress=False))
     env = {**os.environ, "PIPELINE_RUNS": str(tmp / "runs"), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "pipeline.audit", "task=neighbours", f"checkpoint={tmp / 'sae'}",
-                        f"model.name={tiny_model_dir}", f"out_dir={tmp / 'out'}", f"dashboard={tmp / 'dash'}",
+    p = subprocess.run([sys.executable, "-m", "pipeline.audit", "task=neighbours", f"input.checkpoint={tmp / 'sae'}",
+                        f"input.model.name={tiny_model_dir}", f"out_dir={tmp / 'out'}", f"dashboard={tmp / 'dash'}",
                         "n_neighbours=4"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    run(AuditConfig(task="absorption", checkpoint=str(tmp / "sae"),
-                    model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+    run(AuditConfig(task="absorption", input=replace(inp, data=DataConfig()),
                     absorption_words=300, absorption_max_k=3, out_dir=str(tmp / "out"), dashboard=str(tmp / "dash")))
     return tmp, partner, p.stdout
 

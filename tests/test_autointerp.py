@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.analysis import InputConfig
 from pipeline.audit import AuditConfig, run
 from pipeline.audit.autointerp import AutointerpConfig
 from pipeline.audit.autointerp.client import Endpoint, EndpointError, request_key
@@ -98,7 +99,7 @@ def smollm2(smollm2_dir):
 def sparse_sae(tiny_model_dir, text_dir, tmp_path_factory) -> Path:
     """A relu_l1 SAE on the tiny model whose features fire on 2-15% of the corpus tokens (thresholds
     set at quantiles of each encoder projection), saved as an exported checkpoint."""
-    from pipeline.evaluate.common import context_batches
+    from pipeline.analysis.batches import context_batches
     loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     data = DataConfig(source="files", path=[str(text_dir / "*.txt")])
     ids = torch.cat(list(context_batches(data, loaded.tokenizer, 32, 2048, 8)))
@@ -119,7 +120,7 @@ def cli_args(tiny_model_dir, text_dir, sae: Path, out: Path, base_url: str | Non
     a = {"n_features": 3, "density_strata": 3, "min_activations": 6, "n_tokens": 1024, "context_size": 32,
          "context_before": 4, "context_after": 4, "n_explain_top": 4, "n_explain_quantile": 2, "n_test": 1,
          "n_nonactivating": 1, "explain_max_tokens": 16, "max_retries": 0, "timeout": 60} | kw
-    return ([f"model.name={tiny_model_dir}", "model.device=cpu", f"checkpoint={sae}", f"out_dir={out}", "dashboard=null",
+    return ([f"input.model.name={tiny_model_dir}", "input.model.device=cpu", f"input.checkpoint={sae}", f"out_dir={out}", "dashboard=null",
              "task=autointerp", f"autointerp.base_url={'null' if base_url is None else base_url}",
              "autointerp.data.source=files", f"autointerp.data.path=[{text_dir / '*.txt'}]"]
             + [f"autointerp.{k}={v}" for k, v in a.items()])
@@ -169,7 +170,7 @@ def end_to_end(server, sparse_sae, tiny_model_dir, text_dir, tmp_path_factory):
 
 def test_missing_key_names_the_variable_before_anything_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("MY_JUDGE_KEY", raising=False)
-    cfg = AuditConfig(task="autointerp", checkpoint=str(tmp_path / "no-such-sae"), out_dir=str(tmp_path),
+    cfg = AuditConfig(task="autointerp", input=InputConfig(checkpoint=str(tmp_path / "no-such-sae")), out_dir=str(tmp_path),
                       autointerp=AutointerpConfig(base_url="https://judge.example.com/v1", api_key_env="MY_JUDGE_KEY"))
     with pytest.raises(ConfigError) as e:
         run(cfg)  # fails on the key, not on the missing checkpoint: nothing was loaded

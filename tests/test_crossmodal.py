@@ -271,8 +271,8 @@ def test_crossmodal_audit_cli_end_to_end(vlm_dir, tiny_model_dir, planted, image
     doc["images"] = {k: [os.path.relpath(p, tmp_path) for p in v] for k, v in doc["images"].items()}  # relative
     cs.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.audit", "task=crossmodal", f"checkpoint={planted}", f"concepts=[{cs}]",
-           f"vlm.name={vlm_dir}", "vlm.device=cpu", f"model.name={tiny_model_dir}", "model.device=cpu",
+    cmd = [sys.executable, "-m", "pipeline.audit", "task=crossmodal", f"input.checkpoint={planted}", f"concepts=[{cs}]",
+           f"vlm.name={vlm_dir}", "vlm.device=cpu", f"input.model.name={tiny_model_dir}", "input.model.device=cpu",
            "vlm_data.source=files", f"vlm_data.path=[{text_dir}/*.txt]", "vlm_data.test_fraction=0.5", "vlm_tokens=96",
            "vlm_context_size=32", "vlm_batch_size=3", "top=3", f"out_dir={out}", "dashboard=null"]
     p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PIPELINE_RUNS": str(tmp_path / "runs")},
@@ -299,18 +299,19 @@ def test_crossmodal_audit_cli_end_to_end(vlm_dir, tiny_model_dir, planted, image
 def test_text_only_figures_are_pipeline_evaluate_on_the_vlm(vlm, planted, text_dir):
     """The audit's text-only numbers are pipeline.evaluate's, with the SAE spliced into the VLM."""
     from pipeline.audit.crossmodal import attach, text_metrics
-    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.analysis import InputConfig
+    from pipeline.analysis.metrics import evaluate
     d = attach(str(planted), vlm)
-    ecfg = EvalConfig(checkpoint=str(planted), model=ModelConfig(name="x"), context_size=32, n_tokens=64, batch_size=2,
-                      data=DataConfig(source="files", path=[f"{text_dir}/*.txt"], test_fraction=0.5, split="test"),
-                      progress=False)
-    ours, theirs = text_metrics(d, vlm, ecfg), evaluate(d, vlm, ecfg)
+    inp = InputConfig(checkpoint=str(planted), model=ModelConfig(name="x"), context_size=32, n_tokens=64, batch_size=2,
+                      data=DataConfig(source="files", path=[f"{text_dir}/*.txt"], test_fraction=0.5, split="test"))
+    ours = text_metrics(d, vlm, inp)
+    theirs = evaluate(d, vlm, inp, progress=False)
     assert ours["fvu"] == theirs["fvu"] and ours["ce_loss_recovered"] == theirs["ce_loss_recovered"]
     # FVU by hand from a plain hook on the same contexts
-    from pipeline.evaluate.common import context_batches, typical_rows
+    from pipeline.analysis.batches import context_batches, typical_rows
     x = torch.cat([plain_hook(vlm.model, ids)[:, 1:].reshape(-1, 32)
-                   for ids in context_batches(ecfg.data, vlm.tokenizer, 32, 64, 2)])
-    x = x[typical_rows(x, ecfg.exclude_norm_factor)]
+                   for ids in context_batches(inp.data, vlm.tokenizer, 32, 64, 2)])
+    x = x[typical_rows(x, inp.exclude_norm_factor)]
     err = (x - d.forward(x).x_hat).pow(2).sum(1).mean()
     var = (x - x.mean(0)).pow(2).sum(1).mean()
     assert abs(ours["fvu"] - float(err / var)) < 1e-4
@@ -318,7 +319,9 @@ def test_text_only_figures_are_pipeline_evaluate_on_the_vlm(vlm, planted, text_d
 
 def test_vlm_hidden_size_different_from_the_dictionary_is_a_clear_error(planted, smollm2_dir, tmp_path):
     wide = build_vlm(tmp_path / "wide-vlm", smollm2_dir, hidden=48)
-    cfg = AuditConfig(task="crossmodal", checkpoint=str(planted), vlm=ModelConfig(name=str(wide), device="cpu"),
+    from pipeline.analysis import InputConfig
+    cfg = AuditConfig(task="crossmodal", input=InputConfig(checkpoint=str(planted)),
+                      vlm=ModelConfig(name=str(wide), device="cpu"),
                       concepts=["water"], out_dir=str(tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"hidden size 48.*d_model=32.*Fix: use a VLM whose language model"):
         audit(cfg)
@@ -374,7 +377,7 @@ def test_images_field_of_a_concept_set_is_validated(images, tmp_path):
 
 def test_other_stages_attach_a_dictionary_to_the_vlm_text_model(vlm):
     """evaluate/interpret/steer attach through Dictionary: the width check reads the VLM's text config."""
-    from pipeline.evaluate.dictionary import Dictionary
+    from pipeline.analysis.dictionary import Dictionary
     d = Dictionary.attach(create(SAEConfig(architecture="relu_l1", n_features=8, d_model=32)), vlm, HOOK)
     assert d.hook == HOOK
     with pytest.raises(ConfigError, match="has d_model=48, but hook 'model.text_model.layers.2'.*outputs width 32"):

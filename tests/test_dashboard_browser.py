@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.analysis import InputConfig
 from pipeline.data import DataConfig
 from pipeline.interpret import InterpretConfig, run
 from pipeline.models import ModelConfig
@@ -38,9 +39,10 @@ def dash(tiny_model_dir, text_dir, tmp_path_factory):
     sae = create(SAEConfig(architecture="topk", n_features=48, d_model=32, k=4))
     sae.reset_parameters(1)
     save(sae, tmp / "sae", meta={"hook": "model.layers.1"})
-    run(InterpretConfig(checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
-                        data=DataConfig(source="files", path=[str(text_dir / "*.txt")]), context_size=32,
-                        n_tokens=32 * 8, batch_size=4, top_k=6, n_samples=6, out_dir=str(tmp / "dash"),
+    inp = InputConfig(checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+                      data=DataConfig(source="files", path=[str(text_dir / "*.txt")]), context_size=32,
+                      n_tokens=32 * 8, batch_size=4)
+    run(InterpretConfig(input=inp, top_k=6, n_samples=6, out_dir=str(tmp / "dash"),
                         crosslingual_in_dashboard=False, progress=False))
     return tmp
 

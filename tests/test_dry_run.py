@@ -8,7 +8,7 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.parallel import ParallelDims
 from pipeline.plan import PlanConfig, best_plan, dry_run_command
-from pipeline.plan.model import shard_parameters
+from pipeline.cost_model import shard_parameters
 from pipeline.sae import SAEConfig
 from pipeline.train import DeepSpeedConfig, TrainConfig
 from pipeline.train.dry_run import dry_run

@@ -11,7 +11,9 @@ import torch
 
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError, HookNotFoundError
-from pipeline.evaluate import Dictionary, EvalConfig, evaluate, run
+from pipeline.analysis import Dictionary, InputConfig
+from pipeline.analysis.metrics import evaluate
+from pipeline.evaluate import EvalConfig, run
 from pipeline.models import ModelConfig
 from pipeline.sae import SAEConfig, create, save
 
@@ -50,16 +52,14 @@ def heldout(text_dir):
 
 
 def cfg_for(tiny_model_dir, heldout, tmp_path, **kw):
-    base = dict(checkpoint=str(tmp_path / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
-                data=heldout, context_size=32, n_tokens=32 * 6, batch_size=3, progress=False,
-                out_dir=str(tmp_path / "eval"))
-    base.update(kw)
-    return EvalConfig(**base)
+    inp = InputConfig(checkpoint=str(tmp_path / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+                      data=heldout, context_size=32, n_tokens=32 * 6, batch_size=3)
+    return EvalConfig(input=inp, progress=False, out_dir=str(tmp_path / "eval"), **kw)
 
 
 def test_identity_sae_recovers_all_of_the_loss(tiny, tiny_model_dir, heldout, tmp_path):
     d = Dictionary.attach(identity_sae(32), tiny, HOOK)
-    m = evaluate(d, tiny, cfg_for(tiny_model_dir, heldout, tmp_path))
+    m = evaluate(d, tiny, cfg_for(tiny_model_dir, heldout, tmp_path).input, progress=False)
     assert m["ce_loss"]["spliced"] == m["ce_loss"]["clean"]
     assert m["delta_loss"] == 0.0
     assert m["ce_loss_recovered"] == 1.0
@@ -72,7 +72,7 @@ def test_identity_sae_recovers_all_of_the_loss(tiny, tiny_model_dir, heldout, tm
 
 def test_zero_reconstruction_equals_zero_ablation(tiny, tiny_model_dir, heldout, tmp_path):
     d = Dictionary.attach(zero_sae(32), tiny, HOOK)
-    m = evaluate(d, tiny, cfg_for(tiny_model_dir, heldout, tmp_path))
+    m = evaluate(d, tiny, cfg_for(tiny_model_dir, heldout, tmp_path).input, progress=False)
     assert m["ce_loss"]["spliced"] == m["ce_loss"]["zero"]
     assert m["ce_loss_recovered"] == 0.0
     assert m["kl_to_clean"]["spliced"] == m["kl_to_clean"]["zero"]

@@ -135,9 +135,9 @@ YAML_KEYS = {
     # TrainConfig's default (out_dir=None: runs/demo/train/<sae.architecture>) spelled as an
     # interpolation, so that Hydra's saved config names the folder
     "train": {"out_dir"},
-    # EvalConfig's default data.split=test, restated because it must win over the split the picked
-    # data group option sets (data=files and data=hf set split=all)
-    "evaluate": {"data"},
+    # EvalConfig's default input.data.split=test, restated because it must win over the split the
+    # picked input/data group option sets (input/data=files and input/data=hf set split=all)
+    "evaluate": {"input"},
 }
 # The key that names a config group's option; every other key an option sets must differ from the
 # dataclass default (an option sets only what makes it that option).
@@ -156,8 +156,8 @@ def test_stage_defaults_have_one_source(stage):
     yaml = OmegaConf.load(Path(CONF_DIR) / f"{stage}.yaml")
     assert set(yaml) - {"defaults", "hydra"} == YAML_KEYS.get(stage, set())
     if stage == "evaluate":
-        assert set(yaml.data) == {"split"} and composed.data.split == "test"
-        assert composed.exclude_norm_factor == 8.0
+        assert OmegaConf.to_container(yaml.input) == {"data": {"split": "test"}}
+        assert composed.input.data.split == "test" and composed.input.exclude_norm_factor == 8.0
     if stage == "train":
         assert composed.data.exclude_norm_factor == 8.0 and composed.out_dir == "runs/demo/train/topk"
 
@@ -178,12 +178,18 @@ def test_training_defaults_have_one_source(sae):
 def test_group_options_set_only_what_differs_from_the_dataclass():
     from pipeline.data import DataConfig
     from pipeline.models import ModelConfig
-    from pipeline.plan.model import PlanConfig
+    from pipeline.cost_model import PlanConfig
     from pipeline.sae import SAEConfig
     defaults = {"data": DataConfig(), "model": ModelConfig(), "sae": SAEConfig(),
                 "plan/target": PlanConfig(), "plan/size": PlanConfig()}
     groups = {str(p.parent.relative_to(CONF_DIR)) for p in Path(CONF_DIR).glob("*/**/*.yaml")}
-    assert groups - {"sweep", "sweep/launcher"} == set(GROUP_IDENTITY)  # sweeps are experiments, not defaults
+    aliases = {"input/model", "input/data"}  # the analysis stages' input.model and input.data: the same options
+    assert groups - {"sweep", "sweep/launcher"} - aliases == set(GROUP_IDENTITY)  # sweeps are experiments
+    for alias in aliases:
+        group = alias.split("/")[1]
+        assert {p.name for p in Path(CONF_DIR, alias).glob("*.yaml")} == {p.name for p in Path(CONF_DIR, group).glob("*.yaml")}
+        for option in Path(CONF_DIR, alias).glob("*.yaml"):
+            assert OmegaConf.to_container(OmegaConf.load(option)) == {"defaults": [f"/{group}/{option.stem}@_here_"]}
     for group, identity in GROUP_IDENTITY.items():
         for option in sorted(Path(CONF_DIR, group).glob("*.yaml")):
             values = OmegaConf.to_container(OmegaConf.load(option))
@@ -273,7 +279,7 @@ def test_evaluate_names_where_a_missing_hook_came_from(tiny_model_dir, tmp_path)
     from pipeline.sae import SAEConfig, create, save
     save(create(SAEConfig(architecture="topk", n_features=64, d_model=32, k=4)), tmp_path / "sae",
          meta={"hook": "model.layers.15", "model": {"id": "someone/else"}})
-    p = cli("evaluate", f"checkpoint={tmp_path / 'sae'}", f"model.name={tiny_model_dir}", "model.device=cpu",
+    p = cli("evaluate", f"input.checkpoint={tmp_path / 'sae'}", f"input.model.name={tiny_model_dir}", "input.model.device=cpu",
             f"out_dir={tmp_path / 'eval'}", tmp_path=tmp_path)
     assert_user_error(p, "reads hook 'model.layers.15' (recorded in its cfg.json: the hook of the activation store",
                       "has no module of that name", "model.layers.0 ... model.layers.3", "did you mean model.layers.1",

@@ -10,13 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 
+from pipeline.analysis import Dictionary, InputConfig
+from pipeline.analysis.collect import FeatureCollector, examples_of, segment_topk
+from pipeline.analysis.prompts import prompt_activations
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
-from pipeline.evaluate import Dictionary
 from pipeline.interpret import InterpretConfig, run
-from pipeline.interpret.collect import FeatureCollector, examples_of, segment_topk
 from pipeline.interpret.crosslingual import crosslingual, default_parallel_file, read_parallel
-from pipeline.interpret.search import prompt_activations
 from pipeline.models import ModelConfig
 from pipeline.sae import SAEConfig, create, save
 
@@ -30,12 +30,12 @@ def topk_sae(d=32, n=64, k=4):
 
 
 def interpret_cfg(tiny_model_dir, text_dir, tmp, **kw):
-    base = dict(checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
-                data=DataConfig(source="files", path=[str(text_dir / "*.txt")]), context_size=32,
-                n_tokens=32 * 12, batch_size=4, top_k=5, n_samples=6, n_quantiles=3, context_before=6,
-                context_after=2, out_dir=str(tmp / "dash"), progress=False)
-    base.update(kw)
-    return InterpretConfig(**base)
+    inp = InputConfig(checkpoint=str(tmp / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
+                      data=DataConfig(source="files", path=[str(text_dir / "*.txt")]), context_size=32,
+                      n_tokens=32 * 12, batch_size=4)
+    base = dict(top_k=5, n_samples=6, n_quantiles=3, context_before=6, context_after=2, out_dir=str(tmp / "dash"),
+                progress=False)
+    return InterpretConfig(input=inp, **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_dashboard_files(dashboard):
 
 def html_text(s):
     import html
-    from pipeline.interpret.dashboard import show
+    from pipeline.analysis.html import show
     return html.escape(show(s))
 
 
@@ -128,7 +128,7 @@ def test_search_lists_the_top_features_of_each_token(dashboard, tiny, capsys):
     from dataclasses import replace
     result = run(replace(cfg, task="search", prompt="The Golden Gate Bridge is orange"))
     printed = capsys.readouterr().out
-    d = Dictionary.load(cfg.checkpoint, tiny)
+    d = Dictionary.load(cfg.input.checkpoint, tiny)
     ids, acts = prompt_activations(d, tiny, "The Golden Gate Bridge is orange")
     assert len(result["tokens"]) == len(ids) - 1  # BOS left out
     for t, row in zip(result["tokens"], acts[1:]):
@@ -163,8 +163,8 @@ def test_bad_config():
 
 
 def test_massive_activation_rows_are_never_examples(tiny, tiny_model_dir, text_dir, tmp_path):
-    from pipeline.evaluate.common import context_batches, typical_rows
-    from pipeline.interpret.run import collect
+    from pipeline.analysis.batches import context_batches, typical_rows
+    from pipeline.analysis.collect import collect
     from pipeline.models import ActivationCapture
 
     rows = torch.ones(9, 4)
@@ -173,14 +173,17 @@ def test_massive_activation_rows_are_never_examples(tiny, tiny_model_dir, text_d
     assert typical_rows(rows, None).all()
 
     save(topk_sae(), tmp_path / "sae", meta={"hook": HOOK})
-    cfg = interpret_cfg(tiny_model_dir, text_dir, tmp_path, exclude_norm_factor=1.05)  # drops many rows
-    d = Dictionary.load(cfg.checkpoint, tiny, cfg.hook)
-    batches = list(context_batches(cfg.data, tiny.tokenizer, cfg.context_size, cfg.n_tokens, cfg.batch_size))
+    inp = replace(interpret_cfg(tiny_model_dir, text_dir, tmp_path).input, exclude_norm_factor=1.05)  # drops many rows
+    d = Dictionary.load(inp.checkpoint, tiny, inp.hook)
+    batches = list(context_batches(inp.data, tiny.tokenizer, inp.context_size, inp.n_tokens, inp.batch_size))
     capture = ActivationCapture(tiny, [d.hook])
     typical = torch.cat([typical_rows(capture(ids)[d.hook].reshape(-1, d.d_model), 1.05).view(ids.shape)[:, 1:]
                          for ids in batches])
     assert 0 < int(typical.sum()) < typical.numel()
-    kept = collect(d, tiny, cfg, 0, d.n_features, batches=batches)
-    every = collect(d, tiny, replace(cfg, exclude_norm_factor=None), 0, d.n_features, batches=batches)
+    def collector(d):
+        return FeatureCollector(0, d.n_features, 5, 6, 6, 2)
+
+    kept = collect(d, tiny, inp, collector(d), batches=batches, progress=False)
+    every = collect(d, tiny, replace(inp, exclude_norm_factor=None), collector(d), batches=batches, progress=False)
     assert kept.n_tokens == int(typical.sum()) and every.n_tokens == typical.numel()
     assert int(kept.count.sum()) < int(every.count.sum())

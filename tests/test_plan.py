@@ -8,7 +8,7 @@ import torch
 
 from pipeline.parallel import ParallelDims
 from pipeline.plan import PlanConfig, best_plan, rank_memory
-from pipeline.plan.model import shard_buffers_bytes, shard_parameters
+from pipeline.cost_model import shard_buffers_bytes, shard_parameters
 from pipeline.sae import SAEConfig, create
 
 

@@ -23,7 +23,7 @@ import pipeline.sae as S
 from pipeline.errors import ConfigError, UserError
 from pipeline.publish import (MissingMetricsError, OutDirNotEmptyError, PublishAuthError, PublishConfig,
                               PublishIncompleteError, ReleaseIncompleteError, run)
-from pipeline.publish.hub import parse_hf_url
+from pipeline.analysis.release import parse_hf_url
 from pipeline.publish.release import transformer_lens_hook
 from pipeline.sae.checkpoint import CheckpointFormatError, save_config, save_shard
 

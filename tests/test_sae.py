@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, UserError
 from pipeline.parallel import ParallelDims
-from pipeline.sae import ARCHITECTURES, SAEConfig, create, load, save
+from pipeline.sae import ARCHITECTURES, SAEConfig, SparseCode, create, load, save
 from pipeline.sae.checkpoint import CheckpointFormatError, save_config, save_shard
 from pipeline.sae.sparse import dense_decode, dense_gather_linear, gather_linear, sparse_decode
 
@@ -110,8 +110,9 @@ def test_jumprelu_straight_through_gradients():
     sae = make("jumprelu", threshold_init=0.5, bandwidth=0.4, sparsity_coef=0.0)
     theta = sae.log_threshold.exp().detach()
     z = (data() @ sae.W_enc.T + sae.b_enc).detach()
-    f = sae.encode(data())
+    f = sae.dense_code(data())
     torch.testing.assert_close(f, z * (z > theta))
+    torch.testing.assert_close(sae.encode(data()).dense(N), f)
     # d/dtheta sum(f) = -(theta/eps) * #(|z - theta| < eps/2); times theta for log_threshold
     g = torch.autograd.grad(f.sum(), sae.log_threshold)[0]
     near = ((z - theta).abs() < 0.2).sum(0).float()
@@ -121,6 +122,30 @@ def test_jumprelu_straight_through_gradients():
     out = sae(data())
     g0 = torch.autograd.grad(out.sparsity, sae.log_threshold)[0]
     torch.testing.assert_close(g0, -(1 / 0.4) * near / 32 * theta)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_encode_gives_a_sparse_code_that_decodes_to_the_forward(arch):
+    sae = make(arch).eval()
+    with torch.no_grad():
+        sae.b_enc.fill_(0.3)  # relu_l1, jumprelu: make some latents fire
+        code = sae.encode(data())
+        assert isinstance(code, SparseCode) and code.indices.dtype == torch.int64
+        assert code.values.shape == code.indices.shape and code.values.shape[0] == 32
+        f = code.dense(N)
+        assert (f > 0).sum(1).max() == code.values.shape[1] or arch == "topk"  # dense codes: no extra padding
+        torch.testing.assert_close(f @ sae.decoder_weight() + sae.b_dec, sae(data()).x_hat)
+
+
+def test_sparse_code_from_dense_keeps_each_rows_non_zeros_in_feature_order():
+    f = torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    code = SparseCode.from_dense(f)
+    assert code.indices.tolist()[0] == [1, 3] and code.values.tolist() == [[2.0, 1.0], [0.0, 0.0], [3.0, 0.0]]
+    assert torch.equal(code.dense(4), f)
+    code.values.sum().backward()
+    assert torch.equal(f.grad, (f != 0).float())  # gradients reach the kept entries only
+    empty = SparseCode.from_dense(torch.zeros(0, 4))
+    assert empty.values.shape == (0, 1) and empty.dense(4).shape == (0, 4)
 
 
 def test_batchtopk_keeps_k_times_batch_and_learns_a_threshold():

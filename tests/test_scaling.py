@@ -96,7 +96,7 @@ def test_frontier_fit_recovers_known_exponents_within_5_percent(tmp_path):
 
 
 def test_topk_compute_uses_the_sparse_step_count(tmp_path):
-    from pipeline.plan.model import PlanConfig, step_flops
+    from pipeline.cost_model import PlanConfig, step_flops
     root = tmp_path / "sweep"
     write_point(root, "a", 1024, 100_000, 0.3, arch="topk", k=16)
     dense, sparse = step_flops(PlanConfig(d_model=D_MODEL, n_features=1024, architecture="topk", k=16, batch_size=1))

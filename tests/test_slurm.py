@@ -39,8 +39,9 @@ def site_env(cluster: SlurmCluster, work: Path, **extra) -> dict[str, str]:
 
 def model_overrides(stage: str, model_dir, text_dir) -> list[str]:
     """The tiny 4-layer model and a few kilobytes of text instead of the embedded SmolLM2 + corpus."""
-    return [f"{stage}:model.name={model_dir}", f"{stage}:model.device=cpu", f"{stage}:data=files",
-            f"{stage}:data.path=[{text_dir}/*]", f"{stage}:context_size=32"]
+    p = "" if stage == "cache" else "input."  # the analysis stages' section (pipeline/analysis/config.py)
+    return [f"{stage}:{p}model.name={model_dir}", f"{stage}:{p}model.device=cpu", f"{stage}:{p.replace('.', '/')}data=files",
+            f"{stage}:{p}data.path=[{text_dir}/*]", f"{stage}:{p}context_size=32"]
 
 
 def pipeline_overrides(model_dir, text_dir) -> list[str]:
@@ -50,7 +51,7 @@ def pipeline_overrides(model_dir, text_dir) -> list[str]:
              "cache:store.chunk_contexts=2", "cache:store.shard_contexts=4", "cache:progress=false",
              "cache:batch_size=4"]
     train = [f"train:{a}" for a in TRAIN] + ["train:parallel.feature_parallel=2"]
-    evaluate = ["evaluate:n_tokens=512", "evaluate:batch_size=4", "evaluate:progress=false"]
+    evaluate = ["evaluate:input.n_tokens=512", "evaluate:input.batch_size=4", "evaluate:progress=false"]
     publish = ["publish:checkpoints=[runs/demo/train/topk/sae]", "publish:eval_dirs=[runs/demo/evaluate]",
                "publish:progress=false"]
     return [*model_overrides("cache", model_dir, text_dir), *cache, *train,

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
+from pipeline.analysis import Dictionary, InputConfig
+from pipeline.analysis.logits import logit_directions
 from pipeline.errors import ConfigError
-from pipeline.evaluate import Dictionary
-from pipeline.evaluate.common import logit_directions
 from pipeline.models import ModelConfig, replace_output
 from pipeline.sae import SAEConfig, create, save
 from pipeline.steer import Clamp, SteerConfig, clamp_fn, generate, resolve_clamps, run
@@ -110,8 +110,8 @@ def test_clamp_parsing_and_bad_clamps(tiny, tmp_path):
 
 def test_run_prints_clean_and_steered_side_by_side(tiny_model_dir, tmp_path, capsys):
     save(topk_sae(), tmp_path / "sae", meta={"hook": "model.layers.3", "model": {"id": str(tiny_model_dir)}})
-    out = run(SteerConfig(checkpoint=str(tmp_path / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"),
-                          prompt="The bridge", clamp=["5:200"], features=str(tmp_path / "none.json"),
+    inp = InputConfig(checkpoint=str(tmp_path / "sae"), model=ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    out = run(SteerConfig(input=inp, prompt="The bridge", clamp=["5:200"], features=str(tmp_path / "none.json"),
                           max_new_tokens=6, out_dir=str(tmp_path / "steer")))
     printed = capsys.readouterr().out
     assert "clean" in printed and "steered" in printed and "feature 5 = 200" in printed

@@ -209,10 +209,10 @@ def _cfg(store: str, tmp_path: Path, **kw):
     from pipeline.parallel import ParallelDims
     from pipeline.sae import SAEConfig
     from pipeline.train import TrainConfig
-    from pipeline.train.config import DataConfig
+    from pipeline.train.config import ActivationDataConfig
     sae = kw.pop("sae", SAEConfig(architecture="topk", n_features=32, k=4))
     kw = {"n_tokens": 64, "batch_size": 32, "parallel": ParallelDims(), **kw}
-    return TrainConfig(data=DataConfig(url=store), sae=sae, out_dir=str(tmp_path), **kw)
+    return TrainConfig(data=ActivationDataConfig(url=store), sae=sae, out_dir=str(tmp_path), **kw)
 
 
 def test_d_model_mismatch(store, tmp_path):

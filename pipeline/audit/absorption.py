@@ -261,7 +261,7 @@ def format_absorption(sec: dict) -> str:
 
 
 def absorption_section(sec: dict, out_dir) -> str:
-    from pipeline.audit.report import _link, feature_links
+    from pipeline.analysis.html import feature_link, feature_links
     links = feature_links(sec.get("dashboard"), out_dir)
 
     def num(v, fmt=".3f"):
@@ -273,7 +273,7 @@ def absorption_section(sec: dict, out_dir) -> str:
             rows.append(f'<tr data-letter="{r["letter"]}"><td>{r["letter"]}</td><td colspan="7" class="meta">too few '
                         f'words ({r["n_train"]} train, {r["n_test"]} test)</td></tr>')
             continue
-        mains = ", ".join(f'{_link(i, links)} <span class="meta">({c:.2f})</span>'
+        mains = ", ".join(f'{feature_link(i, links)} <span class="meta">({c:.2f})</span>'
                           for i, c in zip(r["main_latents"], r["main_cosines"])) or "-"
         ex = " ".join(f'<span class="pill">{html.escape(e["word"])} {e["absorption_fraction"]:.2f}'
                       f'{" full" if e["full"] else ""}</span>' for e in r["examples"])

@@ -150,7 +150,7 @@ def feature_density(d, loaded, data, n_tokens: int, context_size: int = 128, bat
                     skip: int = 1, norm_factor: float | None = 8.0) -> tuple[Tensor, int]:
     """[F] fraction of n_tokens tokens of data on which each feature fires (the dashboard's rule:
     BOS and rows above norm_factor x the median norm left out), and the tokens scored."""
-    from pipeline.evaluate.common import context_batches, typical_rows
+    from pipeline.analysis.batches import context_batches, typical_rows
     from pipeline.models import ActivationCapture
     capture = ActivationCapture(loaded, [d.hook])
     count = torch.zeros(d.n_features)
@@ -400,7 +400,7 @@ def p_found_svg(sec: dict, width: int = 620, height: int = 260) -> str:
 
 
 def completeness_section(sec: dict, out_dir) -> str:
-    from pipeline.audit.report import _link, feature_links
+    from pipeline.analysis.html import feature_link, feature_links
     links = feature_links(sec.get("dashboard"), out_dir)
     def span(b):
         return "0 (no hit)" if b["lo"] is None else f'1e{b["lo"]:g} .. 1e{b["hi"]:g}'
@@ -415,7 +415,7 @@ def completeness_section(sec: dict, out_dir) -> str:
         rows = "".join(
             f'<tr data-concept="{html.escape(r["concept"])}"><td>{html.escape(r["concept"])}</td>'
             f'<td class="num">{r["hits"]}</td><td class="num">{r["frequency_x_alive"]:.3g}</td>'
-            f'<td>{"-" if r["feature"] is None else _link(r["feature"], links)}</td>'
+            f'<td>{"-" if r["feature"] is None else feature_link(r["feature"], links)}</td>'
             f'<td class="num">{"-" if r["auroc"] is None else format(r["auroc"], ".3f")}</td>'
             f'<td class="num">{r["fire_fraction"]:.2f}</td>'
             f'<td class="num">{"-" if r["density"] is None else format(r["density"], ".2g")}</td>'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.analysis.config import InputConfig
 from pipeline.audit.autointerp.config import AutointerpConfig
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
@@ -26,11 +27,10 @@ class AuditConfig:
     ones on held-out prompts and by steering) or splitting (match the features of two dictionaries
     of different sizes on the same hook by decoder cosine). Each task writes its own section of
     audit.json; sections of the other task already there are kept, and audit.html shows them all."""
-    checkpoint: str = "runs/demo/train/topk/sae"
-    """task=concepts: the exported SAE (the trainer's <out_dir>/sae folder)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    hook: str | None = None
-    """The hook the SAE reads; default: the hook named in the checkpoint's cfg.json."""
+    input: InputConfig = field(default_factory=InputConfig)
+    """The dictionary (for task=concepts, crossmodal, neighbours, completeness, absorption, autointerp),
+    its model and hook, and exclude_positions_below: positions below it are left out of the
+    per-prompt max and mean (position 0 is BOS). pipeline/analysis/config.py."""
     concepts: list[str] = field(default_factory=list)
     """Concept sets: names of sets shipped in pipeline/audit/concepts/ (water, deception, ...) or
     paths to YAML files of the same form. Empty: every shipped set."""
@@ -46,8 +46,6 @@ class AuditConfig:
     neutral_prompts: list[str] = field(default_factory=lambda: list(NEUTRAL_PROMPTS))
     """Prompts after which the steering check measures the change in log-probability of the
     concept words (each word with a leading space, all its tokens) and the next-token KL."""
-    exclude_positions_below: int = 1
-    """Positions below this are left out of the per-prompt max and mean (position 0 is BOS)."""
     dashboard: str | None = "runs/demo/interpret"
     """The interpretation stage's dashboard folder: features with a page there are linked (for
     task=splitting: the small dictionary's dashboard). null or missing: no links."""
@@ -143,14 +141,12 @@ class AuditConfig:
         if any(not str(p).strip() for p in self.neutral_prompts):
             raise ConfigError(f"neutral_prompts={list(self.neutral_prompts)} holds an empty prompt; the steering "
                               "check reads the next token after each. Fix: remove it")
-        if self.exclude_positions_below < 0:
-            raise ConfigError(f"exclude_positions_below={self.exclude_positions_below} must be >= 0")
         if not -1.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold={self.threshold} is a cosine similarity and must lie in [-1, 1]")
         if self.task == "crossmodal" and (self.vlm_tokens < 1 or self.vlm_batch_size < 1 or
-                                          not 0 <= self.exclude_positions_below < self.vlm_context_size):
+                                          not 0 <= self.input.exclude_positions_below < self.vlm_context_size):
             raise ConfigError(f"task=crossmodal needs vlm_tokens={self.vlm_tokens} >= 1, vlm_batch_size="
-                              f"{self.vlm_batch_size} >= 1 and exclude_positions_below={self.exclude_positions_below} "
+                              f"{self.vlm_batch_size} >= 1 and input.exclude_positions_below={self.input.exclude_positions_below} "
                               f"< vlm_context_size={self.vlm_context_size}")
         if self.n_neighbours < 1 or self.map_neighbours < 2:
             raise ConfigError(f"n_neighbours={self.n_neighbours} must be >= 1 and map_neighbours={self.map_neighbours} "

@@ -3,7 +3,7 @@ trained on a language model's residual stream, read inside a vision-language mod
 language model (SmolVLM-256M on SmolLM2-135M: hidden 576, 30 layers).
 
 1. Text-only fit: FVU and CE loss recovered of the dictionary on the VLM's own text-only
-   activations (pipeline.evaluate.evaluate, the SAE spliced into the VLM's text model), beside the
+   activations (pipeline.analysis.metrics.evaluate, the SAE spliced into the VLM's text model), beside the
    same figures on the language model it was trained on (the backbone was trained further in the VLM).
 2. For each concept set with `images:`: every image (alone, after BOS) goes through the VLM's
    processor and model to the hook; a feature's per-image max and mean are taken over the image
@@ -18,21 +18,21 @@ from __future__ import annotations
 import html
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import Tensor
 
+from pipeline.analysis import release
+from pipeline.analysis.config import InputConfig
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.analysis.metrics import evaluate
 from pipeline.audit.concepts import ConceptSet, resolve_concept_sets
 from pipeline.audit.config import AuditConfig
 from pipeline.audit.search import auroc, effect_size, prompt_summaries, rank_features
-from pipeline.cache.vision import VisionContext, batch_inputs, encode_pair, image_token_id
 from pipeline.errors import ConfigError
-from pipeline.evaluate.config import EvalConfig
-from pipeline.evaluate.dictionary import Dictionary
-from pipeline.evaluate.run import evaluate
 from pipeline.models import ActivationCapture, LoadedModel, load_model, resolve_hook, text_config
-from pipeline.publish import release
+from pipeline.vision import VisionContext, batch_inputs, encode_pair, image_token_id
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|resid_post)\.(\d+)$")
 METRIC_KEYS = ("fvu", "explained_variance", "mse", "cosine_similarity", "l0", "dead_fraction", "ce_loss",
@@ -69,14 +69,14 @@ def attach(path: str, loaded: LoadedModel, hook_override: str | None = None) -> 
     return Dictionary(sae.to(loaded.device), hook, hook, str(path))
 
 
-def _eval_config(cfg: AuditConfig, model) -> EvalConfig:
-    return EvalConfig(checkpoint=cfg.checkpoint, model=model, data=cfg.vlm_data, context_size=cfg.vlm_context_size,
-                      n_tokens=cfg.vlm_tokens, batch_size=cfg.vlm_batch_size,
-                      exclude_positions_below=cfg.exclude_positions_below, progress=False, out_dir=cfg.out_dir)
+def _text_input(cfg: AuditConfig, model) -> InputConfig:
+    """The held-out text the cross-modal check measures both models on (the evaluation stage's rules)."""
+    return replace(cfg.input, model=model, data=cfg.vlm_data, context_size=cfg.vlm_context_size,
+                   n_tokens=cfg.vlm_tokens, batch_size=cfg.vlm_batch_size)
 
 
-def text_metrics(d: Dictionary, loaded: LoadedModel, ecfg: EvalConfig) -> dict:
-    m = evaluate(d, loaded, ecfg)
+def text_metrics(d: Dictionary, loaded: LoadedModel, inp: InputConfig) -> dict:
+    m = evaluate(d, loaded, inp, progress=False)
     return {k: m[k] for k in METRIC_KEYS}
 
 
@@ -138,17 +138,17 @@ def run_crossmodal(cfg: AuditConfig) -> dict:
     if not loaded.is_vision_language:
         raise ConfigError(f"vlm.name={cfg.vlm.name!r} is not a vision-language model ({type(loaded.model).__name__}). "
                           "Fix: e.g. vlm.name=HuggingFaceTB/SmolVLM-256M-Instruct")
-    d = attach(cfg.checkpoint, loaded, cfg.vlm_hook)
+    d = attach(cfg.input.checkpoint, loaded, cfg.vlm_hook)
     t = time.time()
     section = {"sae": d.path, "vlm": loaded.model_id, "hook": d.hook, "n_features": d.n_features,
-               "d_model": d.d_model, "top": cfg.top, "skip": cfg.exclude_positions_below,
+               "d_model": d.d_model, "top": cfg.top, "skip": cfg.input.exclude_positions_below,
                "image_splitting": cfg.vlm_image_splitting, "dashboard": cfg.dashboard, "config": asdict(cfg)}
-    section["text_only"] = {"vlm": text_metrics(d, loaded, _eval_config(cfg, cfg.vlm))}
+    section["text_only"] = {"vlm": text_metrics(d, loaded, _text_input(cfg, cfg.vlm))}
     print(format_metrics("VLM", loaded.model_id, section["text_only"]["vlm"]) + f"  ({time.time() - t:.1f}s)",
           flush=True)
     section["concepts"] = []
     for cs in with_images:
-        r = image_vs_text(d, loaded, cs, cfg.top, cfg.exclude_positions_below, cfg.vlm_image_splitting)
+        r = image_vs_text(d, loaded, cs, cfg.top, cfg.input.exclude_positions_below, cfg.vlm_image_splitting)
         section["concepts"].append(r)
         print(format_concept(r), flush=True)
     if not with_images:
@@ -156,9 +156,9 @@ def run_crossmodal(cfg: AuditConfig) -> dict:
               "text-only figures are reported", flush=True)
     if cfg.vlm_baseline:  # last: the VLM is no longer needed
         del loaded
-        lm = load_model(cfg.model)
-        base = Dictionary.load(cfg.checkpoint, lm, cfg.hook)
-        section["text_only"]["model"] = text_metrics(base, lm, _eval_config(cfg, cfg.model))
+        lm = load_model(cfg.input.model)
+        base = Dictionary.load(cfg.input.checkpoint, lm, cfg.input.hook)
+        section["text_only"]["model"] = text_metrics(base, lm, _text_input(cfg, cfg.input.model))
         section["text_only"]["model_id"] = lm.model_id
         print(format_metrics("LM ", lm.model_id, section["text_only"]["model"]), flush=True)
     return section

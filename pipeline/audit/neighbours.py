@@ -125,7 +125,7 @@ def neighbourhoods(decoder: Tensor, n: int = 10, method: str = "auto", n_neighbo
 
 
 def write_data(out_dir: Path, data: dict) -> Path:
-    from pipeline.interpret import dashboard as H
+    from pipeline.analysis import html as H
     path = Path(out_dir) / NEIGHBOURS_FILE
     H.write(path, json.dumps(data, separators=(",", ":")) + "\n")
     return path
@@ -167,7 +167,8 @@ def scatter_svg(xy: list[list[float]], colour: list[float], links, max_points: i
 
 
 def neighbours_section(sec: dict, out_dir: Path, max_rows: int = 300) -> str:
-    from pipeline.audit.report import _link, cosine_bars, feature_links
+    from pipeline.analysis.html import feature_link, feature_links
+    from pipeline.audit.report import cosine_bars
     links = feature_links(sec.get("dashboard"), out_dir)
     data = read_data(out_dir, sec)
     h = sec["first_cosine_histogram"]
@@ -189,8 +190,8 @@ Points link to dashboard pages.</p>
     scatter = scatter_svg(data["map"], first, links)
     shown = sorted(range(len(first)), key=lambda i: -first[i])[:max_rows]
     rows = "".join(
-        f'<tr data-feature="{i}"><td>{_link(i, links)}</td><td class="num">{first[i]:.3f}</td><td>'
-        + ", ".join(f'{_link(j, links)} <span class="meta">({c:.2f})</span>'
+        f'<tr data-feature="{i}"><td>{feature_link(i, links)}</td><td class="num">{first[i]:.3f}</td><td>'
+        + ", ".join(f'{feature_link(j, links)} <span class="meta">({c:.2f})</span>'
                     for j, c in zip(data["neighbours"][i], data["cosine"][i])) + "</td></tr>" for i in shown)
     return (head + f"<h3>Map of all features</h3>{scatter}<p class=\"meta\">colour: nearest cosine {min(first):.2f} "
             f"(blue) to {max(first):.2f} (red)</p>"

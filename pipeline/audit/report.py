@@ -8,7 +8,8 @@ import html
 import os
 from pathlib import Path
 
-from pipeline.interpret import dashboard as H
+from pipeline.analysis import html as H
+from pipeline.analysis.html import feature_link, feature_links
 
 REPORT_FILE = "audit.html"
 
@@ -17,25 +18,6 @@ EXTRA_CSS = """<style>
 details{margin:4px 0 10px}summary{cursor:pointer;color:#1a5fb4}
 td.words{font-size:12px}
 </style>"""
-
-
-def feature_links(dashboard: str | None, out_dir: Path) -> tuple[str | None, set[int]]:
-    """(href prefix of the dashboard's feature pages relative to out_dir, features with a page)."""
-    if not dashboard:
-        return None, set()
-    pages = Path(dashboard) / H.FEATURES_DIR
-    if not pages.is_dir():
-        return None, set()
-    have = {int(p.stem) for p in pages.glob("*.html") if p.stem.isdigit()}
-    rel = os.path.relpath(pages.resolve(), out_dir.resolve()).replace(os.sep, "/")
-    return rel, have
-
-
-def _link(i: int, links: tuple[str | None, set[int]]) -> str:
-    prefix, have = links
-    if prefix is not None and i in have:
-        return f'<a class="feature" href="{html.escape(prefix)}/{i}.html">{i}</a>'
-    return str(i)
 
 
 def _auroc_cls(a: float) -> str:
@@ -53,7 +35,7 @@ def concepts_section(sec: dict, links) -> str:
         st = f["steering"] if f else {}
         rows.append(
             f'<tr data-concept="{html.escape(c["name"])}"><td><a href="#concept-{html.escape(c["name"])}">'
-            f'{html.escape(c["name"])}</a></td><td>{_link(f["feature"], links) if f else "none fires"}</td>'
+            f'{html.escape(c["name"])}</a></td><td>{feature_link(f["feature"], links) if f else "none fires"}</td>'
             + (f'<td class="num">{f["auroc"]:.3f}</td><td class="num {_auroc_cls(f["heldout_auroc"])}">'
                f'{f["heldout_auroc"]:.3f}</td><td class="num">{st["delta_logprob"]:+.3f}</td>'
                f'<td class="num">{st["kl"]:.3f}</td>' if f else '<td></td>' * 4)
@@ -104,7 +86,7 @@ def concept_block(c: dict, links) -> str:
         promoted = "".join(f"<span class=pill>{html.escape(H.show(t))}</span>" for t in st["promoted_tokens"][:6])
         rows.append(
             f'<tr class="feature-row" data-feature="{f["feature"]}"><td class="num">{r}</td>'
-            f'<td>{_link(f["feature"], links)}'
+            f'<td>{feature_link(f["feature"], links)}'
             f'</td><td class="num">{f["auroc"]:.3f}</td><td class="num">{f["effect_size"]:.2f}</td>'
             f'<td class="num">{f["auroc_mean"]:.3f}</td><td class="num heldout {_auroc_cls(f["heldout_auroc"])}">'
             f'{f["heldout_auroc"]:.3f}</td><td class="num">{f["pos_max"]:.3g}</td><td class="num">'
@@ -142,12 +124,12 @@ def splitting_section(sec: dict, links_small, links_large, max_rows: int = 300) 
     rest = [x for x in sec["children"] if len(x["children"]) < 2]
     rows = []
     for x in (split + rest)[:max_rows]:
-        kids = ", ".join(f'{_link(k["feature"], links_large)} <span class="meta">({k["cosine"]:.2f})</span>'
+        kids = ", ".join(f'{feature_link(k["feature"], links_large)} <span class="meta">({k["cosine"]:.2f})</span>'
                          for k in x["children"]) or '<span class="meta">none</span>'
-        rows.append(f'<tr data-small="{x["feature"]}"><td>{_link(x["feature"], links_small)}</td>'
+        rows.append(f'<tr data-small="{x["feature"]}"><td>{feature_link(x["feature"], links_small)}</td>'
                     f'<td class="num">{len(x["children"])}</td><td>{kids}</td></tr>')
     more = len(split) + len(rest) - max_rows
-    novel = ", ".join(f'{_link(n["feature"], links_large)} <span class="meta">({n["best_cosine"]:.2f})</span>'
+    novel = ", ".join(f'{feature_link(n["feature"], links_large)} <span class="meta">({n["best_cosine"]:.2f})</span>'
                       for n in sec["novel"][:max_rows])
     h = sec["best_cosine_histogram"]
     hist = cosine_bars(h["edges"], h["counts"])
@@ -194,7 +176,7 @@ def _splitting(sec: dict, out_dir: Path) -> str:
 def _crossmodal(sec: dict, out_dir: Path) -> str:
     from pipeline.audit.crossmodal import crossmodal_section
     links = feature_links(sec.get("dashboard"), out_dir)
-    return crossmodal_section(sec, lambda i: _link(i, links))
+    return crossmodal_section(sec, lambda i: feature_link(i, links))
 
 
 def _neighbours(sec: dict, out_dir: Path) -> str:
@@ -215,7 +197,7 @@ def _absorption(sec: dict, out_dir: Path) -> str:
 def _autointerp(sec: dict, out_dir: Path) -> str:
     from pipeline.audit.autointerp.report import autointerp_section
     links = feature_links(sec.get("dashboard"), out_dir)
-    return autointerp_section(sec, lambda i: _link(i, links))
+    return autointerp_section(sec, lambda i: feature_link(i, links))
 
 
 # audit.json section -> (navigation label, renderer(section, out_dir) -> HTML); one entry per task,
@@ -244,7 +226,7 @@ def render(doc: dict, out_dir: Path) -> str:
         nav.insert(0, f'<a href="{html.escape(rel)}">&larr; feature dashboard</a>')
     body = (f'<div class="nav">{"".join(nav)}</div><h1>Dictionary audit</h1>'
             f'<p class="meta">audit.json holds every number shown here.</p>{EXTRA_CSS}' + "\n".join(sections))
-    return H._page("Dictionary audit", body)
+    return H.page("Dictionary audit", body)
 
 
 def write_report(doc: dict, out_dir: Path) -> Path:

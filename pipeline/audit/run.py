@@ -15,8 +15,8 @@ from pipeline.audit.crossmodal import run_crossmodal
 from pipeline.audit.report import REPORT_FILE, write_report
 from pipeline.audit.search import search_concept
 from pipeline.audit.splitting import split_dictionaries
-from pipeline.evaluate.dictionary import Dictionary
-from pipeline.interpret import dashboard as H
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.analysis import html as H
 from pipeline.models import load_model
 
 AUDIT_FILE = "audit.json"
@@ -56,17 +56,17 @@ def _read(out: Path) -> dict:
 
 def run_concepts(cfg: AuditConfig) -> dict:
     sets = resolve_concept_sets(list(cfg.concepts))  # validate every file before loading the model
-    loaded = load_model(cfg.model)
-    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
+    loaded = load_model(cfg.input.model)
+    d = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
     results = []
     for cs in sets:
         t = time.time()
         r = search_concept(d, loaded, cs, cfg.top, cfg.clamp_multiple, list(cfg.neutral_prompts),
-                           cfg.exclude_positions_below)
+                           cfg.input.exclude_positions_below)
         results.append(r)
         print(format_concept(r) + f"  ({time.time() - t:.1f}s)", flush=True)
     return {"sae": d.path, "hook": d.hook, "model": loaded.model_id, "n_features": d.n_features, "top": cfg.top,
-            "clamp_multiple": cfg.clamp_multiple, "skip": cfg.exclude_positions_below,
+            "clamp_multiple": cfg.clamp_multiple, "skip": cfg.input.exclude_positions_below,
             "neutral_prompts": list(cfg.neutral_prompts), "dashboard": cfg.dashboard, "concepts": results,
             "config": asdict(cfg)}
 
@@ -84,19 +84,19 @@ def run_neighbours(cfg: AuditConfig) -> dict:
     from pipeline.audit.neighbours import neighbourhoods, write_data
     from pipeline.audit.splitting import load_decoder
     t = time.time()
-    decoder, meta = load_decoder(cfg.checkpoint)
+    decoder, meta = load_decoder(cfg.input.checkpoint)
     summary, data = neighbourhoods(decoder, cfg.n_neighbours, cfg.map_method, cfg.map_neighbours, cfg.seed)
     write_data(Path(cfg.out_dir), data)
     print(f"neighbours: {summary['n_features']} features, median nearest cosine {summary['median_first_cosine']:.3f}, "
           f"{summary['map_method']} map ({time.time() - t:.1f}s)", flush=True)
-    return {"sae": cfg.checkpoint, "hook": meta.get("hook"), **summary, "dashboard": cfg.dashboard}
+    return {"sae": cfg.input.checkpoint, "hook": meta.get("hook"), **summary, "dashboard": cfg.dashboard}
 
 
 def run_completeness(cfg: AuditConfig) -> dict:
     from pipeline.audit.completeness import completeness, format_completeness, resolve_concept_lists
     lists = resolve_concept_lists(list(cfg.categories))  # validate every file before loading the model
-    loaded = load_model(cfg.model)
-    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
+    loaded = load_model(cfg.input.model)
+    d = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
     r = completeness(d, loaded, lists, cfg.corpus, cfg.max_documents, cfg.alive_tokens, cfg.dedicated_auroc,
                      cfg.min_fire_fraction, cfg.max_density, cfg.uniqueness)
     print(format_completeness(r), flush=True)
@@ -107,8 +107,8 @@ def run_completeness(cfg: AuditConfig) -> dict:
 def run_absorption(cfg: AuditConfig) -> dict:
     from pipeline.audit.absorption import absorption, format_absorption, sklearn_logistic
     sklearn_logistic()  # fail before loading the model
-    loaded = load_model(cfg.model)
-    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
+    loaded = load_model(cfg.input.model)
+    d = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
     r = absorption(d, loaded, cfg.absorption_words, cfg.absorption_max_k, cfg.absorption_f1_jump, cfg.seed)
     print(format_absorption(r), flush=True)
     return {"sae": d.path, "hook": d.hook, "model": loaded.model_id, "n_features": d.n_features, **r,

@@ -17,11 +17,12 @@ import torch
 from torch import Tensor
 
 from pipeline.audit.concepts import ConceptSet, ConceptSetError
-from pipeline.evaluate.common import token_texts
-from pipeline.evaluate.dictionary import Dictionary
-from pipeline.interpret.search import prompt_activations
+from pipeline.analysis.batches import token_texts
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.analysis.prompts import prompt_activations
 from pipeline.models import LoadedModel, replace_output
-from pipeline.steer.run import clamp_fn, prompt_ids
+from pipeline.analysis.prompts import prompt_ids
+from pipeline.analysis.steering import clamp_fn
 
 
 def auroc(pos: Tensor, neg: Tensor, block: int = 16384) -> Tensor:

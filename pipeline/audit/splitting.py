@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import ConfigError
-from pipeline.evaluate.dictionary import Dictionary
-from pipeline.publish import release
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.analysis import release
 
 
 def best_match(small: Tensor, large: Tensor, block: int | None = None) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache.config import CacheConfig
-from pipeline.cache.vision import (batch_inputs, image_token_id, manifest_digest, modality_of, pack_vision_contexts,
+from pipeline.vision import (batch_inputs, image_token_id, manifest_digest, modality_of, pack_vision_contexts,
                                    read_manifest)
 from pipeline.data import iter_documents, pack_contexts
 from pipeline.errors import ConfigError, EmptyDataError

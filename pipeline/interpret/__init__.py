@@ -9,6 +9,6 @@ features.json (per-feature density, max activation, logit effects: the steering 
 search.html, crosslingual.{json,html}."""
 
 from pipeline.interpret.config import InterpretConfig
-from pipeline.interpret.run import build_dashboard, collect, run, run_crosslingual, run_search
+from pipeline.interpret.run import build_dashboard, run, run_crosslingual, run_search
 
-__all__ = ["InterpretConfig", "build_dashboard", "collect", "run", "run_crosslingual", "run_search"]
+__all__ = ["InterpretConfig", "build_dashboard", "run", "run_crosslingual", "run_search"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.data import DataConfig
+from pipeline.analysis.collect import FEATURES_PER_PASS
+from pipeline.analysis.config import InputConfig
 from pipeline.errors import ConfigError
-from pipeline.models import ModelConfig
 
 TASKS = ("dashboard", "search", "crosslingual")
 
@@ -17,23 +17,10 @@ class InterpretConfig:
     """dashboard (stream a corpus sample, write features.json and the HTML dashboard), search (the
     top features of `prompt`, in the terminal and as search.html) or crosslingual (features shared
     by the same sentences in several languages: crosslingual.json and .html)."""
-    checkpoint: str = "runs/demo/train/topk/sae"
-    """The exported SAE (the trainer's <out_dir>/sae folder)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    """The corpus sample whose contexts are shown (training text is fine here)."""
-    hook: str | None = None
-    """The hook the SAE reads; default: the hook named in the checkpoint's cfg.json."""
-    context_size: int = 128
-    n_tokens: int = 100_000
-    """Corpus positions streamed through the model and the SAE (per pass; see features_per_pass)."""
-    batch_size: int = 8
-    exclude_positions_below: int = 1
-    """Positions below this are never examples (position 0 is BOS, which the SAE never saw)."""
-    exclude_norm_factor: float | None = 8.0
-    """Rows whose norm exceeds this multiple of the batch's median norm are never examples and do
-    not count towards density (the massive activations of the first tokens, which otherwise top
-    most features' lists); the evaluation stage's rule. null keeps every row."""
+    input: InputConfig = field(default_factory=lambda: InputConfig(n_tokens=100_000))
+    """The dictionary, its model and the corpus sample whose contexts are shown (training text is
+    fine here; pipeline/analysis/config.py). n_tokens is per pass (see features_per_pass); rows
+    beyond exclude_norm_factor are never examples and do not count towards density."""
     top_k: int = 20
     """Top-activating contexts kept per feature."""
     n_samples: int = 20
@@ -44,7 +31,7 @@ class InterpretConfig:
     """Tokens shown before an example's token."""
     context_after: int = 8
     """Tokens shown after it."""
-    features_per_pass: int = 16384
+    features_per_pass: int = FEATURES_PER_PASS
     """Features collected per pass over the corpus: memory is about features_per_pass x
     (top_k + n_samples) x (context_before + context_after + 1) x 8 bytes; larger dictionaries take
     several passes (each streams the corpus through model and SAE again)."""
@@ -75,17 +62,12 @@ class InterpretConfig:
             raise ConfigError(f"task={self.task!r} is not one of {list(TASKS)}")
         if self.task == "search" and not self.prompt:
             raise ConfigError('task=search needs a prompt. Fix: prompt="The Golden Gate Bridge is"')
-        for name in ("top_k", "n_samples", "n_quantiles", "features_per_pass", "n_logits", "n_tokens", "batch_size",
-                     "search_top", "crosslingual_top"):
+        for name in ("top_k", "n_samples", "n_quantiles", "features_per_pass", "n_logits", "search_top",
+                     "crosslingual_top"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.context_before < 0 or self.context_after < 0:
             raise ConfigError(f"context_before={self.context_before} and context_after={self.context_after} "
                               "must be >= 0")
-        if not 0 <= self.exclude_positions_below < self.context_size:
-            raise ConfigError(f"exclude_positions_below={self.exclude_positions_below} must be in "
-                              f"[0, context_size={self.context_size})")
-        if self.exclude_norm_factor is not None and self.exclude_norm_factor <= 1:
-            raise ConfigError(f"exclude_norm_factor={self.exclude_norm_factor} must be > 1 (or null to keep all rows)")
         if len(self.languages) < 2:
             raise ConfigError(f"languages={list(self.languages)}: the cross-lingual check needs at least two")

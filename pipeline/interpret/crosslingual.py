@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import ConfigError, EmptyDataError
-from pipeline.evaluate.dictionary import Dictionary
-from pipeline.interpret.search import prompt_activations
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.analysis.prompts import prompt_activations
 from pipeline.models import LoadedModel
 
 

@@ -4,46 +4,29 @@ statistics -> features.json + static HTML dashboard; feature search; cross-lingu
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from pipeline.evaluate.common import context_batches, logit_directions, typical_rows
-from pipeline.evaluate.dictionary import Dictionary
-from pipeline.interpret import dashboard as H
-from pipeline.interpret.collect import FeatureCollector, examples_of, hist_edges
+from pipeline.analysis import html as H
+from pipeline.analysis.collect import (FEATURES_FILE, FEATURES_FORMAT, FeatureCollector, TokenText, collect, examples_of,
+                                       hist_edges)
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.analysis.logits import logit_directions
+from pipeline.interpret import dashboard as D
 from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.crosslingual import crosslingual, default_parallel_file, format_report, read_parallel
 from pipeline.interpret.search import format_search, search_prompt
-from pipeline.models import ActivationCapture, LoadedModel, load_model
+from pipeline.models import LoadedModel, load_model
 
-FEATURES_FILE = "features.json"
-FEATURES_FORMAT = "pipeline.features"
 CROSSLINGUAL_JSON = "crosslingual.json"
 
 
-class TokenText:
-    """Token id -> display text, decoded once per id."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.cache = tokenizer, {}
-
-    def __call__(self, ids) -> list[str]:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i not in self.cache:
-                self.cache[i] = self.tok.decode([i])
-            out.append(self.cache[i])
-        return out
-
-
 def run(cfg: InterpretConfig) -> dict:
-    loaded = load_model(cfg.model)
-    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
+    loaded = load_model(cfg.input.model)
+    d = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
     out = Path(cfg.out_dir)
     if cfg.task == "search":
         return run_search(d, loaded, cfg)
@@ -55,32 +38,6 @@ def run(cfg: InterpretConfig) -> dict:
         _write_index(out, result["_index"])
     print(f"dashboard: {(out / H.INDEX_FILE).resolve().as_uri()}", flush=True)
     return {k: v for k, v in result.items() if not k.startswith("_")}
-
-
-def collect(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig, lo: int, hi: int,
-            desc: str = "interpret", batches=None, collector: FeatureCollector | None = None) -> FeatureCollector:
-    """One pass over the corpus sample (or `batches` of token ids), collecting features [lo, hi)
-    (into `collector` when given, to continue one)."""
-    capture = ActivationCapture(loaded, [d.hook])
-    c = collector or FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before, cfg.context_after,
-                                      device=loaded.device, seed=cfg.seed)
-    p = cfg.exclude_positions_below
-    if batches is None:
-        batches = context_batches(cfg.data, loaded.tokenizer, cfg.context_size, cfg.n_tokens, cfg.batch_size)
-    bar = tqdm(total=cfg.n_tokens, unit="tok", unit_scale=True, disable=not cfg.progress, desc=desc, mininterval=2)
-    for ids in batches:
-        ids = ids.to(loaded.device)
-        x = capture(ids)[d.hook]
-        B, T = ids.shape
-        flat = x.reshape(B * T, -1)
-        scored = typical_rows(flat, cfg.exclude_norm_factor).view(B, T)
-        scored[:, :p] = False
-        rows, feats, vals = d.encode_sparse(flat)
-        keep = scored.view(-1)[rows]
-        c.update(ids, rows[keep], feats[keep], vals[keep], int(scored.sum()))
-        bar.update(ids.numel())
-    bar.close()
-    return c
 
 
 @torch.no_grad()
@@ -103,14 +60,16 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
     out = Path(cfg.out_dir)
     texts = TokenText(loaded.tokenizer)
     header = {"sae": d.path, "hook": d.hook, "n_features": d.n_features, "n_tokens": 0,
-              "data": f"{cfg.data.source} ({cfg.data.split})"}
+              "data": f"{cfg.input.data.source} ({cfg.input.data.split})"}
     features, index_rows, pages = [], [], 0
     edges = hist_edges()
     start, streamed = time.perf_counter(), 0
     n_pass = -(-d.n_features // cfg.features_per_pass)
     for k, lo in enumerate(range(0, d.n_features, cfg.features_per_pass)):
         hi = min(lo + cfg.features_per_pass, d.n_features)
-        c = collect(d, loaded, cfg, lo, hi, desc=f"interpret {k + 1}/{n_pass}" if n_pass > 1 else "interpret")
+        c = collect(d, loaded, cfg.input, FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before,
+                    cfg.context_after, device=loaded.device, seed=cfg.seed),
+                    desc=f"interpret {k + 1}/{n_pass}" if n_pass > 1 else "interpret", progress=cfg.progress)
         header["n_tokens"] = c.n_tokens
         streamed += c.n_tokens
         s = c.summary()
@@ -132,13 +91,13 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
             if i in with_page:
                 labels, groups = H.quantile_groups(examples_of(c.samples, i, cfg.context_before), cfg.n_quantiles)
                 H.write(out / H.FEATURES_DIR / f"{lo + i}.html",
-                        H.feature_page(f, texts, top, groups, labels, edges, c.hist[i].tolist(), d.n_features, header))
+                        D.feature_page(f, texts, top, groups, labels, edges, c.hist[i].tolist(), d.n_features, header))
                 pages += 1
         del c
     seconds = time.perf_counter() - start
     doc = {"format": FEATURES_FORMAT, "version": 1, "sae": d.path, "hook": d.hook, "n_features": d.n_features,
-           "n_tokens": header["n_tokens"], "data": asdict(cfg.data),
-           "context_size": cfg.context_size, "features": features}
+           "n_tokens": header["n_tokens"], "data": asdict(cfg.input.data),
+           "context_size": cfg.input.context_size, "features": features}
     H.write(out / FEATURES_FILE, json.dumps(doc, ensure_ascii=False) + "\n")
     index = (header, index_rows)
     _write_index(out, index)
@@ -151,10 +110,10 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
 
 
 def _write_index(out: Path, index: tuple[dict, list]) -> None:
-    links = {label: name for label, name in (("cross-lingual check", H.CROSSLINGUAL_FILE),
-                                              ("feature search", H.SEARCH_FILE)) if (out / name).exists()}
+    links = {label: name for label, name in (("cross-lingual check", D.CROSSLINGUAL_FILE),
+                                              ("feature search", D.SEARCH_FILE)) if (out / name).exists()}
     # keep the link pipeline.audit put there (it points at the audit report)
-    H.write(out / H.INDEX_FILE, H.index_page(index[0], index[1], links, H.read_audit_link(out / H.INDEX_FILE)))
+    H.write(out / H.INDEX_FILE, D.index_page(index[0], index[1], links, H.read_audit_link(out / H.INDEX_FILE)))
 
 
 def _snippet(e: dict, texts: TokenText, before: int = 10, after: int = 3) -> str:
@@ -177,18 +136,19 @@ def _labels(out: Path) -> dict[int, str]:
 
 def run_search(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) -> dict:
     out = Path(cfg.out_dir)
-    result = search_prompt(d, loaded, cfg.prompt, cfg.search_top, cfg.exclude_positions_below)
+    result = search_prompt(d, loaded, cfg.prompt, cfg.search_top, cfg.input.exclude_positions_below)
     print(format_search(result, _labels(out)), flush=True)
-    H.write(out / H.SEARCH_FILE, H.search_page(result, _pages(out)))
-    print(f"search page: {(out / H.SEARCH_FILE).resolve().as_uri()}", flush=True)
+    H.write(out / D.SEARCH_FILE, D.search_page(result, _pages(out)))
+    print(f"search page: {(out / D.SEARCH_FILE).resolve().as_uri()}", flush=True)
     return result
 
 
 def run_crosslingual(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) -> dict:
     out = Path(cfg.out_dir)
     rows = read_parallel(cfg.parallel_file or default_parallel_file(), list(cfg.languages))
-    report = crosslingual(d, loaded, rows, list(cfg.languages), cfg.crosslingual_top, cfg.exclude_positions_below)
+    report = crosslingual(d, loaded, rows, list(cfg.languages), cfg.crosslingual_top,
+                          cfg.input.exclude_positions_below)
     print(format_report(report), flush=True)
     H.write(out / CROSSLINGUAL_JSON, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    H.write(out / H.CROSSLINGUAL_FILE, H.crosslingual_page(report, _pages(out)))
+    H.write(out / D.CROSSLINGUAL_FILE, D.crosslingual_page(report, _pages(out)))
     return report

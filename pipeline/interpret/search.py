@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 
-from pipeline.evaluate.common import token_texts
-from pipeline.evaluate.dictionary import Dictionary
-from pipeline.models import ActivationCapture, LoadedModel
-
-
-def prompt_activations(d: Dictionary, loaded: LoadedModel, text: str) -> tuple[list[int], torch.Tensor]:
-    """Token ids of text (BOS first, as in the training contexts) and their latents [T, n_features]."""
-    tok = loaded.tokenizer
-    ids = tok(text, add_special_tokens=False).input_ids
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    ids = ([bos] if bos is not None else []) + list(ids)
-    x = ActivationCapture(loaded, [d.hook])(torch.tensor([ids]))[d.hook][0]
-    return ids, d.encode(x)
+from pipeline.analysis.batches import token_texts
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.analysis.prompts import prompt_activations
+from pipeline.models import LoadedModel
 
 
 def search_prompt(d: Dictionary, loaded: LoadedModel, prompt: str, top: int = 5, skip: int = 1) -> dict:

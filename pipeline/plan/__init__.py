@@ -1,12 +1,13 @@
 """Plan a run before it starts: per-rank memory, the smallest layout that fits, communication,
-FLOPs and expected step time.
+FLOPs and expected step time (the model: pipeline/cost_model.py).
 
     python -m pipeline.plan plan/target=llama3.1-8b plan/size=34m gpu_memory_gb=80   (make plan)
 """
 
 import dataclasses
 
-from pipeline.plan.model import Plan, PlanConfig, best_plan, make_plan, rank_memory
+from pipeline.cost_model import Plan, PlanConfig, best_plan, make_plan, rank_memory
+from pipeline.sae import sae_class
 
 __all__ = ["Plan", "PlanConfig", "best_plan", "dry_run_command", "make_plan", "rank_memory", "run", "format_plan"]
 
@@ -19,7 +20,7 @@ def format_plan(plan: Plan) -> str:
     c, m = plan.cfg, plan.memory
     rows = [
         ("dictionary", f"{c.architecture}, d_model={c.d_model}, n_features={c.n_features:,}"
-                       + (f", k={c.k}" if c.architecture in ("topk", "batchtopk") else "")),
+                       + (f", k={c.k}" if sae_class(c.architecture).uses_k else "")),
         ("layout", f"data_parallel={plan.data_parallel} x feature_parallel={plan.feature_parallel} = "
                    f"{plan.gpus} GPUs on {plan.nodes} node(s) of {c.gpus_per_node}"),
         ("precision", f"{c.param_dtype} weights, {c.state_dtype} Adam state, ZeRO-{c.zero_stage}, batch {c.batch_size} tokens"),

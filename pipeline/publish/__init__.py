@@ -11,7 +11,7 @@ folder or an export (pipeline.sae.load reads exports only, and imports nothing o
 
 from pipeline.publish.config import PublishConfig
 from pipeline.publish.hub import PublishAuthError, PublishIncompleteError
-from pipeline.publish.release import ReleaseIncompleteError, load
+from pipeline.analysis.release import ReleaseIncompleteError, load
 from pipeline.publish.run import MissingMetricsError, OutDirNotEmptyError, PublishResult, build, run
 
 __all__ = ["MissingMetricsError", "OutDirNotEmptyError", "PublishAuthError", "PublishConfig", "PublishIncompleteError",

@@ -9,7 +9,9 @@ import re
 
 import yaml
 
-from pipeline.publish.release import DASHBOARD, HISTOGRAM, transformer_lens_hook
+from pipeline.analysis.release import DASHBOARD, HISTOGRAM
+from pipeline.publish.release import transformer_lens_hook
+from pipeline.sae import sae_class
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -56,7 +58,7 @@ def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location
              "| sae_id | architecture | hook (SAELens) | d_in | features | model |", "|---|---|---|---|---|---|"]
     for s in saes:
         d = s["doc"]
-        arch = d["architecture"] + (f" (k={d['config']['k']})" if d["architecture"] in ("topk", "batchtopk") else "")
+        arch = d["architecture"] + (f" (k={d['config']['k']})" if sae_class(d["architecture"]).uses_k else "")
         lines.append(f"| `{s['sae_id']}` | {arch} | `{d.get('hook')}` (`{transformer_lens_hook(d.get('hook'))}`) | "
                      f"{d['d_model']} | {d['n_features']} | `{(d.get('model') or {}).get('id')}` |")
     for s in saes:
@@ -83,12 +85,14 @@ def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location
         ours = f'pipeline.publish.load("<download of {location or "this folder"}>/{sid}")'
         theirs = f'SAE.load_from_disk("<download of {location or "this folder"}>/{sid}")'
     lines += ["", "## Loading", "", "With `pipeline` (the module that trained it; bit-identical weights):", "",
-              "```python", "import pipeline.publish", f"sae = {ours}", "latents = sae.encode(x)  # x: raw activations "
-              "[batch, d_in]", "x_hat = sae(x).x_hat", "```", "", "With SAELens (6.x):", "", "```python",
+              "```python", "import pipeline.publish", f"sae = {ours}",
+              "code = sae.encode(x)  # x: raw activations [batch, d_in]; code.values, code.indices: the active latents",
+              "latents = code.dense(sae.cfg.n_features)  # [batch, d_sae]", "x_hat = sae(x).x_hat", "```", "",
+              "With SAELens (6.x):", "", "```python",
               "from sae_lens import SAE", f"sae = {theirs}", "x_hat = sae.decode(sae.encode(x))", "```", ""]
-    if any(s["doc"]["architecture"] == "batchtopk" for s in saes):
-        lines += ["BatchTopK SAEs are published, as SAELens does, as JumpReLU SAEs whose threshold is the "
-                  "global inference threshold learned in training.", ""]
+    for a in archs:  # how an architecture's SAELens form differs from it, where it does
+        if sae_class(a).saelens_note:
+            lines += [sae_class(a).saelens_note, ""]
     if any(s.get("sharded") for s in saes):
         lines += ["Sharded weights (`sae_weights-*-of-*.safetensors` with `sae_weights.safetensors.index.json`) "
                   "load with `pipeline.publish.load`; SAELens's loader reads only an unsharded "

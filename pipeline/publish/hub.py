@@ -19,8 +19,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import ConfigError, UserError
-from pipeline.publish.release import CARD, MANIFEST, PIPELINE_CONFIG, SAELENS_CFG, sha256_file
+from pipeline.analysis.release import CARD, MANIFEST, PIPELINE_CONFIG, SAELENS_CFG
+from pipeline.errors import UserError
+from pipeline.publish.release import sha256_file
 
 log = logging.getLogger("pipeline.publish")
 FINAL_NAMES = (SAELENS_CFG, PIPELINE_CONFIG, MANIFEST)
@@ -214,27 +215,3 @@ def publish(folder: Path, repo_id: str, *, revision: str = "main", path_in_repo:
         done += len(batch)
     log.info("published %s@%s: %d files uploaded, %d unchanged", repo_id, revision, len(p.upload), len(p.unchanged))
     return p
-
-
-def parse_hf_url(url: str) -> tuple[str, str, str | None]:
-    """hf://owner/repo[/sub/folder][@revision] -> (repo_id, sub folder, revision)."""
-    rest = url[len("hf://"):]
-    revision = None
-    if "@" in rest:
-        rest, revision = rest.rsplit("@", 1)
-    parts = [p for p in rest.split("/") if p]
-    if len(parts) < 2:
-        raise ConfigError(f"{url!r} is not hf://owner/repo[/folder][@revision]. Fix: name the repo and the SAE's "
-                          "folder in it, e.g. hf://my-org/smollm2-saes/model.layers.15@main")
-    return f"{parts[0]}/{parts[1]}", "/".join(parts[2:]), revision
-
-
-def download(url: str) -> Path:
-    """The local snapshot of an SAE folder of a release on the Hub (what load needs, not the dashboard)."""
-    from huggingface_hub import snapshot_download
-    repo_id, sub, revision = parse_hf_url(url)
-    pre = f"{sub}/" if sub else ""
-    patterns = [pre + n for n in (SAELENS_CFG, PIPELINE_CONFIG, MANIFEST, "sae_weights*", "pipeline_extras.safetensors")]
-    root = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                             endpoint=os.environ.get("HF_ENDPOINT") or None)
-    return Path(root) / sub

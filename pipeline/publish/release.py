@@ -1,5 +1,6 @@
 """The release layout (docs/release-format.md): one folder per SAE in the layout SAELens reads, plus
-our own config, the evaluation results and a manifest. The writer and the reader live here.
+our own config, the evaluation results and a manifest. The writer lives here, the reader
+in pipeline/analysis/release.py (every stage that takes a dictionary reads releases).
 
     <release>/README.md                              model card (card.py)
     <release>/<sae_id>/cfg.json                      SAELens config (architecture, d_in, d_sae, ..., metadata)
@@ -29,38 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.errors import ConfigError, UserError
+from pipeline.analysis.release import (DASHBOARD, EXTRAS, HISTOGRAM, MANIFEST, METRICS, PIPELINE_CONFIG,
+                                       RELEASE_FORMAT, RELEASE_VERSION, SAELENS_CFG, SAELENS_SPARSITY,
+                                       SAELENS_WEIGHTS, WEIGHTS_INDEX, load)
+from pipeline.errors import ConfigError
+from pipeline.sae import sae_class
 
-RELEASE_FORMAT = "pipeline.release"
-RELEASE_VERSION = 1
-SAELENS_CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SAELENS_SPARSITY = "sparsity.safetensors"
-WEIGHTS_INDEX = "sae_weights.safetensors.index.json"
-PIPELINE_CONFIG = "pipeline.json"
-EXTRAS = "pipeline_extras.safetensors"
-METRICS = "metrics.json"
-HISTOGRAM = "density_histogram.png"
-DASHBOARD = "dashboard"
-MANIFEST = "release.json"
-CARD = "README.md"
 SAELENS_LAYOUT_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version: the SAELens config layout we write (6.x; older versions
 trigger SAELens's pre-6.0 key renaming)."""
 DENSITY_EPS = 1e-10
 """As SAELens: sparsity = log10(density + 1e-10)."""
 
-# our architecture -> (SAELens inference architecture, apply_b_dec_to_input)
-SAELENS_ARCH = {"relu_l1": ("standard", False), "topk": ("topk", True),
-                "jumprelu": ("jumprelu", False), "batchtopk": ("jumprelu", True)}
 _LAYER_HOOK = re.compile(r"^(?:model\.layers|layers|transformer\.h|gpt_neox\.layers|model\.decoder\.layers)\.(\d+)$")
-
-
-class ReleaseIncompleteError(UserError, OSError):
-    """A release folder has no manifest, or its files do not match it: it was never finished."""
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -96,28 +80,19 @@ def parse_size(value: int | str) -> int:
 # --- writing ------------------------------------------------------------------------------------
 
 def saelens_state(state: dict[str, torch.Tensor], architecture: str) -> tuple[dict, dict]:
-    """(SAELens tensors, extras) from our exported state dict. SAELens keeps W_enc as [d_in, d_sae]
-    and a per-latent threshold; extras hold what it lacks, so that we reload bit for bit."""
-    out = {"W_enc": state["W_enc"].t().contiguous(), "W_dec": state["W_dec"].contiguous(),
-           "b_enc": state["b_enc"].contiguous(), "b_dec": state["b_dec"].contiguous()}
-    extras = {}
-    if architecture == "jumprelu":
-        out["threshold"] = state["log_threshold"].exp()
-        extras["log_threshold"] = state["log_threshold"].contiguous()
-    elif architecture == "batchtopk":
-        out["threshold"] = state["threshold"].expand(state["b_enc"].shape[0]).contiguous()
-        extras["threshold"] = state["threshold"].reshape(()).contiguous()
-    return out, extras
+    """(SAELens tensors, extras) from our exported state dict: W_enc as [d_in, d_sae], and what the
+    architecture adds (its class's saelens_state: jumprelu, batchtopk a per-latent threshold); extras
+    hold what SAELens's layout lacks, so that we reload bit for bit."""
+    return sae_class(architecture).saelens_state(state)
 
 
 def saelens_config(doc: dict, context_size: int | None = None, dataset: str | None = None) -> dict:
-    """SAELens's cfg.json from our exported config document."""
-    arch, apply_b_dec = SAELENS_ARCH[doc["architecture"]]
-    cfg = {"architecture": arch, "d_in": doc["d_model"], "d_sae": doc["n_features"], "dtype": "float32",
-           "device": "cpu", "apply_b_dec_to_input": apply_b_dec, "normalize_activations": "none",
-           "reshape_activations": "none"}
-    if arch == "topk":
-        cfg.update(k=doc["config"]["k"], rescale_acts_by_decoder_norm=False)
+    """SAELens's cfg.json from our exported config document; the architecture's SAELens class and
+    its own keys come from our class (pipeline/sae/)."""
+    cls = sae_class(doc["architecture"])
+    cfg = {"architecture": cls.saelens_architecture, "d_in": doc["d_model"], "d_sae": doc["n_features"],
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": cls.saelens_apply_b_dec_to_input,
+           "normalize_activations": "none", "reshape_activations": "none", **cls.saelens_config(doc["config"])}
     model = doc.get("model") or {}
     cfg["metadata"] = {
         "sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None,
@@ -169,7 +144,7 @@ def write_sae_folder(src: SAESource, folder: Path, max_shard_bytes: int, context
         shutil.copytree(src.dashboard, folder / DASHBOARD)
     ours = {k: v for k, v in doc.items() if k != "shards"}
     ours["release"] = {"format": RELEASE_FORMAT, "version": RELEASE_VERSION, "weights": files,
-                       "extras": EXTRAS if extras else None, "saelens_architecture": SAELENS_ARCH[doc["architecture"]][0],
+                       "extras": EXTRAS if extras else None, "saelens_architecture": type(sae).saelens_architecture,
                        "w_enc_layout": "[d_in, d_sae] (transposed from pipeline.sae's [features, d_model])"}
     _write_json(folder / PIPELINE_CONFIG, ours)
     _write_json(folder / SAELENS_CFG, saelens_config(doc, context_size, dataset))
@@ -211,88 +186,4 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-# --- reading ------------------------------------------------------------------------------------
-
-def is_release(path) -> bool:
-    """Whether `path` (a local folder) is an SAE folder of a release."""
-    return (Path(path) / PIPELINE_CONFIG).is_file() or (Path(path) / MANIFEST).is_file()
-
-
-def check_complete(folder: Path) -> dict:
-    """The manifest of a release SAE folder; raises ReleaseIncompleteError if it is absent, or a
-    file it lists has another size, or a config or weights file it lists is missing."""
-    f = folder / MANIFEST
-    if not f.is_file():
-        raise ReleaseIncompleteError(
-            f"{folder} is not a complete release: {MANIFEST} is missing (it is written, and uploaded, last). "
-            "Fix: rerun the same `python -m pipeline.publish` command to finish it")
-    manifest = json.loads(f.read_text())
-    for name, info in manifest["files"].items():
-        p = folder / name
-        if not p.is_file() and name not in (PIPELINE_CONFIG, SAELENS_CFG) and not name.startswith("sae_weights"):
-            continue  # a download for loading leaves the metrics, sparsity and dashboard out
-        if not p.is_file() or p.stat().st_size != info["size"]:
-            raise ReleaseIncompleteError(f"{folder}: {name} is missing or has the wrong size (the manifest says "
-                                         f"{info['size']} bytes). Fix: rerun the publish command, or download again")
-    return manifest
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The SAELens tensors of a release folder, whole (shards concatenated)."""
-    if (folder / SAELENS_WEIGHTS).is_file():
-        return _load(folder / SAELENS_WEIGHTS)
-    index = json.loads((folder / WEIGHTS_INDEX).read_text())
-    parts = [_load(folder / s["file"]) for s in index["shards"]]
-    out = {"b_dec": parts[0]["b_dec"], "W_enc": torch.cat([p["W_enc"] for p in parts], dim=1)}
-    for name in ("W_dec", "b_enc", "threshold"):
-        if name in parts[0]:
-            out[name] = torch.cat([p[name] for p in parts])
-    return out
-
-
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def load(path, device: str | torch.device = "cpu"):
-    """Any SAE this pipeline writes, as one unsharded module in eval mode: a release folder or
-    `hf://owner/repo[/sae_id][@revision]` (load_release), else an exported checkpoint (pipeline.sae.load)."""
-    from pipeline.sae import load as load_export
-
-    if str(path).startswith("hf://") or is_release(path):
-        return load_release(path, device)
-    return load_export(path, device)
-
-
-def load_release(path, device: str | torch.device = "cpu"):
-    """The SAE of a release folder, or of `hf://owner/repo[/sae_id][@revision]`, as pipeline.sae.load
-    returns its export (same module, same tensors bit for bit); `.meta` holds pipeline.json."""
-    from pipeline.sae import SAEConfig, create
-    from pipeline.sae.checkpoint import NOT_EXPORTED, CheckpointFormatError
-
-    if str(path).startswith("hf://"):
-        from pipeline.publish.hub import download
-        path = download(str(path))
-    folder = Path(path)
-    check_complete(folder)
-    doc = json.loads((folder / PIPELINE_CONFIG).read_text())
-    w = read_weights(folder)
-    state = {"W_enc": w["W_enc"].t().contiguous(), "W_dec": w["W_dec"], "b_enc": w["b_enc"], "b_dec": w["b_dec"]}
-    if doc["release"].get("extras"):
-        state.update(_load(folder / doc["release"]["extras"]))
-    sae = create(SAEConfig(**doc["config"]), device=device)
-    missing, unexpected = sae.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in NOT_EXPORTED]
-    if unexpected or missing:
-        raise CheckpointFormatError(
-            f"{str(folder)!r}: the weights do not match the {doc['architecture']} SAE its {PIPELINE_CONFIG} describes "
-            f"(missing {missing}, unexpected {unexpected}). Fix: download the release again, or rebuild it from "
-            "the export with `python -m pipeline.publish`")
-    sae.meta = doc
-    return sae.eval()
-
-
-__all__ = ["CARD", "MANIFEST", "ReleaseIncompleteError", "SAESource", "check_complete", "is_release", "load",
-           "load_release", "parse_size", "read_weights", "sae_id_for", "saelens_config", "saelens_state",
-           "write_sae_folder"]
+__all__ = ["SAESource", "parse_size", "sae_id_for", "saelens_config", "saelens_state", "write_sae_folder"]

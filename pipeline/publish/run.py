@@ -13,8 +13,8 @@ import torch
 from pipeline.errors import ConfigError, InputNotFoundError, UserError
 from pipeline.publish import card, hub, target
 from pipeline.publish.config import PublishConfig
-from pipeline.publish.release import (CARD, HISTOGRAM, MANIFEST, METRICS, SAESource, is_release, parse_size,
-                                      sae_id_for, write_sae_folder)
+from pipeline.analysis.release import CARD, HISTOGRAM, MANIFEST, METRICS, is_release
+from pipeline.publish.release import SAESource, parse_size, sae_id_for, write_sae_folder
 from pipeline.sae.checkpoint import read_config
 
 log = logging.getLogger("pipeline.publish")

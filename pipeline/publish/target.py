@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import StorageAccessError
 from pipeline.publish.hub import LocalFile, local_files
-from pipeline.publish.release import CARD, MANIFEST
+from pipeline.analysis.release import CARD, MANIFEST
 from pipeline.store.storage import Storage, describe_access_error
 
 log = logging.getLogger("pipeline.publish")

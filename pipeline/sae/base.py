@@ -6,6 +6,11 @@ An SAE module holds one contiguous block of features, `features = range(start, s
 `[features, d_model]`, like nn.Linear's and nn.Embedding's weights). Modules never import
 torch.distributed: where a feature-sharded forward must communicate they call `self.comm`, which
 `pipeline.parallel` replaces; the default `Local` does nothing.
+
+Every architecture is a registered subclass (`@register`, the `CLASSES` registry) that declares
+its traits: what the planner, the release writer, the model card and the scaling fit need to know
+about it. Nothing outside pipeline/sae/ tests an architecture's name, so a new architecture is one
+file here (imported by pipeline/sae/__init__.py) and conf/sae/<name>.yaml.
 """
 
 from __future__ import annotations
@@ -18,13 +23,36 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 
-ARCHITECTURES = ("relu_l1", "topk", "jumprelu", "batchtopk")
+CLASSES: dict[str, type[SparseAutoencoder]] = {}
+"""Every architecture by name, filled by @register as pipeline/sae/__init__.py imports their files."""
+
+
+def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
+    """Class decorator: make `cls` the architecture named `cls.architecture`."""
+    if not cls.architecture or cls.architecture in CLASSES:
+        raise ValueError(f"{cls.__name__}.architecture={cls.architecture!r} is empty or already registered")
+    CLASSES[cls.architecture] = cls
+    return cls
+
+
+def sae_class(architecture: str, key: str = "architecture") -> type[SparseAutoencoder]:
+    """The class of a registered architecture; `key` names the setting in the error."""
+    if architecture not in CLASSES:
+        raise ConfigError(f"{key}={architecture!r} is not one of {list(CLASSES)}. Fix: pick one of those "
+                          "(a new architecture is a @register'ed class in pipeline/sae/)")
+    return CLASSES[architecture]
+
+
+def create(cfg: SAEConfig, features: range | None = None, device=None) -> SparseAutoencoder:
+    """An SAE of cfg.architecture holding `features` (default: all), parameters not initialised
+    (call reset_parameters); on device="meta" nothing is allocated."""
+    return sae_class(cfg.architecture, "sae.architecture")(cfg, features, device)
 
 
 @dataclass
 class SAEConfig:
     architecture: str = "topk"
-    """relu_l1, topk, jumprelu or batchtopk (one file each in pipeline/sae/)."""
+    """relu_l1, topk, jumprelu, batchtopk or another registered one (one file each in pipeline/sae/)."""
     n_features: int = 4096
     """Dictionary size (all shards together)."""
     d_model: int | None = None
@@ -57,11 +85,10 @@ class SAEConfig:
     Results equal the untiled step to float rounding (pipeline/sae/tiled.py)."""
 
     def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"sae.architecture={self.architecture!r} is not one of {list(ARCHITECTURES)}")
+        uses_k = sae_class(self.architecture, "sae.architecture").uses_k
         if self.n_features < 1:
             raise ConfigError(f"sae.n_features={self.n_features} must be positive")
-        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.n_features:
+        if uses_k and not 1 <= self.k <= self.n_features:
             raise ConfigError(f"sae.k={self.k} must be in [1, n_features={self.n_features}]")
         if self.k_aux < 0 or self.dead_tokens < 1:
             raise ConfigError(f"sae.k_aux={self.k_aux} must be >= 0 and sae.dead_tokens={self.dead_tokens} >= 1")
@@ -85,6 +112,32 @@ class ForwardOutput(NamedTuple):
     aux: Tensor       # the weighted AuxK loss (0 where unused)
     l0: Tensor        # mean number of active latents per token (no grad)
     fired: Tensor     # [local features] tokens of this batch on which each latent fired (no grad)
+
+
+class SparseCode(NamedTuple):
+    """The latents of a batch, every architecture alike: row i's active latents are values[i, j] at
+    local feature indices[i, j] (int64, of this module's features). Rows hold the same number of
+    entries; a zero in `values` is padding (its index means nothing), so add, never assign, when
+    scattering."""
+
+    values: Tensor   # [batch, m]
+    indices: Tensor  # [batch, m] int64
+
+    @classmethod
+    def from_dense(cls, f: Tensor) -> SparseCode:
+        """The non-zeros of a dense code [batch, n], each row's in ascending feature order, padded
+        with zeros to the most any row has (at least 1). Differentiable in the kept values."""
+        nonzero = f != 0
+        counts = nonzero.sum(1, keepdim=True)
+        width = max(int(counts.max()) if f.shape[0] else 0, 1)
+        # a stable sort of "is zero" puts each row's non-zeros first, in feature order
+        indices = (~nonzero).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+        kept = torch.arange(width, device=f.device) < counts  # padding: no gradient to the zeros it points at
+        return cls(torch.where(kept, f.gather(1, indices), 0.0), indices)
+
+    def dense(self, n: int) -> Tensor:
+        """[batch, n] code with each value at its index (n: the module's local features)."""
+        return self.values.new_zeros(self.values.shape[0], n).scatter_add(1, self.indices, self.values)
 
 
 class Local:
@@ -137,6 +190,59 @@ class SparseAutoencoder(nn.Module):
     unit_norm_default = True
     feature_tensors = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")
     """Names of the tensors with features along dim 0: sharded, exported shard by shard."""
+
+    # -- traits, read by the stages instead of the architecture's name. The defaults are a plain
+    # ReLU SAE's, f = ReLU(W_enc x + b_enc).
+    uses_k = False
+    """cfg.k sets the sparsity: it is checked, and plans, cards and scaling fits state it."""
+    sparse_step = False
+    """The training step works on the few active latents per token beyond the encoder's matmul:
+    the planner and the scaling fit count its sparse FLOPs (pipeline/cost_model.py step_flops)."""
+    saelens_architecture = "standard"
+    """The SAELens inference class that computes the same latents (pipeline/publish/release.py)."""
+    saelens_apply_b_dec_to_input = False
+    """Whether that class encodes x - b_dec."""
+    saelens_note = ""
+    """A sentence for a release's model card when the SAELens form needs explaining."""
+
+    @classmethod
+    def saelens_config(cls, config: dict) -> dict:
+        """SAELens cfg.json keys of this architecture beyond the common ones, from our exported
+        config (asdict of the SAEConfig)."""
+        return {}
+
+    @classmethod
+    def saelens_state(cls, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(SAELens tensors, extras) from our exported state dict. SAELens keeps W_enc as
+        [d_in, d_sae]; extras hold what its layout lacks, so that a release reloads bit for bit."""
+        return {"W_enc": state["W_enc"].t().contiguous(), "W_dec": state["W_dec"].contiguous(),
+                "b_enc": state["b_enc"].contiguous(), "b_dec": state["b_dec"].contiguous()}, {}
+
+    # -- the planner's terms (pipeline/cost_model.py): arithmetic on one rank's shard of n features,
+    # no tensors. tests/test_plan.py checks the counts against modules built on the meta device.
+    @classmethod
+    def planned_parameters(cls, d: int, n: int) -> list[int]:
+        """Sizes of the trainable tensors: W_enc and W_dec [n, d], b_enc [n], b_dec [d] (replicated)."""
+        return [n * d, n * d, n, d]
+
+    @classmethod
+    def planned_buffer_bytes(cls, n: int, float_bytes: int) -> int:
+        """Non-trainable state: the int64 tokens-since-fired counter per feature. float_bytes: the
+        module's float dtype (DeepSpeed casts float buffers too)."""
+        return 8 * n
+
+    @classmethod
+    def planned_communication_bytes(cls, b: int, k: int, fp: int) -> int:
+        """Communication buffers beyond the [b, d] all-reduces every architecture has (b local
+        tokens, fp feature shards)."""
+        return 0
+
+    @classmethod
+    def planned_transients(cls, b: int, n: int, d: int, k: int, tile: int, w: int, auxk: bool) -> tuple[int, int]:
+        """(forward, backward) bytes of the step's transient tensors beyond the few [b, d] ones
+        every architecture has: b local tokens, n local features, `tile` features at a time, w
+        bytes per value, auxk: AuxK runs (dead latents exist)."""
+        raise NotImplementedError(f"{cls.__name__} states no step transients for the planner")
 
     def __init__(self, cfg: SAEConfig, features: range | None = None, device=None):
         super().__init__()

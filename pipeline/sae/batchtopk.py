@@ -14,13 +14,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.sae.base import SAEConfig
+from pipeline.sae.base import SAEConfig, register
 from pipeline.sae.tiled import RunningTopK
 from pipeline.sae.topk import TopK
 
 
+@register
 class BatchTopK(TopK):
     architecture = "batchtopk"
+    saelens_architecture = "jumprelu"  # inference keeps every latent above one threshold
+    saelens_note = ("BatchTopK SAEs are published, as SAELens does, as JumpReLU SAEs whose threshold is the "
+                    "global inference threshold learned in training.")
+    forward_tiles = 2.25  # and the ReLU'd copy of each tile
+    running_topks = 2
+
+    @classmethod
+    def saelens_config(cls, config: dict) -> dict:
+        return {}  # a JumpReLU in SAELens: no k
+
+    @classmethod
+    def saelens_state(cls, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """SAELens's per-latent threshold is the one scalar threshold, repeated; the extras keep the scalar."""
+        out, extras = super().saelens_state(state)
+        out["threshold"] = state["threshold"].expand(state["b_enc"].shape[0]).contiguous()
+        extras["threshold"] = state["threshold"].reshape(()).contiguous()
+        return out, extras
+
+    @classmethod
+    def planned_buffer_bytes(cls, n: int, float_bytes: int) -> int:
+        """And the running threshold (a float) and its int64 step count."""
+        return super().planned_buffer_bytes(n, float_bytes) + 8 + float_bytes
 
     def __init__(self, cfg: SAEConfig, features: range | None = None, device=None):
         super().__init__(cfg, features, device)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import ConfigError, InputNotFoundError
-from pipeline.sae.base import SAEConfig, SparseAutoencoder
+from pipeline.sae.base import SAEConfig, SparseAutoencoder, create
 
 FORMAT_NAME = "pipeline.sae"
 FORMAT_VERSION = 1
@@ -104,8 +104,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
     """The exported SAE at `path` as one unsharded module in eval mode; `.meta` holds cfg.json.
     A published release (a release folder or hf://owner/repo[/sae_id][@revision], docs/release-format.md)
     loads with pipeline.publish.load, which reads exports too: pipeline.sae imports nothing above it."""
-    from pipeline.sae import create
-
     if str(path).startswith("hf://"):
         raise ConfigError(f"{str(path)!r} is a published release on the Hub, not an exported checkpoint. Fix: load "
                           "it with pipeline.publish.load (it reads releases and exports alike)")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder
+from pipeline.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, SparseCode, register
 from pipeline.sae.tiled import tiled_sum
 
 
@@ -54,9 +54,31 @@ class _Step(torch.autograd.Function):
         return None, -(_kernel(z, theta, ctx.eps) * g).sum(0), None
 
 
+@register
 class JumpReLU(SparseAutoencoder):
     architecture = "jumprelu"
     feature_tensors = SparseAutoencoder.feature_tensors + ("log_threshold",)
+    saelens_architecture = "jumprelu"
+
+    @classmethod
+    def saelens_state(cls, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """SAELens's threshold is theta itself; the extras keep log_threshold bit for bit."""
+        out, extras = super().saelens_state(state)
+        out["threshold"] = state["log_threshold"].exp()
+        extras["log_threshold"] = state["log_threshold"].contiguous()
+        return out, extras
+
+    @classmethod
+    def planned_parameters(cls, d: int, n: int) -> list[int]:
+        return super().planned_parameters(d, n) + [n]  # log_threshold
+
+    @classmethod
+    def planned_transients(cls, b: int, n: int, d: int, k: int, tile: int, w: int, auxk: bool) -> tuple[int, int]:
+        """Untiled, autograd keeps the [b, n] pre-activations, code and scaled code, and backward
+        their gradients; tiled (tiled.py), one [b, tile] block at a time, recomputed in backward."""
+        if tile >= n:
+            return 3 * b * n * w, 5 * b * n * w
+        return 2 * b * tile * w, 5 * b * tile * w
 
     def __init__(self, cfg: SAEConfig, features: range | None = None, device=None):
         super().__init__(cfg, features, device)
@@ -70,9 +92,13 @@ class JumpReLU(SparseAutoencoder):
     def pre_acts(self, x: Tensor) -> Tensor:
         return F.linear(self.comm.enter(x), self.W_enc, self.b_enc)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """[batch, local features] latent activations."""
+    def dense_code(self, x: Tensor) -> Tensor:
+        """[batch, local features] latent activations, differentiable (the threshold's gradient
+        reaches it through every entry near theta, zero or not)."""
         return _JumpReLU.apply(self.pre_acts(x), self.log_threshold.exp(), self.cfg.bandwidth)
+
+    def encode(self, x: Tensor) -> SparseCode:
+        return SparseCode.from_dense(self.dense_code(x))
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
         x, d = self.comm.enter(x), x.shape[1]

@@ -15,17 +15,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.sae.base import ForwardOutput, SparseAutoencoder
+from pipeline.sae.base import ForwardOutput, SparseAutoencoder, SparseCode, register
 from pipeline.sae.tiled import tiled_sum
 
 
+@register
 class ReluL1(SparseAutoencoder):
     architecture = "relu_l1"
     unit_norm_default = False
 
-    def encode(self, x: Tensor) -> Tensor:
-        """[batch, local features] latent activations."""
+    def dense_code(self, x: Tensor) -> Tensor:
+        """[batch, local features] latent activations, differentiable."""
         return F.relu(F.linear(self.comm.enter(x), self.W_enc, self.b_enc))
+
+    def encode(self, x: Tensor) -> SparseCode:
+        return SparseCode.from_dense(self.dense_code(x))
+
+    @classmethod
+    def planned_transients(cls, b: int, n: int, d: int, k: int, tile: int, w: int, auxk: bool) -> tuple[int, int]:
+        """Untiled, plain autograd keeps the [b, n] code, then its gradient, and the [n, d + 8]
+        decode-and-penalty matrix; tiled (tiled.py), one [b, tile] block at a time, recomputed in
+        backward."""
+        if tile >= n:
+            decode = n * (d + 8) * w
+            return b * n * w + decode, 2 * b * n * w + decode
+        return 2 * b * tile * w, 3 * b * tile * w
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
         x, d = self.comm.enter(x), x.shape[1]

@@ -21,13 +21,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.sae.base import ForwardOutput, SparseAutoencoder
+from pipeline.sae.base import ForwardOutput, SparseAutoencoder, SparseCode, register
 from pipeline.sae.sparse import gather_linear, sparse_decode
 from pipeline.sae.tiled import RunningTopK, tiles
 
 
+@register
 class TopK(SparseAutoencoder):
     architecture = "topk"
+    uses_k = sparse_step = True
+    saelens_architecture = "topk"
+    saelens_apply_b_dec_to_input = True
+    forward_tiles = 1.25
+    """[b, tile] pre-activation tiles the planner counts in forward: one, and at most a quarter
+    tile of AuxK's dead columns."""
+    running_topks = 1
+    """Running top-k's of 4 b k (w + 8) bytes the planner counts in both phases."""
+
+    @classmethod
+    def saelens_config(cls, config: dict) -> dict:
+        return {"k": config["k"], "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def planned_communication_bytes(cls, b: int, k: int, fp: int) -> int:
+        """Every feature shard's k proposals per token (values and int64 indices), gathered."""
+        return 2 * b * k * 12 * fp
+
+    @classmethod
+    def planned_transients(cls, b: int, n: int, d: int, k: int, tile: int, w: int, auxk: bool) -> tuple[int, int]:
+        """Forward: the pre-activation tiles (no grad) and the running top-k's (tiled.py). Backward
+        (sparse.py): the running top-k's, and with AuxK on, its code's W_enc and W_dec gradients,
+        two dense [n, d] tensors held until autograd adds the main path's."""
+        running = 4 * b * k * (w + 8) * cls.running_topks
+        return int(cls.forward_tiles * b * tile * w) + running, 2 * n * d * w * auxk + running
 
     def encoder_bias(self) -> Tensor:
         """b_enc - W_enc b_dec [features], no grad: W_enc (x - b_dec) + b_enc = W_enc x + this, so
@@ -75,10 +101,9 @@ class TopK(SparseAutoencoder):
         vals = gather_linear(x, self.W_enc, self.b_enc, b_dec, idx, pre)
         return torch.where(keep, vals.relu(), torch.zeros_like(vals))
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Sparse code (vals [batch, m], local idx [batch, m])."""
+    def encode(self, x: Tensor) -> SparseCode:
         idx, pre, keep = self.choose(self.scan(x, self.encoder_bias())[0])
-        return self.code(x, self.comm.enter(self.b_dec), idx, pre, keep), idx
+        return SparseCode(self.code(x, self.comm.enter(self.b_dec), idx, pre, keep), idx)
 
     def decode(self, vals: Tensor, idx: Tensor) -> Tensor:
         """This shard's partial reconstruction (no bias)."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.config import check_declared
+from pipeline.cost_model import PlanConfig
 from pipeline.errors import ConfigError
-from pipeline.plan.model import PlanConfig
 
 LOSSES = ("auto", "fvu", "nmse", "mse", "proxy_loss")
 
@@ -33,7 +33,7 @@ class ScalingConfig:
     out_dir: str | None = None
     """scaling.json and the PNG plots go here; default: sweep_dir."""
     plan: dict = field(default_factory=dict)
-    """Planner settings for the budget's run (pipeline/plan/model.py PlanConfig), e.g.
+    """Planner settings for the budget's run (pipeline/cost_model.py PlanConfig), e.g.
     +plan.gpu_memory_gb=80 +plan.tflops=400; d_model, n_features, architecture and k come from the fit."""
 
     def __post_init__(self):

@@ -1,6 +1,6 @@
 """Read a sweep, fit its scaling laws, write scaling.json and the plots, answer for a budget.
 
-Compute of a run is its training FLOPs from the planner's model (pipeline.plan.model.step_flops):
+Compute of a run is its training FLOPs from the planner's model (pipeline.cost_model.training_flops):
 per token ~10 d N for a dense step (relu_l1, jumprelu: encoder and decoder forward, both weight
 gradients, the gradient w.r.t. the code) and ~2 d N + 8 k d for the sparse topk/batchtopk step
 (the dense encoder forward plus what only the k active latents need), times the tokens trained.
@@ -18,15 +18,27 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import heldout
+from pipeline.cost_model import PlanConfig, best_plan, training_flops
 from pipeline.errors import ScalingFitError
+from pipeline.sae import CLASSES, sae_class
 from pipeline.scaling import fit as F
 from pipeline.scaling.config import ScalingConfig
 
 RESULT_FILE = "scaling.json"
 PLOTS = {"loss": "loss_vs_compute.png", "optimal": "optimal_vs_compute.png", "joint": "joint_fit.png"}
-SPARSE_STEP = ("topk", "batchtopk")  # as pipeline.plan.model.make_plan: their step cost is the sparse count
-FLOP_MODEL = ("training FLOPs = tokens x per-token step FLOPs of pipeline.plan.model.step_flops: "
-              "10 d N (dense step: relu_l1, jumprelu) or 2 d N + 8 k d (sparse step: topk, batchtopk)")
+
+
+def flop_model() -> str:
+    """How a run's compute is counted (written to scaling.json), naming the architectures of each step."""
+    dense, sparse = ([a for a, c in CLASSES.items() if c.sparse_step == s] for s in (False, True))
+    return ("training FLOPs = tokens x per-token step FLOPs of pipeline.cost_model.step_flops: "
+            f"10 d N (dense step: {', '.join(dense)}) or 2 d N + 8 k d (sparse step: {', '.join(sparse)})")
+
+
+def uses_k(architecture: str) -> bool:
+    """Whether runs of `architecture` are set by k (fits compare them at one k, state it, plan with it)."""
+    return sae_class(architecture).uses_k
 
 
 def flops_per_token(architecture: str, d_model: int, n_features, k: int):
@@ -37,10 +49,8 @@ def flops_per_token(architecture: str, d_model: int, n_features, k: int):
 
 @functools.lru_cache(maxsize=None)
 def _step_flops_line(architecture: str, d_model: int, k: int) -> tuple[float, float]:
-    """step_flops per token is linear in n_features: (slope, intercept) of the count that applies."""
-    from pipeline.plan.model import PlanConfig, step_flops
-    which = 1 if architecture in SPARSE_STEP else 0
-    at = [step_flops(PlanConfig(d_model=d_model, n_features=n, architecture=architecture, k=k, batch_size=1))[which]
+    """training_flops per token is linear in n_features: (slope, intercept)."""
+    at = [training_flops(PlanConfig(d_model=d_model, n_features=n, architecture=architecture, k=k, batch_size=1))
           for n in (1, 2)]  # a planner config needs a dictionary: no n_features=0
     return at[1] - at[0], 2 * at[0] - at[1]
 
@@ -107,7 +117,6 @@ def _planned_steps(d: Path) -> int | None:
 
 
 def _status(d: Path, loss_key: str) -> Point | Excluded:
-    from pipeline.train import heldout
     try:
         h = heldout.read(d)
     except ValueError as e:
@@ -137,7 +146,7 @@ def _status(d: Path, loss_key: str) -> Point | Excluded:
 def loss_key(cfg: ScalingConfig, architectures: set[str]) -> str:
     if cfg.loss != "auto":
         return cfg.loss
-    return "fvu" if architectures <= set(SPARSE_STEP) else "proxy_loss"
+    return "fvu" if all(uses_k(a) for a in architectures) else "proxy_loss"
 
 
 def read_sweep(cfg: ScalingConfig) -> tuple[list[Point], list[Excluded], str]:
@@ -147,7 +156,6 @@ def read_sweep(cfg: ScalingConfig) -> tuple[list[Point], list[Excluded], str]:
         raise ScalingFitError(f"sweep_dir={cfg.sweep_dir!r} is not a folder. Fix: pass the sweep's output folder "
                               "(hydra.sweep.dir of the multirun, e.g. runs/sweep/gao)")
     dirs = run_dirs(root)
-    from pipeline.train import heldout
     archs = set()
     for d in dirs:
         try:
@@ -161,7 +169,7 @@ def read_sweep(cfg: ScalingConfig) -> tuple[list[Point], list[Excluded], str]:
     points = [r for r in results if isinstance(r, Point)]
     excluded = [r for r in results if isinstance(r, Excluded)]
     for what, values in (("architecture", {p.architecture for p in points}), ("d_model", {p.d_model for p in points}),
-                         ("k", {p.k for p in points if p.architecture in SPARSE_STEP}),
+                         ("k", {p.k for p in points if uses_k(p.architecture)}),
                          ("heldout_url", {p.heldout_url for p in points})):
         if len(values) > 1:
             by = {v: [Path(p.dir).name for p in points if getattr(p, what) == v][:4] for v in values}
@@ -196,8 +204,8 @@ def analyse(points: list[Point], cfg: ScalingConfig) -> tuple[dict, dict]:
     joint = F.fit_joint(N, D, L, delta)
     implied = F.implied_exponents(joint, C.min(), C.max(), fpt)
 
-    out = {"architecture": arch, "d_model": d_model, "k": k if arch in SPARSE_STEP else None,
-           "n_points": len(points), "flop_model": FLOP_MODEL,
+    out = {"architecture": arch, "d_model": d_model, "k": k if uses_k(arch) else None,
+           "n_points": len(points), "flop_model": flop_model(),
            "frontier": {"form": "L(C) = E + A * C^-a", "points": [points[i].dir for i in front],
                         "fit": F.as_dict(ff),
                         "n_opt": {"form": "N_opt(C) = k * C^b", "k": n_opt.k, "b": n_opt.exponent},
@@ -306,10 +314,9 @@ def predict_budget(budget: float, result: dict, fits: dict, cfg: ScalingConfig) 
                             "loss_joint_fit": float(fits["joint"].predict(n, tokens))}}
     arch, d, k = result["architecture"], result["d_model"], result["k"] or 32
     plan_args = [f"d_model={d}", f"n_features={n}", f"architecture={arch}"] + \
-        ([f"k={k}"] if arch in SPARSE_STEP else []) + [f"{key}={v}" for key, v in cfg.plan.items()]
+        ([f"k={k}"] if uses_k(arch) else []) + [f"{key}={v}" for key, v in cfg.plan.items()]
     pred["plan_command"] = f"make plan ARGS={shlex.quote(' '.join(plan_args))}"
     try:
-        from pipeline.plan.model import PlanConfig, best_plan
         plan = best_plan(PlanConfig(d_model=d, n_features=n, architecture=arch, k=k, **cfg.plan))
         pred["plan"] = {"gpus": plan.gpus, "data_parallel": plan.data_parallel,
                         "feature_parallel": plan.feature_parallel, "nodes": plan.nodes,

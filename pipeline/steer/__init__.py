@@ -5,6 +5,7 @@
 Prints the clean and the steered continuation side by side; writes <out_dir>/generations.json."""
 
 from pipeline.steer.config import Clamp, SteerConfig
-from pipeline.steer.run import clamp_fn, generate, resolve_clamps, run
+from pipeline.analysis.steering import clamp_fn
+from pipeline.steer.run import generate, resolve_clamps, run
 
 __all__ = ["Clamp", "SteerConfig", "clamp_fn", "generate", "resolve_clamps", "run"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from pipeline.analysis.config import InputConfig
 from pipeline.errors import ConfigError
-from pipeline.models import ModelConfig
 
 _CLAMP = re.compile(r"^\s*(-?\d+)\s*[:=]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(x?)\s*$")
 
@@ -29,11 +29,8 @@ class Clamp:
 
 @dataclass
 class SteerConfig:
-    checkpoint: str = "runs/demo/train/topk/sae"
-    """The exported SAE (the trainer's <out_dir>/sae folder)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    hook: str | None = None
-    """The hook the SAE reads; default: the hook named in the checkpoint's cfg.json."""
+    input: InputConfig = field(default_factory=InputConfig)
+    """The dictionary, its model and hook (pipeline/analysis/config.py); steering reads no corpus."""
     prompt: str = "Tell me about a place you would like to visit."
     clamp: list[str] = field(default_factory=list)
     """Features to clamp at every position: "FEATURE:VALUE" (absolute activation) or "FEATURE:VALUEx"

@@ -9,29 +9,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.analysis.prompts import prompt_ids
+from pipeline.analysis.steering import clamp_fn
 from pipeline.errors import ConfigError
-from pipeline.evaluate.dictionary import Dictionary
 from pipeline.models import LoadedModel, load_model, replace_output
 from pipeline.steer.config import Clamp, SteerConfig
 
 GENERATIONS_FILE = "generations.json"
-
-
-def clamp_fn(d: Dictionary, values: dict[int, float]):
-    """The hook function that clamps features: x -> x + sum_i (v_i - f_i(x)) W_dec[i].
-
-    This is SAE(x) with f_i replaced by v_i, plus the error x - SAE(x): only the clamped features'
-    contributions change, and a clamp equal to the feature's own value changes nothing."""
-    idx = torch.tensor([d.check_feature(i) for i in values], dtype=torch.long, device=d.sae.W_dec.device)
-    target = torch.tensor(list(values.values()), dtype=torch.float32, device=idx.device)
-    rows = d.decoder()[idx]  # [c, d_model]
-
-    def fn(x: Tensor) -> Tensor:
-        if not len(idx):
-            return x
-        f = d.encode(x)[..., idx]  # [..., c] the features' own values at each position
-        return x + ((target - f) @ rows).to(x.dtype)
-    return fn
 
 
 def resolve_clamps(d: Dictionary, clamps: list[Clamp], features_file: str | None, allow_dead: bool = False
@@ -69,19 +54,6 @@ def resolve_clamps(d: Dictionary, clamps: list[Clamp], features_file: str | None
     return out
 
 
-def prompt_ids(loaded: LoadedModel, prompt: str, chat: bool) -> Tensor:
-    tok = loaded.tokenizer
-    if chat and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-    else:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        if tok.bos_token_id is not None and (ids.shape[1] == 0 or ids[0, 0] != tok.bos_token_id):
-            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
-    return ids.to(loaded.device)
-
-
 @torch.no_grad()
 def generate(loaded: LoadedModel, d: Dictionary, ids: Tensor, values: dict[int, float], max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0) -> str:
@@ -104,8 +76,8 @@ def generate(loaded: LoadedModel, d: Dictionary, ids: Tensor, values: dict[int, 
 
 
 def run(cfg: SteerConfig) -> dict:
-    loaded = load_model(cfg.model)
-    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
+    loaded = load_model(cfg.input.model)
+    d = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
     values = resolve_clamps(d, cfg.clamps(), cfg.features, cfg.allow_dead)
     ids = prompt_ids(loaded, cfg.prompt, cfg.chat)
     clean = generate(loaded, d, ids, {}, cfg.max_new_tokens, cfg.temperature, cfg.seed)

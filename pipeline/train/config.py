@@ -14,7 +14,10 @@ from pipeline.sae import SAEConfig
 
 
 @dataclass
-class DataConfig:
+class ActivationDataConfig:
+    """What training reads (the YAML key `data`): an activation store, not text (that is
+    pipeline.data.DataConfig, the caching and analysis stages' `data`)."""
+
     url: str = "runs/demo/activations"
     """The activation store (any fsspec URL) written by the caching stage."""
     storage_options: dict = field(default_factory=dict)
@@ -103,7 +106,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    data: ActivationDataConfig = field(default_factory=ActivationDataConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     parallel: ParallelDims = field(default_factory=ParallelDims)
     optim: OptimConfig = field(default_factory=OptimConfig)

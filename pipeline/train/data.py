@@ -4,11 +4,23 @@ prefetching ActivationLoader, resumable from a checkpoint."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import torch
 
+from pipeline.errors import ConfigError
+from pipeline.sae import SAEConfig
 from pipeline.store import ActivationLoader, ActivationStore
 from pipeline.store.loader import Interrupted
+
+
+def with_d_model(sae: SAEConfig, store: ActivationStore) -> SAEConfig:
+    """`sae` with the store's width (the trainer and its dry run both take d_model from the store)."""
+    if sae.d_model is not None and sae.d_model != store.d_model:
+        raise ConfigError(f"sae.d_model={sae.d_model}, but the store at {store.url!r} holds activations of "
+                          f"width {store.d_model}. Fix: drop sae.d_model (it is taken from the store) or "
+                          "train on a store of that width")
+    return replace(sae, d_model=store.d_model)
 
 
 class RankBatches:

@@ -3,8 +3,8 @@
 Builds every feature shard of the configured dictionary on the `meta` device (shapes, no
 memory) for the configured data_parallel x feature_parallel layout, in one process whatever the
 target world size, and lays out the ZeRO-partitioned optimizer state the same way on `meta`. It
-prints per-rank parameter counts and bytes and checks them against the planner
-(pipeline.plan.model), so a plan for a 34M-feature cluster run is checked against the real
+prints per-rank parameter counts and bytes and checks them against the planner's cost model
+(pipeline.cost_model), so a plan for a 34M-feature cluster run is checked against the real
 modules before the job is queued."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import math
 
 import torch
 
+from pipeline.cost_model import PlanConfig, rank_memory
 from pipeline.errors import ConfigError
-from pipeline.plan.model import PlanConfig, rank_memory
 from pipeline.sae import create
 from pipeline.store import ActivationStore
 from pipeline.train.config import TrainConfig
+from pipeline.train.data import with_d_model
 from pipeline.train.engine import precision
 from pipeline.train.low_bit import low_bit_adam
 
@@ -27,7 +28,6 @@ def layout(cfg: TrainConfig) -> tuple[PlanConfig, list[dict]]:
     kind of state, counted from meta tensors."""
     sae_cfg = cfg.sae
     if sae_cfg.d_model is None:  # only the width is read from the store
-        from pipeline.train.loop import with_d_model
         sae_cfg = with_d_model(sae_cfg, ActivationStore.open(cfg.data.url, cfg.data.storage_options))
     dims = cfg.parallel
     dims.validate(dims.world_size, sae_cfg.n_features)
@@ -100,6 +100,6 @@ def dry_run(cfg: TrainConfig) -> dict:
           f"{planned.total / gib:,.3f} GiB")
     if mismatch:
         raise ConfigError(f"the planner's per-rank bytes disagree with the modules built: {mismatch} "
-                          "(meta, planner). This is a bug in pipeline/plan/model.py; please report it")
+                          "(meta, planner). This is a bug in pipeline/cost_model.py; please report it")
     print("matches the planner (pipeline.plan) exactly", flush=True)
     return {"plan": vars(planned), "shards": shards}

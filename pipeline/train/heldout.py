@@ -1,5 +1,5 @@
 """Held-out metrics of a finished training run, written to out_dir/heldout.json: the number a
-scaling-law sweep fits (pipeline/scaling). Reader and writer live here.
+scaling-law sweep fits (pipeline/scaling). The file, its keys and its reader: pipeline/heldout.py.
 
 With `heldout_url` set (a store cached from held-out text, e.g. `python -m pipeline.cache
 data.split=test`), the trainer calls `evaluate` after the export: every rank reads the same first
@@ -7,17 +7,6 @@ data.split=test`), the trainer calls `evaluate` after the export: every rank rea
 and runs the trained module itself, so a feature-sharded SAE is evaluated by its own shards. A
 rerun whose out_dir already holds heldout.json for the same configuration returns at once
 (`finished`): that is how a killed sweep skips its finished points.
-
-heldout.json (values in the training's normalised units, E||x||^2 = d_model over the training store):
-    mse          mean over rows of ||x - x_hat||^2
-    fvu          sum ||x - x_hat||^2 / sum ||x - mean(x)||^2  (1 - explained variance; Gao et al.'s
-                 normalised MSE up to the constant variance / mean-square of the data)
-    nmse         sum ||x - x_hat||^2 / sum ||x||^2  (openai/sparse_autoencoder's normalisation)
-    l0, sparsity the mean active latents and the weighted sparsity penalty at full lambda
-    proxy_loss   mse + sparsity: Scaling Monosemanticity's proxy loss (relu_l1), = mse for topk
-    dead_fraction  latents that fired on none of the n_rows held-out rows
-    tokens, steps, n_features, architecture, k, d_model: the run, as trained
-    point        the configuration that made it (a rerun with another one does not reuse the file)
 """
 
 from __future__ import annotations
@@ -30,10 +19,7 @@ from pathlib import Path
 
 import torch
 
-HELDOUT_FILE = "heldout.json"
-FORMAT_NAME = "pipeline.heldout"
-FORMAT_VERSION = 1
-METRICS = ("mse", "fvu", "nmse", "l0", "sparsity", "proxy_loss", "dead_fraction")
+from pipeline.heldout import FORMAT_NAME, FORMAT_VERSION, HELDOUT_FILE, read, write
 
 
 def point(cfg) -> dict:
@@ -42,14 +28,6 @@ def point(cfg) -> dict:
            "data_url": cfg.data.url, "hook": cfg.data.hook, "optim": asdict(cfg.optim),
            "heldout_url": cfg.heldout_url, "heldout_tokens": cfg.heldout_tokens}
     return json.loads(json.dumps(doc))
-
-
-def read(out_dir: str | Path) -> dict | None:
-    """out_dir/heldout.json, or None when there is none."""
-    path = Path(out_dir) / HELDOUT_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
 
 
 def finished(cfg) -> Path | None:
@@ -123,10 +101,7 @@ def evaluate(sae, cfg, hook: str, scale: float, dtype: torch.dtype, device: torc
            "l0": l0 / n, "sparsity": sparsity / n, "proxy_loss": mse + sparsity / n,
            "dead_fraction": dead / sae.cfg.n_features, "point": point(cfg)}
     if torch.distributed.get_rank() == 0:
-        path = Path(cfg.out_dir) / HELDOUT_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)  # a sweep point counts as finished only once the whole file is in
+        path = write(cfg.out_dir, doc)
         print(f"held-out ({n} rows of {cfg.heldout_url}): FVU {doc['fvu']:.4g}  MSE {mse:.4g}  L0 {doc['l0']:.1f}  "
               f"dead {doc['dead_fraction']:.1%}; wrote {path}", flush=True)
     return doc

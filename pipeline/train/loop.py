@@ -7,21 +7,20 @@ import os
 import signal
 import threading
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import ConfigError, NonFiniteLossError
+from pipeline.errors import NonFiniteLossError
 from pipeline.parallel import Mesh, init_distributed
-from pipeline.sae import SAEConfig, checkpoint as export
+from pipeline.sae import checkpoint as export
 from pipeline.store import ActivationStore
 from pipeline.store.loader import Interrupted
 from pipeline.train.checkpoint import Checkpoints, tag
 from pipeline.train import heldout
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import RankBatches
+from pipeline.train.data import RankBatches, with_d_model
 from pipeline.train.engine import build_engine, precision, sparsity_scale
 from pipeline.train.metrics import Logger, step_stats
 
@@ -103,14 +102,6 @@ def train(cfg: TrainConfig) -> Path | None:
     if cfg.heldout_url:
         heldout.evaluate(engine.module, cfg, hook, scale, dtype, device)
     return folder
-
-
-def with_d_model(sae: SAEConfig, store: ActivationStore) -> SAEConfig:
-    if sae.d_model is not None and sae.d_model != store.d_model:
-        raise ConfigError(f"sae.d_model={sae.d_model}, but the store at {store.url!r} holds activations of "
-                          f"width {store.d_model}. Fix: drop sae.d_model (it is taken from the store) or "
-                          "train on a store of that width")
-    return replace(sae, d_model=store.d_model)
 
 
 def export_meta(cfg: TrainConfig, store: ActivationStore, hook: str, stats, last: dict) -> dict:

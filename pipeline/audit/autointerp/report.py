@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 
-from pipeline.interpret import dashboard as H
+from pipeline.analysis import html as H
 
 COLUMNS = [("detection", "balanced_accuracy", "detection bal. acc."), ("detection", "auroc", "detection AUROC"),
            ("fuzzing", "balanced_accuracy", "fuzzing bal. acc."), ("fuzzing", "auroc", "fuzzing AUROC"),

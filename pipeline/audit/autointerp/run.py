@@ -17,12 +17,11 @@ from pipeline.audit.autointerp.client import Endpoint
 from pipeline.audit.autointerp.config import AutointerpConfig
 from pipeline.audit.autointerp.scorers import (Context, EndpointJudge, Judge, detection, embedding, fuzzing, simulation,
                                                surprisal)
-from pipeline.evaluate.common import context_batches
-from pipeline.evaluate.dictionary import Dictionary
-from pipeline.interpret import dashboard as H
-from pipeline.interpret.collect import examples_of
-from pipeline.interpret.config import InterpretConfig
-from pipeline.interpret.run import FEATURES_FILE, TokenText, collect
+from pipeline.analysis.batches import context_batches
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.analysis import html as H
+from pipeline.analysis.collect import FEATURES_FILE, FEATURES_PER_PASS, FeatureCollector, TokenText, collect, examples_of
+from pipeline.analysis.config import InputConfig
 from pipeline.models import ActivationCapture, LoadedModel, load_model
 
 CACHE_DIR = "autointerp_cache"
@@ -40,13 +39,13 @@ def run_autointerp(cfg) -> dict:
     a: AutointerpConfig = cfg.autointerp
     out = Path(cfg.out_dir)
     endpoint = Endpoint(a.base_url, a.judge_model, a.api_key_env, a.cache_dir or out / CACHE_DIR, a.timeout,
-                        a.max_retries, server_device=cfg.model.device if cfg.model.device != "auto" else "cpu",
+                        a.max_retries, server_device=cfg.input.model.device if cfg.input.model.device != "auto" else "cpu",
                         server_port=a.server_port, server_log=out / SERVER_LOG)  # checks the key first
     embedder = load_embedder() if a.embedding else None
-    loaded = load_model(cfg.model)
-    d = Dictionary.load(cfg.checkpoint, loaded, cfg.hook)
+    loaded = load_model(cfg.input.model)
+    d = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
     t0 = time.time()
-    chosen, info = gather(d, loaded, a, cfg.dashboard, cfg.exclude_positions_below)
+    chosen, info = gather(d, loaded, a, cfg.dashboard, cfg.input.exclude_positions_below)
     print(f"autointerp: {len(chosen)} features ({info['selection']}), contexts in {time.time() - t0:.1f}s", flush=True)
     judge = EndpointJudge(endpoint, a.explain_max_tokens, a.temperature, a.logprobs, a.top_logprobs, a.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,15 +88,6 @@ def load_embedder():
 
 # -- contexts -------------------------------------------------------------------------------------
 
-def interpret_config(d: Dictionary, a: AutointerpConfig, skip: int) -> InterpretConfig:
-    """The interpretation stage's collector settings for this task."""
-    return InterpretConfig(checkpoint=d.path, data=a.data, hook=d.hook, context_size=a.context_size,
-                           n_tokens=a.n_tokens, batch_size=a.batch_size, exclude_positions_below=skip,
-                           top_k=max(a.n_explain_top, 1), n_samples=a.n_explain_quantile + a.n_test + 8,
-                           n_quantiles=a.n_quantiles, context_before=a.context_before, context_after=a.context_after,
-                           progress=False, seed=a.seed, crosslingual_in_dashboard=False)
-
-
 def dashboard_density(dashboard: str | None, d: Dictionary) -> tuple[list[float], list[int]] | None:
     """Per-feature (density, count) from the interpretation stage's features.json, if it describes
     this SAE."""
@@ -134,14 +124,18 @@ def gather(d: Dictionary, loaded: LoadedModel, a: AutointerpConfig, dashboard: s
     """Per chosen feature: explainer contexts (top + quantile samples), held-out activating contexts
     and non-activating contexts; plus how the features were chosen."""
     rng = random.Random(a.seed)
-    icfg = interpret_config(d, a, skip)
+    inp = InputConfig(checkpoint=d.path, hook=d.hook, data=a.data, context_size=a.context_size, n_tokens=a.n_tokens,
+                      batch_size=a.batch_size, exclude_positions_below=skip)
     batches = list(context_batches(a.data, loaded.tokenizer, a.context_size, a.n_tokens, a.batch_size))
-    per_pass = icfg.features_per_pass
+    per_pass = FEATURES_PER_PASS
     collectors = {}
 
     def collector(lo: int):
         if lo not in collectors:
-            collectors[lo] = collect(d, loaded, icfg, lo, min(lo + per_pass, d.n_features), batches=iter(batches))
+            c = FeatureCollector(lo, min(lo + per_pass, d.n_features), max(a.n_explain_top, 1),
+                                 a.n_explain_quantile + a.n_test + 8, a.context_before, a.context_after,
+                                 device=loaded.device, seed=a.seed)
+            collectors[lo] = collect(d, loaded, inp, c, batches=iter(batches), progress=False)
         return collectors[lo]
 
     known = dashboard_density(dashboard, d)

@@ -1,8 +1,13 @@
-"""The memory, communication and compute model of one training step of a feature-sharded SAE.
+"""The cost model of training a feature-sharded SAE: per-rank memory, communication, FLOPs and
+step time of one training step, for a layout (data_parallel x feature_parallel).
 
-Everything here is arithmetic on the configuration: no torch, no allocation, so a 34M-feature
-plan for 64 GPUs prints in milliseconds. `tests/test_plan.py` checks the parameter and state
-bytes against the real sharded modules built on the meta device."""
+A lower layer shared by the stages: the planner (pipeline/plan) prints it, the trainer's dry run
+(pipeline/train/dry_run.py) checks it against the real modules, the scaling fit (pipeline/scaling)
+counts compute with it. Everything here is arithmetic on the configuration: no tensor, no
+allocation, so a 34M-feature plan for 64 GPUs computes in milliseconds. What differs between
+architectures is read from their classes (the planned_* terms and sparse_step of
+pipeline/sae/base.py). `tests/test_plan.py` checks the parameter and state bytes against the real
+sharded modules built on the meta device."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from pipeline.errors import ConfigError
+from pipeline.sae import sae_class
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 POSITIVE = ("d_model", "n_features", "batch_size", "gpu_memory_gb", "gpus_per_node", "usable_fraction",
@@ -23,8 +29,9 @@ class PlanConfig:
     d_model: int = 4096
     n_features: int = 2**25
     architecture: str = "topk"
+    """Any registered architecture (pipeline/sae/)."""
     k: int = 32
-    """topk/batchtopk: active latents per token (the sparse step's cost)."""
+    """Architectures that use k (topk, batchtopk): active latents per token (the sparse step's cost)."""
     k_aux: int = 256
     """topk/batchtopk: AuxK's dead latents (0: AuxK off). Planned as if it runs: its backward holds
     two more [n_local, d] gradients."""
@@ -66,6 +73,7 @@ class PlanConfig:
     """Names of the conf/plan presets that made this config (informational)."""
 
     def __post_init__(self):
+        uses_k = sae_class(self.architecture).uses_k
         if self.param_dtype not in BYTES:
             raise ConfigError(f"param_dtype={self.param_dtype!r} is not one of {sorted(BYTES)}")
         if self.zero_stage not in (0, 1, 2):
@@ -84,7 +92,7 @@ class PlanConfig:
         if not self.usable_fraction <= 1:
             raise ConfigError(f"usable_fraction={self.usable_fraction} must be in (0, 1]: the share of GPU memory "
                               "the plan may fill")
-        if self.architecture in ("topk", "batchtopk") and not self.k >= 1:
+        if uses_k and not self.k >= 1:
             raise ConfigError(f"k={self.k} must be >= 1 for {self.architecture} (active latents per token)")
 
 
@@ -95,8 +103,8 @@ def local_features(n_features: int, feature_parallel: int) -> int:
 
 def shard_tensors(architecture: str, d: int, n_local: int) -> list[int]:
     """Sizes of the trainable tensors on one rank: W_enc and W_dec [n, d], b_enc [n], b_dec [d]
-    (replicated), plus jumprelu's log-threshold [n]."""
-    return [n_local * d, n_local * d, n_local, d] + [n_local] * (architecture == "jumprelu")
+    (replicated), plus the architecture's own (jumprelu's log-threshold [n])."""
+    return sae_class(architecture).planned_parameters(d, n_local)
 
 
 def shard_parameters(architecture: str, d: int, n_local: int) -> int:
@@ -113,9 +121,10 @@ def low_bit_state_bytes(numel: int, state_dtype: str) -> int:
 
 
 def shard_buffers_bytes(architecture: str, n_local: int, float_bytes: int = 4) -> int:
-    """Non-trainable state: the int64 tokens-since-fired counter per feature, and batchtopk's
-    running threshold (a float in the module's dtype: DeepSpeed casts buffers too) and its step count."""
-    return 8 * n_local + (8 + float_bytes if architecture == "batchtopk" else 0)
+    """Non-trainable state: the int64 tokens-since-fired counter per feature, plus the
+    architecture's own (batchtopk's running threshold, a float in the module's dtype: DeepSpeed
+    casts buffers too, and its step count)."""
+    return sae_class(architecture).planned_buffer_bytes(n_local, float_bytes)
 
 
 @dataclass
@@ -158,26 +167,14 @@ def activation_bytes(architecture: str, b: int, n: int, d: int, k: int, tile: in
     n local features, `tile` features at a time, w bytes per value). Checked against measured
     steps by benchmarks/train_scaling.py (BENCHMARKS.md).
 
-    topk/batchtopk (sparse.py, tiled.py): forward holds one [b, tile] pre-activation tile (no grad),
-    at most a quarter tile of AuxK's dead columns and batchtopk's ReLU'd copy of the tile; the
-    running top-k's are O(b k). Backward makes each weight gradient as one dense [n, d] tensor;
-    with AuxK on (dead latents exist), its code's gradients for W_enc and W_dec are two more, held
-    until autograd adds the main path's.
-    relu_l1/jumprelu untiled: autograd keeps [b, n] codes (relu_l1: the code, then its gradient;
-    jumprelu: pre-activations, code, scaled code and their gradients), and relu_l1 its [n, d + 8]
-    decode-and-penalty matrix. Tiled (tiled.py): the same per [b, tile] block, recomputed in
-    backward; nothing [b, n] is kept.
-    Both phases: a few [b, d] fp32 tensors (x, x_hat, the error, their gradients)."""
+    Every architecture: a few [b, d] fp32 tensors in both phases (x, x_hat, the error, their
+    gradients); plus its own (its class's planned_transients): topk/batchtopk the encoder's
+    pre-activation tiles and running top-k's, in backward AuxK's two extra [n, d] gradients;
+    relu_l1/jumprelu untiled their [b, n] codes kept for backward, tiled the same per [b, tile]
+    block, recomputed in backward."""
     rows = 6 * b * d * 4
-    if architecture in ("topk", "batchtopk"):
-        tiles = 1.25 + (architecture == "batchtopk")
-        running = 4 * b * k * (w + 8) * (1 + (architecture == "batchtopk"))
-        return int(tiles * b * tile * w) + running + rows, 2 * n * d * w * auxk + running + rows
-    if tile >= n:  # plain autograd: forward keeps what backward needs
-        decode = n * (d + 8) * w if architecture == "relu_l1" else 0
-        kept = (1 if architecture == "relu_l1" else 3) * b * n * w
-        return kept + decode + rows, (2 if architecture == "relu_l1" else 5) * b * n * w + decode + rows
-    return 2 * b * tile * w + rows, (3 if architecture == "relu_l1" else 5) * b * tile * w + rows
+    forward, backward = sae_class(architecture).planned_transients(b, n, d, k, tile, w, auxk)
+    return forward + rows, backward + rows
 
 
 def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
@@ -202,7 +199,7 @@ def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
         step = max(8 * n * d, math.ceil(p / part) * (w + (4 if w != 4 else 0)))
     else:
         step = 0 if w == 4 else 4 * n * d
-    communication = 2 * b * d * 4 + (2 * b * cfg.k * 12 * fp if cfg.architecture in ("topk", "batchtopk") else 0)
+    communication = 2 * b * d * 4 + sae_class(cfg.architecture).planned_communication_bytes(b, cfg.k, fp)
     if cfg.state_dtype == "fp32":
         state = 8 * math.ceil(p / part)
     else:  # one parameter group per tensor (pipeline/train/engine.py), each partitioned on its own
@@ -220,6 +217,12 @@ def step_flops(cfg: PlanConfig) -> tuple[float, float]:
     encoder plus ~8 k d per token for everything the inactive latents do not need."""
     t, d, f = cfg.batch_size, cfg.d_model, cfg.n_features
     return 10.0 * t * d * f, 2.0 * t * d * f + 8.0 * t * cfg.k * d
+
+
+def training_flops(cfg: PlanConfig) -> float:
+    """FLOPs of one step of cfg.architecture: the sparse count if its step is sparse, else the dense."""
+    dense, sparse = step_flops(cfg)
+    return sparse if sae_class(cfg.architecture).sparse_step else dense
 
 
 @dataclass
@@ -259,8 +262,7 @@ def make_plan(cfg: PlanConfig, dp: int, fp: int) -> Plan:
     # then only the data-parallel gradient all-reduce crosses node boundaries.
     fp_cross = fp > cfg.gpus_per_node
     cross = (fp_bytes if fp_cross else 0) + (dp_bytes if nodes > 1 else 0)
-    dense, sparse = step_flops(cfg)
-    flops = sparse if cfg.architecture in ("topk", "batchtopk") else dense
+    flops = training_flops(cfg)
     compute = flops / (dp * fp) / (cfg.tflops * 1e12)
     adam = (mem.weights + mem.gradients + mem.master_weights + mem.optimizer_state) * 2 / (cfg.mem_bandwidth_gbs * 1e9)
     comm = (fp_bytes / ((cfg.inter_node_gbs if fp_cross else cfg.intra_node_gbs) * 1e9)

@@ -1,8 +1,9 @@
 """An exported SAE checked against the language model it will be spliced into: the one adapter the
-evaluation, interpretation and steering stages share.
+analysis stages (evaluate, interpret, steer, audit) share.
 
     d = Dictionary.load("runs/demo/train/topk/sae", loaded)   # checks hook and width against the model
     f = d.encode(x)          # [rows, n_features] dense latent activations (every architecture)
+    r, i, v = d.encode_sparse(x)   # the same, as (row, feature, value) of the non-zero latents
     x_hat = d.decode(f)      # f @ W_dec + b_dec
 
 The exported weights take raw activations (the training scale is folded in, docs in
@@ -16,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pipeline.analysis import release  # release.load reads an export or a release folder
 from pipeline.errors import ConfigError, HookNotFoundError
 from pipeline.models import LoadedModel, hook_choices, resolve_hook
-from pipeline.publish import release  # release.load reads an export or a release folder
-from pipeline.sae import SparseAutoencoder
+from pipeline.sae import SparseAutoencoder, SparseCode
 from pipeline.sae.checkpoint import CONFIG_FILE
 
 
@@ -97,31 +98,21 @@ class Dictionary:
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """[..., n_features] dense latent activations of activations x [..., d_model]."""
-        self.check_width(x)
         shape = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1]).to(self.sae.W_enc.dtype)
-        out = self.sae.encode(x)
-        if isinstance(out, tuple):  # topk, batchtopk: (values, local indices) of the active latents
-            vals, idx = out
-            out = torch.zeros(x.shape[0], len(self.sae.features), dtype=vals.dtype, device=vals.device)
-            # add, not scatter: padding slots (batchtopk's ragged rows) repeat an index with value 0
-            out.scatter_add_(1, idx, vals)
-        return out.reshape(*shape, -1)
+        return self._code(x).dense(len(self.sae.features)).reshape(*shape, -1)  # padding adds 0
 
     @torch.no_grad()
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The non-zero latents of activations x [rows, d_model] as (rows, features, values), without
-        building the dense [rows, n_features] code for the sparse architectures."""
+        building the dense [rows, n_features] code."""
+        code = self._code(x)
+        keep = code.values > 0  # zeros are padding; every architecture's latents are >= 0
+        rows = torch.arange(code.values.shape[0], device=x.device)[:, None].expand_as(code.indices)
+        return rows[keep], code.indices[keep] + self.sae.features.start, code.values[keep]
+
+    def _code(self, x: Tensor) -> SparseCode:
         self.check_width(x)
-        x = x.reshape(-1, x.shape[-1]).to(self.sae.W_enc.dtype)
-        out = self.sae.encode(x)
-        if isinstance(out, tuple):
-            vals, idx = out
-            mask = vals > 0
-            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
-            return rows[mask], idx[mask] + self.sae.features.start, vals[mask]
-        rows, feats = out.nonzero(as_tuple=True)
-        return rows, feats + self.sae.features.start, out[rows, feats]
+        return self.sae.encode(x.reshape(-1, x.shape[-1]).to(self.sae.W_enc.dtype))
 
     @torch.no_grad()
     def decode(self, f: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Streaming per-feature statistics with memory bounded by the number of features (not tokens):
 top-k activating contexts, a uniform sample of the non-zero activations (shown by quantile),
-counts, sums and a log-spaced activation histogram.
+counts, sums and a log-spaced activation histogram; `collect` streams text into a collector.
 
 Every update takes the non-zero latents of one batch as sparse entries (row, feature, value), so
 its cost is proportional to the active latents, not to tokens x features."""
@@ -11,7 +11,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
+from pipeline.analysis.batches import context_batches, typical_rows
+from pipeline.analysis.config import InputConfig
+from pipeline.analysis.dictionary import Dictionary
+from pipeline.models import ActivationCapture, LoadedModel
+
+FEATURES_FILE = "features.json"
+"""The interpretation stage's per-feature summary (density, max activation, examples): steering reads
+max activations from it, the audit densities."""
+FEATURES_FORMAT = "pipeline.features"
+FEATURES_PER_PASS = 16384
+"""Features collected per pass over the text by default (memory: see InterpretConfig.features_per_pass)."""
 HIST_LO, HIST_HI, HIST_BINS = -3.0, 3.0, 60  # log10 activation bins: 1e-3 .. 1e3, 0.1 decade each
 
 
@@ -151,3 +163,43 @@ def examples_of(ex: Examples, i: int, before: int) -> list[dict]:
 
 def hist_edges() -> list[float]:
     return torch.linspace(HIST_LO, HIST_HI, HIST_BINS + 1).tolist()
+
+
+class TokenText:
+    """Token id -> display text, decoded once per id."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.cache = tokenizer, {}
+
+    def __call__(self, ids) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i not in self.cache:
+                self.cache[i] = self.tok.decode([i])
+            out.append(self.cache[i])
+        return out
+
+
+def collect(d: Dictionary, loaded: LoadedModel, inp: InputConfig, c: FeatureCollector, desc: str = "interpret",
+            batches=None, progress: bool = True) -> FeatureCollector:
+    """One pass over inp's text (or `batches` of token ids) through model and dictionary, into the
+    collector `c` (a new one, or one to continue)."""
+    capture = ActivationCapture(loaded, [d.hook])
+    p = inp.exclude_positions_below
+    if batches is None:
+        batches = context_batches(inp.data, loaded.tokenizer, inp.context_size, inp.n_tokens, inp.batch_size)
+    bar = tqdm(total=inp.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc=desc, mininterval=2)
+    for ids in batches:
+        ids = ids.to(loaded.device)
+        x = capture(ids)[d.hook]
+        B, T = ids.shape
+        flat = x.reshape(B * T, -1)
+        scored = typical_rows(flat, inp.exclude_norm_factor).view(B, T)
+        scored[:, :p] = False
+        rows, feats, vals = d.encode_sparse(flat)
+        keep = scored.view(-1)[rows]
+        c.update(ids, rows[keep], feats[keep], vals[keep], int(scored.sum()))
+        bar.update(ids.numel())
+    bar.close()
+    return c

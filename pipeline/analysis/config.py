@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline import demo
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig
@@ -18,7 +19,7 @@ from pipeline.models import ModelConfig
 
 @dataclass
 class InputConfig:
-    checkpoint: str = "runs/demo/train/topk/sae"
+    checkpoint: str = demo.SAE
     """The dictionary: an export (the trainer's <out_dir>/sae folder, pipeline/sae/checkpoint.py), a
     release folder or hf://owner/repo[/sae_id][@revision] (pipeline/analysis/release.py)."""
     model: ModelConfig = field(default_factory=ModelConfig)

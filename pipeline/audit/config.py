@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline import demo
 from pipeline.analysis.config import InputConfig
 from pipeline.audit.autointerp.config import AutointerpConfig
 from pipeline.data import DataConfig
@@ -46,7 +47,7 @@ class AuditConfig:
     neutral_prompts: list[str] = field(default_factory=lambda: list(NEUTRAL_PROMPTS))
     """Prompts after which the steering check measures the change in log-probability of the
     concept words (each word with a leading space, all its tokens) and the next-token KL."""
-    dashboard: str | None = "runs/demo/interpret"
+    dashboard: str | None = demo.INTERPRET
     """The interpretation stage's dashboard folder: features with a page there are linked (for
     task=splitting: the small dictionary's dashboard). null or missing: no links."""
     small: str | None = None
@@ -124,7 +125,7 @@ class AuditConfig:
     """task=autointerp: explain sampled features with an LLM behind an OpenAI-compatible endpoint
     (default: pipeline.audit.server with the embedded SmolLM2-135M-Instruct, a plumbing check) and
     score the explanations; every field in pipeline/audit/autointerp/config.py."""
-    out_dir: str = "runs/demo/audit"
+    out_dir: str = demo.AUDIT
     """audit.json and audit.html are written here."""
 
     def __post_init__(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from pipeline import demo
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig
@@ -13,7 +14,7 @@ from pipeline.store.format import check_dtype
 
 @dataclass
 class StoreConfig:
-    url: str = "runs/demo/activations"
+    url: str = demo.ACTIVATIONS
     """Any fsspec URL: a path, file://, memory://, s3://bucket/prefix, ..."""
     storage_options: dict = field(default_factory=dict)
     """Passed to fsspec, e.g. {endpoint_url: ..., key: ..., secret: ...} for S3."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline import demo
 from pipeline.analysis.config import InputConfig
 from pipeline.analysis.metrics import ABLATIONS, MEAN_SOURCES
 from pipeline.data import DataConfig
@@ -31,7 +32,7 @@ class EvalConfig:
     """A feature firing on more than this fraction of tokens counts as dense."""
     allow_training_split: bool = False
     """Allow data.split=train or all (the SAE's training tokens: the figures are then not held-out)."""
-    out_dir: str = "runs/demo/evaluate"
+    out_dir: str = demo.EVALUATE
     """metrics.json and density_histogram.png are written here (any local path)."""
     progress: bool = True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline import demo
 from pipeline.analysis.collect import FEATURES_PER_PASS
 from pipeline.analysis.config import InputConfig
 from pipeline.errors import ConfigError
@@ -39,7 +40,7 @@ class InterpretConfig:
     """Tokens listed as most promoted and most suppressed by each feature's decoder direction."""
     max_pages: int | None = None
     """Write feature pages for at most this many live features (highest density first); null: all."""
-    out_dir: str = "runs/demo/interpret"
+    out_dir: str = demo.INTERPRET
     """index.html, features/<i>.html, features.json, search.html, crosslingual.{json,html}."""
     prompt: str | None = None
     """task=search: the text whose features are listed."""

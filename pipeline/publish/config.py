@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline import demo
 from pipeline.errors import ConfigError
 
 
 @dataclass
 class PublishConfig:
-    checkpoints: list[str] = field(default_factory=lambda: ["runs/demo/train/topk/sae"])
+    checkpoints: list[str] = field(default_factory=lambda: [demo.SAE])
     """Exported SAEs (a training run's <out_dir>/sae), one per hook; each becomes a release sub-folder
     named after its hook (SAELens's sae_id), e.g. model.layers.15."""
     eval_dirs: list[str] = field(default_factory=list)
@@ -22,7 +23,7 @@ class PublishConfig:
     dashboard/ beside the checkpoint, if present."""
     require_metrics: bool = True
     """Refuse to publish a checkpoint without evaluation metrics (a release without them is no release)."""
-    out_dir: str = "runs/demo/release"
+    out_dir: str = demo.RELEASE
     """The local release folder, rebuilt on every run (deterministically, so reruns upload nothing new)."""
     repo_id: str | None = None
     """Hugging Face Hub target, owner/name (None: no Hub upload)."""

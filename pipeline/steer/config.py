@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from pipeline import demo
+from pipeline.analysis.collect import FEATURES_FILE
 from pipeline.analysis.config import InputConfig
 from pipeline.errors import ConfigError
 
@@ -37,7 +39,7 @@ class SteerConfig:
     (VALUE times the feature's max activation; Scaling Monosemanticity uses -10x..10x). Only the
     clamped features' contributions change: x -> x + sum_i (v_i - f_i(x)) W_dec[i], the SAE error
     term is kept. Empty: the steered generation is the clean one."""
-    features: str = "runs/demo/interpret/features.json"
+    features: str = f"{demo.INTERPRET}/{FEATURES_FILE}"
     """The interpretation stage's feature summary: max activations (for relative clamps) and
     densities (clamping a feature that never fired is refused)."""
     allow_dead: bool = False
@@ -49,7 +51,7 @@ class SteerConfig:
     """0: greedy decoding (clean and steered then differ only by the clamp); > 0: sampling."""
     seed: int = 0
     """Sampling seed, the same for the clean and the steered generation."""
-    out_dir: str | None = "runs/demo/steer"
+    out_dir: str | None = demo.STEER
     """generations.json is written here (null: print only)."""
     width: int = 56
     """Column width of the side-by-side print."""

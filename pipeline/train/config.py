@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline import demo
 from pipeline.errors import ConfigError
 from pipeline.parallel import ParallelDims
 from pipeline.sae import SAEConfig
@@ -18,7 +19,7 @@ class ActivationDataConfig:
     """What training reads (the YAML key `data`): an activation store, not text (that is
     pipeline.data.DataConfig, the caching and analysis stages' `data`)."""
 
-    url: str = "runs/demo/activations"
+    url: str = demo.ACTIVATIONS
     """The activation store (any fsspec URL) written by the caching stage."""
     storage_options: dict = field(default_factory=dict)
     """Passed to fsspec, e.g. {endpoint_url: ..., key: ..., secret: ...} for S3."""
@@ -149,7 +150,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.out_dir is None:
-            self.out_dir = f"runs/demo/train/{self.sae.architecture}"
+            self.out_dir = demo.train_dir(self.sae.architecture)
         if self.batch_size < 1 or self.n_tokens < self.batch_size:
             raise ConfigError(f"batch_size={self.batch_size} must be positive and at most n_tokens={self.n_tokens}")
         if self.batch_size % self.parallel.data_parallel:

@@ -30,7 +30,7 @@ DEMO := runs/demo
 demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M, offline corpus), ~20 min on 2 cores
 	$(PY) -m pipeline.cache n_tokens=100000 store.url=$(DEMO)/activations $(ARGS)
 	@# topk (k=32): in 48 steps relu_l1 (lambda 5, or 3 at lr 1.2e-3) left most features near-duplicates
-	@# (median nearest decoder cosine 0.77, pipeline.audit task=neighbours); topk's is 0.15, FVU ~0.45
+	@# (median nearest decoder cosine 0.77, pipeline.audit audit/task=neighbours); topk's is 0.15, FVU ~0.45
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node=2 -m pipeline.train sae=topk \
 	    parallel.feature_parallel=2 data.url=$(DEMO)/activations n_tokens=200000 optim.lr=4e-4 \
 	    out_dir=$(DEMO)/train/topk
@@ -64,13 +64,13 @@ interpret: setup  ## stage 3: feature dashboard, feature search, cross-lingual c
 steer: setup  ## generate with SAE features clamped (python -m pipeline.steer)
 	$(PY) -m pipeline.steer $(ARGS)
 
-audit: setup  ## audit a dictionary: ARGS="task=concepts|autointerp|splitting|neighbours|completeness|absorption|crossmodal ..." (python -m pipeline.audit)
+audit: setup  ## audit a dictionary: ARGS="audit/task=concepts|autointerp|splitting|neighbours|completeness|absorption|crossmodal task.<key>=..." (python -m pipeline.audit)
 	$(PY) -m pipeline.audit $(ARGS)
 
 publish: setup  ## stage 4: release folder (SAELens layout), Hub or fsspec upload (python -m pipeline.publish)
 	$(PY) -m pipeline.publish $(ARGS)
 
-plan: setup  ## plan a run: memory per rank, smallest layout, step time (python -m pipeline.plan)
+plan: setup  ## plan a run: memory per rank, smallest layout, step time (python -m pipeline.plan; ARGS="sae.n_features=4194304 gpu_memory_gb=40")
 	$(PY) -m pipeline.plan $(ARGS)
 
 # A scaling-law sweep on the embedded default: cache a training and a held-out (data.split=test) store,
@@ -88,7 +88,7 @@ sweep: setup  ## scaling-law sweep: sizes x token budgets as one Hydra multirun 
 	$(PY) -m pipeline.train +sweep=$(SWEEP) data.url=$(SWEEP_TRAIN) heldout_url=$(SWEEP_TEST) \
 	    hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
 
-scaling: setup  ## fit scaling laws to a sweep: scaling.json, plots, a budget's size/tokens/plan (ARGS="budget=1e18")
+scaling: setup  ## fit scaling laws to a sweep: scaling.json, plots, a budget's size/tokens/plan (ARGS="budget=1e18 +plan.gpu_memory_gb=80")
 	$(PY) -m pipeline.scaling $(SWEEP_DIR) $(ARGS)
 
 slurm:  ## submit the stages to SLURM, chained (slurm/pipeline.sh; ARGS: [STAGE:]KEY=VALUE, options)

@@ -74,8 +74,11 @@ def plan_bytes(arch: str, n: int, d: int, k: int, batch: int, tile: int, zero: i
     """The planner's per-rank memory for what a point runs (AuxK off: no latent is dead in a few
     steps, unless a run makes them so, as --trainer does)."""
     from pipeline.plan import PlanConfig, rank_memory
-    cfg = PlanConfig(d_model=d, n_features=n, architecture=arch, k=k, param_dtype="float32", zero_stage=zero,
-                     batch_size=batch, feature_tile=tile, runtime_gb=runtime_gb, k_aux=k_aux, state_dtype=state_dtype)
+    from pipeline.sae import SAEConfig
+    from pipeline.step import DeepSpeedConfig, OptimConfig
+    cfg = PlanConfig(sae=SAEConfig(d_model=d, n_features=n, architecture=arch, k=k, feature_tile=tile, k_aux=k_aux),
+                     deepspeed=DeepSpeedConfig(zero_stage=zero, precision="fp32"),
+                     optim=OptimConfig(state_dtype=state_dtype), batch_size=batch, runtime_gb=runtime_gb)
     return rank_memory(cfg, 1, fp)
 
 
@@ -266,13 +269,14 @@ def rank_worker(out: str, overrides: list[str]) -> None:
 
 def trainer(a) -> dict:
     from pipeline.plan import PlanConfig
+    from pipeline.sae import SAEConfig
     runs = REPO / "runs" / "bench" / "scaling"
     url = store(str(runs / f"store-d{a.d_model}"), a.d_model)
     rows = []
     for tile in (int(t) for t in a.tiles.split(",")):
         out = runs / f"{a.arch}-{a.n_features}-tile{tile}-zero{a.zero}-{a.state_dtype}"
         mem = plan_bytes(a.arch, a.n_features, a.d_model, a.k, a.batch, tile, zero=a.zero, fp=a.nproc,
-                         runtime_gb=PlanConfig.runtime_gb, k_aux=PlanConfig.k_aux,  # AuxK on from step 2
+                         runtime_gb=PlanConfig.runtime_gb, k_aux=SAEConfig.k_aux,  # AuxK on from step 2
                          state_dtype=a.state_dtype)
         need, free = a.nproc * mem.total, mem_available()
         if need > free - a.margin_gib * 2**30:  # the machine is shared: never take the others' memory

@@ -4,8 +4,9 @@ Layers. The stages (cache, train, evaluate, interpret, steer, audit, publish, pl
 one entry point (`python -m pipeline.<stage>`) and talk only through storage. A stage imports only
 lower layers, never another stage: analysis (what the analysis stages share: the dictionary adapter,
 the input config, metrics, example collection, steering hook, HTML), sae, store, models, data,
-vision, parallel, cost_model, config, errors. The lower layers import no stage, and pipeline.sae
-imports nothing above it. tests/test_layers.py checks this on the import graph.
+vision, parallel, step (the training sections the trainer and the cost model share), cost_model,
+heldout (a training run's outputs), demo, config, errors. The lower layers import no stage, and
+pipeline.sae imports nothing above it. tests/test_layers.py checks this on the import graph.
 """
 
 import logging

@@ -5,7 +5,9 @@ Two promises hold for every stage's command line (README.md, "Configuration and 
 - Every key is declared. A key that no schema dataclass declares, whether it comes from the command
   line (`key=`, `+key=`, `++key=`) or from a YAML file, is refused with the declared names closest
   to it, before the stage runs. Only dict-typed fields take keys of their own (free-form settings
-  handed to another library: `deepspeed.overrides`, `storage_options`).
+  handed to another library: `deepspeed.overrides`, `storage_options`). A section whose dataclass a
+  config group picks (AuditConfig.task: `audit/task=splitting`, see group_sections) declares the
+  picked option's keys.
 - A UserError (pipeline/errors.py) prints its one message and exits with USER_ERROR_EXIT; any other
   exception is a bug and shows its traceback. HYDRA_FULL_ERROR=1 shows user errors' tracebacks too.
 """
@@ -41,7 +43,9 @@ def stage_main(config_name: str, schema: type) -> Callable:
             # inside the job, so that Hydra does not log "Error executing job" before the message
             with user_errors_reported(config_name):
                 # `+key=`, `++key=` and YAML keys reach here: OmegaConf.to_object would drop them
-                check_declared(OmegaConf.to_container(cfg, resolve=False), schema)
+                from hydra.core.hydra_config import HydraConfig
+                check_declared(OmegaConf.to_container(cfg, resolve=False), schema,
+                               sections=group_sections(schema, HydraConfig.get().runtime.choices))
                 run(OmegaConf.to_object(cfg))
 
         @functools.wraps(run)
@@ -73,7 +77,9 @@ def user_errors_reported(stage: str) -> Iterator[None]:
 def check_overrides(schema: type, args: list[str]) -> None:
     """Refuse plain `key=value` overrides of undeclared keys before Hydra composes anything: Hydra
     refuses them itself, but without close names (and suggests `+key=`). Config groups (`sae=relu_l1`,
-    `plan/size=1m`: folders of conf/ or --config-dir) and Hydra's own keys are Hydra's to check.
+    `plan/size=1m`: folders of conf/ or --config-dir) and Hydra's own keys are Hydra's to check,
+    except the options of a group that picks a section's dataclass (group_sections): an unknown one,
+    or the section set as a value (`task=splitting` for `audit/task=splitting`), is refused here.
     `+key=`/`++key=` are checked on the composed config (stage_main)."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -86,33 +92,90 @@ def check_overrides(schema: type, args: list[str]) -> None:
     except HydraException:
         return  # a malformed override: Hydra's own message says what is wrong with it
     group_dirs = [d for d in (CONF_DIR, parsed.config_dir) if d]
+    picked = {f.metadata["group"]: f for f in dataclasses.fields(schema) if "group" in f.metadata}
     tree: dict = {}
+    choices: dict = {}
     for o in overrides:
         key = o.key_or_group
+        if o.type == OverrideType.CHANGE and key in {f.name for f in picked.values()}:
+            group, value = next(g for g, f in picked.items() if f.name == key), o.get_value_element_as_str()
+            raise ConfigError(f"{key}={value} would set the section {key} itself; the config group {group} picks "
+                              f"it. Fix: {group}={value} (and {key}.<key>=... for its settings)")
+        if o.type == OverrideType.CHANGE and o.package is None and key in picked:
+            value, options = o.value(), picked[key].metadata["options"]()
+            if (isinstance(value, str) or value is None) and value not in options:
+                close = difflib.get_close_matches(str(value), options, n=3)
+                raise ConfigError(f"{key}={value} is not one of {list(options)}"
+                                  + (f": did you mean {', '.join(close)}?" if close else ""))
+            choices[key] = value if isinstance(value, str) else None  # a sweep: each job is checked on its own
         if (o.type != OverrideType.CHANGE or o.package is not None or "/" in key or key.split(".")[0] == "hydra"
                 or any(Path(d, key).is_dir() for d in group_dirs)):
             continue
         node = tree
         for part in key.split("."):
             node = node.setdefault(part, {})
-    check_declared(tree, schema)
+    check_declared(tree, schema, sections=group_sections(schema, choices))
 
 
-def check_declared(tree: Mapping, schema: type, prefix: str = "") -> None:
+def group_sections(schema: type, choices: Mapping[str, str | None]) -> dict[str, type | None]:
+    """The sections of `schema` whose dataclass a config group picks: fields declared as
+    `field(metadata={"group": "audit/task", "options": f})`, f() -> {option: dataclass}, whose group's
+    option files put their settings at the field (`# @package task`). Field name -> the dataclass of
+    the option that `choices` (group -> option, as Hydra's runtime.choices) names for its group, or
+    of the field's value in `schema()` when it names none; None (not checked) for a sweep."""
+    out: dict[str, type | None] = {}
+    for f in dataclasses.fields(schema):
+        group = f.metadata.get("group")
+        if group is None:
+            continue
+        if group not in choices:
+            out[f.name] = type(getattr(schema(), f.name))
+        else:
+            choice = choices[group]
+            out[f.name] = f.metadata["options"]().get(choice) if isinstance(choice, str) else None
+    return out
+
+
+def check_declared(tree: Mapping, schema: type, prefix: str = "",
+                   sections: Mapping[str, type | None] | None = None) -> None:
     """Raise a ConfigError naming every key of the nested mapping `tree` that the dataclass
     `schema` does not declare (nested dataclasses are walked; dict fields take any key), with the
-    declared names closest to each."""
-    unknown = list(_undeclared(tree, schema, prefix))
+    declared names closest to each. `sections` (group_sections) gives the dataclass a config group
+    picked for some of schema's fields (None: not checked)."""
+    sections = dict(sections or {})
+    unknown = list(_undeclared(tree, schema, prefix, sections))
     if not unknown:
         return
-    declared = list(_declared(schema, prefix))
+    declared = list(_declared(schema, prefix, sections))
     free = [p for p, t in declared if _is_dict(t)]
-    lines = [f"{key}: {_suggest(key, [p for p, _ in declared])}" for key in unknown]
+    lines = [f"{key}: {_suggest(key, [p for p, _ in declared])}{_other_option(schema, prefix, key)}" for key in unknown]
+    picked = "".join(f", {prefix}{name}: {t.__qualname__} in {t.__module__.replace('.', '/')}.py"
+                     for name, t in sections.items() if t is not None)
     raise ConfigError(
         "unknown config key(s), which would be silently ignored:\n  " + "\n  ".join(lines)
-        + f"\nFix: use a declared key ({schema.__name__} in {schema.__module__.replace('.', '/')}.py and the configs "
-        "of its sections document each)"
+        + f"\nFix: use a declared key ({schema.__name__} in {schema.__module__.replace('.', '/')}.py{picked} and the "
+        "configs of its sections document each)"
         + (f"; free-form keys belong under {', '.join(free)} only" if free else ""))
+
+
+def _other_option(schema: type, prefix: str, key: str) -> str:
+    """For a key unknown to the picked option of a group section: the options that declare it."""
+    name, _, rest = key[len(prefix):].partition(".")
+    f = next((f for f in dataclasses.fields(schema) if f.name == name and "group" in f.metadata), None)
+    if f is None or not rest:
+        return ""
+
+    def declares(t: object, parts: list[str]) -> bool:
+        for part in parts:
+            if _is_dict(t):
+                return True
+            if not dataclasses.is_dataclass(t) or part not in _fields(t):
+                return False
+            t = _fields(t)[part]
+        return True
+
+    have = [f"{f.metadata['group']}={o}" for o, t in f.metadata["options"]().items() if declares(t, rest.split("."))]
+    return f"; {key} is a key of {', '.join(have)}" if have else ""
 
 
 def _fields(schema: type) -> dict[str, object]:
@@ -124,8 +187,8 @@ def _is_dict(t: object) -> bool:
     return t is dict or typing.get_origin(t) is dict
 
 
-def _undeclared(tree: Mapping, schema: type, prefix: str) -> Iterator[str]:
-    fields = _fields(schema)
+def _undeclared(tree: Mapping, schema: type, prefix: str, sections: Mapping | None = None) -> Iterator[str]:
+    fields = {**_fields(schema), **(sections or {})}
     for key, value in tree.items():
         if key not in fields:
             yield f"{prefix}{key}"
@@ -133,9 +196,9 @@ def _undeclared(tree: Mapping, schema: type, prefix: str) -> Iterator[str]:
             yield from _undeclared(value, fields[key], f"{prefix}{key}.")
 
 
-def _declared(schema: type, prefix: str) -> Iterator[tuple[str, object]]:
+def _declared(schema: type, prefix: str, sections: Mapping | None = None) -> Iterator[tuple[str, object]]:
     """(dotted path, type) of every field, sections and the fields inside them."""
-    for name, t in _fields(schema).items():
+    for name, t in {**_fields(schema), **(sections or {})}.items():
         yield f"{prefix}{name}", t
         if dataclasses.is_dataclass(t):
             yield from _declared(t, f"{prefix}{name}.")

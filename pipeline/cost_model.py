@@ -12,40 +12,39 @@ sharded modules built on the meta device."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from pipeline.errors import ConfigError
-from pipeline.sae import sae_class
+from pipeline.sae import SAEConfig, sae_class
+from pipeline.step import StepConfig, check_precision
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-POSITIVE = ("d_model", "n_features", "batch_size", "gpu_memory_gb", "gpus_per_node", "usable_fraction",
-            "tflops", "mem_bandwidth_gbs", "intra_node_gbs", "inter_node_gbs")
-NON_NEGATIVE = ("k_aux", "feature_tile", "runtime_gb", "data_parallel", "feature_parallel", "max_gpus",
-                "shuffle_buffer_rows")
+POSITIVE = ("sae.d_model", "sae.n_features", "batch_size", "data.shuffle_buffer", "gpu_memory_gb", "gpus_per_node",
+            "usable_fraction", "tflops", "mem_bandwidth_gbs", "intra_node_gbs", "inter_node_gbs")
+NON_NEGATIVE = ("runtime_gb", "data_parallel", "feature_parallel", "max_gpus")
 
 
 @dataclass
-class PlanConfig:
-    d_model: int = 4096
-    n_features: int = 2**25
-    architecture: str = "topk"
-    """Any registered architecture (pipeline/sae/)."""
-    k: int = 32
-    """Architectures that use k (topk, batchtopk): active latents per token (the sparse step's cost)."""
-    k_aux: int = 256
-    """topk/batchtopk: AuxK's dead latents (0: AuxK off). Planned as if it runs: its backward holds
+class PlanConfig(StepConfig):
+    """A training step to plan and the machines to plan it on. The step is the trainer's own sections
+    (pipeline/step.py: sae.*, batch_size, optim.*, deepspeed.*, data.*, the same keys as `python -m
+    pipeline.train`); the cost model reads sae.architecture, d_model, n_features, k, k_aux and
+    feature_tile, batch_size, optim.state_dtype, deepspeed.zero_stage and precision, and
+    data.shuffle_buffer, and no other (optim.lr, say, changes no byte). deepspeed.precision=auto
+    plans bf16: the planned run is on GPUs. The rest is the planner's own."""
+
+    sae: SAEConfig = field(default_factory=lambda: SAEConfig(d_model=4096, n_features=2**25))
+    """The dictionary to plan; the planner's example is 34M features at Llama-3.1-8B's width (the
+    conf/plan/size and conf/plan/target options set n_features and d_model; d_model must be set:
+    there is no store to read it from). Planned as if AuxK runs (sae.k_aux > 0): its backward holds
     two more [n_local, d] gradients."""
-    param_dtype: str = "bfloat16"
-    """Dtype of the weights the step computes with (bf16 on GPU keeps fp32 masters in the optimizer)."""
-    optimizer: str = "adam"
-    state_dtype: str = "fp32"
-    """Adam's m and v: fp32, or torchao's block-quantised fp8 / int8 (train's optim.state_dtype)."""
-    zero_stage: int = 1
-    """DeepSpeed ZeRO stage over the data-parallel group: 0 none, 1 optimizer state, 2 + gradients."""
-    batch_size: int = 4096
-    """Tokens per step, all data-parallel replicas together."""
-    feature_tile: int = 0
-    """Features per encoder tile (0: the whole local shard at once)."""
+    data_parallel: int = 0
+    """The layout's data-parallel degree (train's parallel.data_parallel); 0: the planner picks the
+    smallest layout that fits, then replicates up to max_gpus."""
+    feature_parallel: int = 0
+    """The layout's feature-parallel degree (train's parallel.feature_parallel); 0: the smallest that fits."""
+    max_gpus: int = 0
+    """0: no data parallelism beyond what memory needs."""
     gpu_memory_gb: float = 80.0
     gpus_per_node: int = 8
     usable_fraction: float = 0.9
@@ -54,13 +53,6 @@ class PlanConfig:
     """Per-rank memory that is no tensor of the step: the framework itself (CPU: torch, DeepSpeed,
     gloo and loader threads, allocator arenas, ~0.5 GiB measured per rank, constant in n_features;
     GPU: the CUDA context, similar)."""
-    data_parallel: int = 0
-    """0: the planner picks the smallest layout that fits, then replicates up to max_gpus."""
-    feature_parallel: int = 0
-    max_gpus: int = 0
-    """0: no data parallelism beyond what memory needs."""
-    shuffle_buffer_rows: int = 262144
-    """The loader's in-memory shuffle buffer (fp32 rows, host memory, reported separately)."""
     tflops: float = 400.0
     """Sustained dense matmul rate per GPU in the param dtype (H100 bf16 ~400-700; measure yours)."""
     mem_bandwidth_gbs: float = 2000.0
@@ -69,31 +61,55 @@ class PlanConfig:
     """All-reduce bus bandwidth inside a node (NVLink)."""
     inter_node_gbs: float = 25.0
     """All-reduce bus bandwidth across nodes (e.g. 200 Gb/s InfiniBand per GPU)."""
-    presets: list[str] = field(default_factory=list)
-    """Names of the conf/plan presets that made this config (informational)."""
+
+    @property
+    def param_dtype(self) -> str:
+        """Dtype of the weights the step computes with: deepspeed.precision, auto being bf16 on GPU
+        (bf16 keeps fp32 masters in the optimizer)."""
+        return "float32" if self.deepspeed.precision == "fp32" else "bfloat16"
+
+    @property
+    def loader_bytes(self) -> int:
+        """Host memory of the loader: two windows of data.shuffle_buffer fp32 rows (the one being
+        batched, the next being read)."""
+        return 2 * self.data.shuffle_buffer * self.sae.d_model * 4
 
     def __post_init__(self):
-        uses_k = sae_class(self.architecture).uses_k
-        if self.param_dtype not in BYTES:
-            raise ConfigError(f"param_dtype={self.param_dtype!r} is not one of {sorted(BYTES)}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"zero_stage={self.zero_stage} must be 0, 1 or 2 (stage 3 would shard "
-                              "what feature parallelism already shards)")
-        if self.optimizer != "adam":
-            raise ConfigError(f"optimizer={self.optimizer!r}: only adam is modelled")
-        if self.state_dtype not in ("fp32", "fp8", "int8"):
-            raise ConfigError(f"state_dtype={self.state_dtype!r} must be fp32, fp8 or int8")
-        defaults = {f.name: f.default for f in fields(self)}
+        if self.sae.d_model is None:
+            raise ConfigError("sae.d_model is not set: the planner has no activation store to read the width "
+                              "from. Fix: sae.d_model=<width>, or plan/target=<model> (conf/plan/target)")
+        try:
+            check_precision("fp32" if self.param_dtype == "float32" else "bf16", self.deepspeed.zero_stage)
+        except ConfigError as e:  # the trainer refuses it too, on GPUs
+            raise ConfigError(f"deepspeed.precision={self.deepspeed.precision} plans bf16 on GPUs: {e}") from None
         for name in POSITIVE + NON_NEGATIVE:
-            value = getattr(self, name)
+            value = _get(self, name)
             if not (value > 0 if name in POSITIVE else value >= 0):  # `not` so that NaN fails too
                 raise ConfigError(f"{name}={value} must be {'positive' if name in POSITIVE else '>= 0'} "
-                                  f"(default {name}={defaults[name]})")
+                                  f"(default {name}={_default(type(self), name)})")
         if not self.usable_fraction <= 1:
             raise ConfigError(f"usable_fraction={self.usable_fraction} must be in (0, 1]: the share of GPU memory "
                               "the plan may fill")
-        if uses_k and not self.k >= 1:
-            raise ConfigError(f"k={self.k} must be >= 1 for {self.architecture} (active latents per token)")
+
+
+def _get(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _default(cls: type, path: str):
+    """The default of a (dotted) field of the dataclass `cls`."""
+    head, _, rest = path.partition(".")
+    f = next(f for f in fields(cls) if f.name == head)
+    value = f.default if f.default is not MISSING else f.default_factory()
+    return _get(value, rest) if rest else value
+
+
+def training_plan(step: StepConfig, **changes) -> PlanConfig:
+    """The planner's config of a training configuration (a TrainConfig): its step sections as they are,
+    `changes` replacing any of them and setting the planner's own fields."""
+    return PlanConfig(**{**{f.name: getattr(step, f.name) for f in fields(StepConfig)}, **changes})
 
 
 def local_features(n_features: int, feature_parallel: int) -> int:
@@ -178,35 +194,36 @@ def activation_bytes(architecture: str, b: int, n: int, d: int, k: int, tile: in
 
 
 def rank_memory(cfg: PlanConfig, dp: int, fp: int) -> RankMemory:
-    n = local_features(cfg.n_features, fp)
-    p = shard_parameters(cfg.architecture, cfg.d_model, n)
+    sae, zero, state_dtype = cfg.sae, cfg.deepspeed.zero_stage, cfg.optim.state_dtype
+    n = local_features(sae.n_features, fp)
+    p = shard_parameters(sae.architecture, sae.d_model, n)
     w = BYTES[cfg.param_dtype]
-    part = dp if cfg.zero_stage >= 1 else 1          # ZeRO-1 partitions fp32 masters and Adam m, v
-    gpart = dp if cfg.zero_stage >= 2 else 1         # ZeRO-2 also the gradients
+    part = dp if zero >= 1 else 1          # ZeRO-1 partitions fp32 masters and Adam m, v
+    gpart = dp if zero >= 2 else 1         # ZeRO-2 also the gradients
     # DeepSpeed keeps an fp32 master partition under bf16, and under ZeRO >= 1 even in fp32 (its
     # optimizer steps a flat clone of the partition, not the module's own parameters)
-    master = 0 if cfg.param_dtype == "float32" and cfg.zero_stage == 0 else 4 * math.ceil(p / part)
+    master = 0 if cfg.param_dtype == "float32" and zero == 0 else 4 * math.ceil(p / part)
     b = math.ceil(cfg.batch_size / dp)
-    tile = min(cfg.feature_tile or n, n)
-    d = cfg.d_model
-    forward, backward = activation_bytes(cfg.architecture, b, n, d, cfg.k, tile, w, cfg.k_aux > 0)
+    tile = min(sae.feature_tile or n, n)
+    d = sae.d_model
+    forward, backward = activation_bytes(sae.architecture, b, n, d, sae.k, tile, w, sae.k_aux > 0)
     # After backward (DeepSpeed, stage_1_and_2.py): ZeRO >= 1 moves the gradients one at a time
     # into a contiguous reduce bucket (they then live there: no second copy); in the step the
     # global norm converts each gradient to fp64 in turn (the largest: [n, d]), then this rank's
     # gradient partition is flattened into a new fp32 tensor while the gradients still exist.
     # ZeRO-0 in fp32 steps in place.
-    if cfg.zero_stage >= 1:
+    if zero >= 1:
         step = max(8 * n * d, math.ceil(p / part) * (w + (4 if w != 4 else 0)))
     else:
         step = 0 if w == 4 else 4 * n * d
-    communication = 2 * b * d * 4 + sae_class(cfg.architecture).planned_communication_bytes(b, cfg.k, fp)
-    if cfg.state_dtype == "fp32":
+    communication = 2 * b * d * 4 + sae_class(sae.architecture).planned_communication_bytes(b, sae.k, fp)
+    if state_dtype == "fp32":
         state = 8 * math.ceil(p / part)
     else:  # one parameter group per tensor (pipeline/train/engine.py), each partitioned on its own
-        state = sum(low_bit_state_bytes(math.ceil(t / part), cfg.state_dtype)
-                    for t in shard_tensors(cfg.architecture, d, n))
+        state = sum(low_bit_state_bytes(math.ceil(t / part), state_dtype)
+                    for t in shard_tensors(sae.architecture, d, n))
     return RankMemory(weights=p * w, gradients=math.ceil(p / gpart) * w, master_weights=master,
-                      optimizer_state=state, buffers=shard_buffers_bytes(cfg.architecture, n, w),
+                      optimizer_state=state, buffers=shard_buffers_bytes(sae.architecture, n, w),
                       communication=communication, forward=forward, backward=backward, optimizer_step=step,
                       runtime=int(cfg.runtime_gb * 2**30))
 
@@ -215,14 +232,14 @@ def step_flops(cfg: PlanConfig) -> tuple[float, float]:
     """(dense, sparse) FLOPs of one step for the whole batch: dense ~10 d F per token (encoder,
     decoder, their weight gradients, the gradient w.r.t. the code); sparse (topk) ~2 d F for the
     encoder plus ~8 k d per token for everything the inactive latents do not need."""
-    t, d, f = cfg.batch_size, cfg.d_model, cfg.n_features
-    return 10.0 * t * d * f, 2.0 * t * d * f + 8.0 * t * cfg.k * d
+    t, d, f = cfg.batch_size, cfg.sae.d_model, cfg.sae.n_features
+    return 10.0 * t * d * f, 2.0 * t * d * f + 8.0 * t * cfg.sae.k * d
 
 
 def training_flops(cfg: PlanConfig) -> float:
-    """FLOPs of one step of cfg.architecture: the sparse count if its step is sparse, else the dense."""
+    """FLOPs of one step of cfg.sae.architecture: the sparse count if its step is sparse, else the dense."""
     dense, sparse = step_flops(cfg)
-    return sparse if sae_class(cfg.architecture).sparse_step else dense
+    return sparse if sae_class(cfg.sae.architecture).sparse_step else dense
 
 
 @dataclass
@@ -250,8 +267,8 @@ class Plan:
 def make_plan(cfg: PlanConfig, dp: int, fp: int) -> Plan:
     mem = rank_memory(cfg, dp, fp)
     budget = cfg.gpu_memory_gb * 2**30 * cfg.usable_fraction
-    b, d = math.ceil(cfg.batch_size / dp), cfg.d_model
-    p = shard_parameters(cfg.architecture, d, local_features(cfg.n_features, fp))
+    b, d = math.ceil(cfg.batch_size / dp), cfg.sae.d_model
+    p = shard_parameters(cfg.sae.architecture, d, local_features(cfg.sae.n_features, fp))
     # Per step and rank: the forward all-reduce of [b, d] fp32 partial reconstructions over the
     # feature group and the matching one of the input's gradient; the gradient all-reduce of the
     # shard's parameters over the data-parallel group (ring: ~2x the bytes).
@@ -282,9 +299,9 @@ def best_plan(cfg: PlanConfig) -> Plan:
         hi = 1
         while not make_plan(cfg, dp, hi).fits:
             hi *= 2
-            if hi > 2 * cfg.n_features:
-                raise ConfigError(f"no feature-parallel degree fits {cfg.n_features} features of width "
-                                  f"{cfg.d_model} in {cfg.gpu_memory_gb} GB per GPU")
+            if hi > 2 * cfg.sae.n_features:
+                raise ConfigError(f"no feature-parallel degree fits {cfg.sae.n_features} features of width "
+                                  f"{cfg.sae.d_model} in {cfg.gpu_memory_gb} GB per GPU")
         lo = hi // 2  # does not fit (or 0); binary search the smallest degree that does
         while hi - lo > 1:
             mid = (lo + hi) // 2

@@ -6,6 +6,8 @@ default output is the next stage's default input, so the chain is written down o
     publish -> RELEASE
 """
 
+from pipeline.heldout import EXPORT_DIR
+
 ROOT = "runs/demo"
 ACTIVATIONS = f"{ROOT}/activations"
 EVALUATE = f"{ROOT}/evaluate"
@@ -20,5 +22,5 @@ def train_dir(architecture: str) -> str:
     return f"{ROOT}/train/{architecture}"
 
 
-SAE = f"{train_dir('topk')}/sae"
+SAE = f"{train_dir('topk')}/{EXPORT_DIR}"
 """The default dictionary every analysis stage reads: the export of the default (topk) training run."""

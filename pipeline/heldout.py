@@ -1,7 +1,8 @@
 """heldout.json: the held-out metrics of a finished training run, in its out_dir. The trainer
 writes it (pipeline/train/heldout.py evaluates the trained module on a held-out store); the
 scaling fit reads it (pipeline/scaling). The file's name, format and reader live here, below both
-stages.
+stages, with the names of the rest of a run's out_dir that other stages read (metrics.jsonl,
+checkpoints/, sae/).
 
 Keys (values in the training's normalised units, E||x||^2 = d_model over the training store):
     mse          mean over rows of ||x - x_hat||^2
@@ -22,6 +23,13 @@ import os
 from pathlib import Path
 
 HELDOUT_FILE = "heldout.json"
+METRICS_LOG_FILE = "metrics.jsonl"
+"""The trainer's log, a JSON line per logged step (pipeline/train/metrics.py); the scaling fit reads
+the last to say how far an unfinished run got."""
+CHECKPOINTS_DIR = "checkpoints"
+"""The trainer's checkpoints (checkpoints/step-N)."""
+EXPORT_DIR = "sae"
+"""The trainer's export: the dictionary the analysis stages and publish read (pipeline/sae/checkpoint.py)."""
 FORMAT_NAME = "pipeline.heldout"
 FORMAT_VERSION = 1
 

@@ -21,6 +21,7 @@ from pipeline.analysis import Dictionary, InputConfig
 from pipeline.audit import (AuditConfig, ConceptSetError, auroc, effect_size, load_concept_set, match_features,
                             resolve_concept_sets, run, search_concept, shipped)
 from pipeline.audit.search import SteeringCheck, word_ids
+from pipeline.audit.tasks import TASKS
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.interpret import InterpretConfig
@@ -228,9 +229,9 @@ def test_bad_concept_sets_fail_with_the_file_and_the_field(tmp_path):
         resolve_concept_sets(["watre"])
     with pytest.raises(ConceptSetError, match="does not exist"):
         resolve_concept_sets([str(tmp_path / "missing.yaml")])
-    with pytest.raises(ConfigError, match="small=runs/sae-1k"):
-        AuditConfig(task="splitting")
-    with pytest.raises(ConfigError, match="task='concept'"):
+    with pytest.raises(ConfigError, match="task.small=runs/sae-1k"):
+        TASKS["splitting"].Config()
+    with pytest.raises(ConfigError, match="task='concept'.*audit/task=concept"):
         AuditConfig(task="concept")
 
 
@@ -280,8 +281,8 @@ def test_splitting_matches_every_child_to_its_parent_and_reports_novel_features(
 @pytest.fixture(scope="module")
 def audited(tiny, tiny_model_dir, text_dir, zebra_file, tmp_path_factory):
     """The CLI on a planted dictionary (encoder: the zebra direction at block 1; decoder: the
-    unembedding of " zebra"), with a real dashboard of the same SAE to link to, then task=splitting
-    into the same folder."""
+    unembedding of " zebra"), with a real dashboard of the same SAE to link to, then
+    audit/task=splitting into the same folder."""
     tmp = tmp_path_factory.mktemp("audit")
     hook = "model.layers.1"
     cs = load_concept_set(zebra_file)
@@ -296,8 +297,9 @@ def audited(tiny, tiny_model_dir, text_dir, zebra_file, tmp_path_factory):
     env = {**os.environ, "PIPELINE_RUNS": str(tmp / "runs")}
     base = [sys.executable, "-m", "pipeline.audit", f"input.model.name={tiny_model_dir}", "input.model.device=cpu",
             f"out_dir={tmp / 'out'}", f"dashboard={tmp / 'dash'}"]
-    p = subprocess.run(base + [f"input.checkpoint={tmp / 'sae'}", f"concepts=[{zebra_file},dog]", "top=3", "clamp_multiple=10"], env=env,
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(base + [f"input.checkpoint={tmp / 'sae'}", f"task.concepts=[{zebra_file},dog]", "task.top=3",
+                               "task.clamp_multiple=10"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     concepts_doc = json.loads((tmp / "out" / "audit.json").read_text())
     # splitting: the dictionary against a larger one made of its perturbed copies and random rows
@@ -307,8 +309,8 @@ def audited(tiny, tiny_model_dir, text_dir, zebra_file, tmp_path_factory):
     with torch.no_grad():
         big.W_dec.copy_(large_rows)
     save(big, tmp / "big", meta={"hook": hook, "model": {"id": str(tiny_model_dir)}})
-    q = subprocess.run(base + ["task=splitting", f"small={tmp / 'sae'}", f"large={tmp / 'big'}", "threshold=0.8"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    q = subprocess.run(base + ["audit/task=splitting", f"task.small={tmp / 'sae'}", f"task.large={tmp / 'big'}",
+                               "task.threshold=0.8"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert q.returncode == 0, q.stderr[-3000:]
     return tmp, p.stdout, q.stdout, concepts_doc, parents
 

@@ -25,6 +25,7 @@ from pipeline.audit.absorption import absorption_scores, main_latents
 from pipeline.audit.completeness import (ConceptListError, count_hits, corpus_frequencies, dedicated_features,
                                          load_concept_list, resolve_concept_lists, shipped_lists, template_activations)
 from pipeline.audit.neighbours import nearest_neighbours, neighbourhoods
+from pipeline.audit.tasks import TASKS
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.interpret import InterpretConfig
@@ -83,12 +84,12 @@ def test_first_neighbour_is_the_near_duplicate_and_blocks_agree():
 
 def test_neighbours_bad_input():
     rows, _ = pairs(n_pairs=4)
-    with pytest.raises(ConfigError, match=r"n_neighbours=8 must be in \[1, 7\].*Fix: n_neighbours=7"):
+    with pytest.raises(ConfigError, match=r"task.n_neighbours=8 must be in \[1, 7\].*Fix: task.n_neighbours=7"):
         nearest_neighbours(rows, 8)
-    with pytest.raises(ConfigError, match="map_method='tsne' is not one of"):
-        AuditConfig(task="neighbours", map_method="tsne")
-    with pytest.raises(ConfigError, match="n_neighbours=0"):
-        AuditConfig(task="neighbours", n_neighbours=0)
+    with pytest.raises(ConfigError, match="task.map_method='tsne' is not one of"):
+        TASKS["neighbours"].Config(map_method="tsne")
+    with pytest.raises(ConfigError, match="task.n_neighbours=0"):
+        TASKS["neighbours"].Config(n_neighbours=0)
 
 
 # --- completeness ------------------------------------------------------------------------------
@@ -169,12 +170,13 @@ def test_shipped_concept_lists_and_bad_lists(tmp_path):
                                    "concepts": ["Oslo", "Paris", "Rome"]}))
     with pytest.raises(ConceptListError, match="not start with it"):
         load_concept_list(bad)
-    with pytest.raises(ConceptListError, match=r"categories=\['animal'\] is neither.*Fix: categories=\[animals\]"):
+    with pytest.raises(ConceptListError,
+                       match=r"task.categories=\['animal'\] is neither.*Fix: task.categories=\[animals\]"):
         resolve_concept_lists(["animal"])
-    with pytest.raises(ConfigError, match="dedicated_auroc=1.5 must lie in"):
-        AuditConfig(task="completeness", dedicated_auroc=1.5)
-    with pytest.raises(ConfigError, match="uniqueness=0.5 >= 1. Fix"):
-        AuditConfig(task="completeness", uniqueness=0.5)
+    with pytest.raises(ConfigError, match="task.dedicated_auroc=1.5 must lie in"):
+        TASKS["completeness"].Config(dedicated_auroc=1.5)
+    with pytest.raises(ConfigError, match="task.uniqueness=0.5 >= 1. Fix"):
+        TASKS["completeness"].Config(uniqueness=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +242,13 @@ def test_planted_concept_feature_is_found_and_others_are_not(tiny, animal_list, 
                               ["A zebra and a horse walked by the zebra pen."] * 30
                               + ["A camel, then a goat ate."] * 30))
     save(sae, tmp_path / "sae", meta={"hook": HOOK})
-    cfg = AuditConfig(task="completeness", input=InputConfig(checkpoint=str(tmp_path / "sae"),
-                                                             model=ModelConfig(name=tiny.model_id, device="cpu")),
-                      categories=[str(animal_list)], alive_tokens=256, out_dir=str(tmp_path / "out"), dashboard=None,
-                      max_density=0.5,  # zebra fills this tiny corpus: its feature fires on ~10% of the tokens
-                      corpus=DataConfig(source="files", path=[str(corpus)], split="all", shuffle_seed=None))
+    task = TASKS["completeness"].Config(
+        categories=[str(animal_list)], alive_tokens=256,
+        max_density=0.5,  # zebra fills this tiny corpus: its feature fires on ~10% of the tokens
+        corpus=DataConfig(source="files", path=[str(corpus)], split="all", shuffle_seed=None))
+    cfg = AuditConfig(task=task, input=InputConfig(checkpoint=str(tmp_path / "sae"),
+                                                   model=ModelConfig(name=tiny.model_id, device="cpu")),
+                      out_dir=str(tmp_path / "out"), dashboard=None)
     doc = run(cfg)
     sec = doc["completeness"]
     rows = {x["concept"]: x for x in sec["categories"][0]["concepts"]}
@@ -300,8 +304,8 @@ def test_main_latents_grow_while_f1_jumps():
     main, f1s = main_latents(m[:300], y[:300], m[300:], y[300:], max_k=4, f1_jump=0.03)
     assert sorted(main) == [4, 7]
     assert f1s[1] > f1s[0] + 0.2 and f1s[1] > 0.95 and len(f1s) == 4
-    with pytest.raises(ConfigError, match="absorption_words=10 must be >= 100"):
-        AuditConfig(task="absorption", absorption_words=10)
+    with pytest.raises(ConfigError, match="task.words=10 must be >= 100"):
+        TASKS["absorption"].Config(words=10)
 
 
 def test_word_activations_on_the_prefix_cache_equal_the_whole_prompt(tiny):
@@ -324,7 +328,7 @@ def test_word_activations_on_the_prefix_cache_equal_the_whole_prompt(tiny):
 @pytest.fixture(scope="module")
 def audited(tiny, tiny_model_dir, text_dir, animal_list, tmp_path_factory):
     """A real dashboard of a 64-feature dictionary of near-duplicate decoder pairs; then
-    task=neighbours from the command line and task=absorption in process, into one out_dir."""
+    audit/task=neighbours from the command line and the absorption task in process, into one out_dir."""
     tmp = tmp_path_factory.mktemp("structure")
     rows, partner = pairs(n_pairs=32, d=32)
     sae = create(SAEConfig(architecture="relu_l1", n_features=64, d_model=32))
@@ -338,12 +342,13 @@ def audited(tiny, tiny_model_dir, text_dir, animal_list, tmp_path_factory):
     interpret(InterpretConfig(input=inp, top_k=2, n_samples=2, out_dir=str(tmp / "dash"),
                               crosslingual_in_dashboard=False, progress=False))
     env = {**os.environ, "PIPELINE_RUNS": str(tmp / "runs"), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "pipeline.audit", "task=neighbours", f"input.checkpoint={tmp / 'sae'}",
-                        f"input.model.name={tiny_model_dir}", f"out_dir={tmp / 'out'}", f"dashboard={tmp / 'dash'}",
-                        "n_neighbours=4"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "pipeline.audit", "audit/task=neighbours",
+                        f"input.checkpoint={tmp / 'sae'}", f"input.model.name={tiny_model_dir}",
+                        f"out_dir={tmp / 'out'}", f"dashboard={tmp / 'dash'}", "task.n_neighbours=4"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    run(AuditConfig(task="absorption", input=replace(inp, data=DataConfig()),
-                    absorption_words=300, absorption_max_k=3, out_dir=str(tmp / "out"), dashboard=str(tmp / "dash")))
+    run(AuditConfig(task=TASKS["absorption"].Config(words=300, max_k=3), input=replace(inp, data=DataConfig()),
+                    out_dir=str(tmp / "out"), dashboard=str(tmp / "dash")))
     return tmp, partner, p.stdout
 
 

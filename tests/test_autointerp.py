@@ -1,4 +1,4 @@
-"""task=autointerp: the loopback OpenAI-compatible server (a real process serving the embedded
+"""audit/task=autointerp: the loopback OpenAI-compatible server (a real process serving the embedded
 SmolLM2-135M-Instruct), the audit run end to end against it (then again from the cache with no
 request), the scorers' arithmetic on constructed judges, and bad input (unreachable endpoint,
 missing key, bad requests), with the key never written anywhere."""
@@ -121,9 +121,9 @@ def cli_args(tiny_model_dir, text_dir, sae: Path, out: Path, base_url: str | Non
          "context_before": 4, "context_after": 4, "n_explain_top": 4, "n_explain_quantile": 2, "n_test": 1,
          "n_nonactivating": 1, "explain_max_tokens": 16, "max_retries": 0, "timeout": 60} | kw
     return ([f"input.model.name={tiny_model_dir}", "input.model.device=cpu", f"input.checkpoint={sae}", f"out_dir={out}", "dashboard=null",
-             "task=autointerp", f"autointerp.base_url={'null' if base_url is None else base_url}",
-             "autointerp.data.source=files", f"autointerp.data.path=[{text_dir / '*.txt'}]"]
-            + [f"autointerp.{k}={v}" for k, v in a.items()])
+             "audit/task=autointerp", f"task.base_url={'null' if base_url is None else base_url}",
+             "task.data.source=files", f"task.data.path=[{text_dir / '*.txt'}]"]
+            + [f"task.{k}={v}" for k, v in a.items()])
 
 
 def config_from(args: list[str]) -> AuditConfig:
@@ -170,8 +170,8 @@ def end_to_end(server, sparse_sae, tiny_model_dir, text_dir, tmp_path_factory):
 
 def test_missing_key_names_the_variable_before_anything_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("MY_JUDGE_KEY", raising=False)
-    cfg = AuditConfig(task="autointerp", input=InputConfig(checkpoint=str(tmp_path / "no-such-sae")), out_dir=str(tmp_path),
-                      autointerp=AutointerpConfig(base_url="https://judge.example.com/v1", api_key_env="MY_JUDGE_KEY"))
+    cfg = AuditConfig(task=AutointerpConfig(base_url="https://judge.example.com/v1", api_key_env="MY_JUDGE_KEY"),
+                      input=InputConfig(checkpoint=str(tmp_path / "no-such-sae")), out_dir=str(tmp_path))
     with pytest.raises(ConfigError) as e:
         run(cfg)  # fails on the key, not on the missing checkpoint: nothing was loaded
     assert "MY_JUDGE_KEY" in str(e.value) and "https://judge.example.com/v1" in str(e.value)
@@ -193,7 +193,7 @@ def test_bad_autointerp_config_values():
         AutointerpConfig(context_size=16, context_before=12, context_after=4)
     with pytest.raises(ConfigError, match="n_test=0"):
         AutointerpConfig(n_test=0)
-    with pytest.raises(ConfigError, match="task='autointerpp'"):
+    with pytest.raises(ConfigError, match="task='autointerpp'.*audit/task=autointerpp"):
         AuditConfig(task="autointerpp")
 
 
@@ -525,7 +525,7 @@ def test_unreachable_endpoint_fails_clearly_and_keeps_the_cached_answers(end_to_
         run(cfg)
     msg = str(e.value)
     assert f"cannot reach the endpoint {url}/chat/completions" in msg and "Fix" in msg, msg
-    assert "python -m pipeline.audit.server" in msg and "autointerp.base_url" in msg
+    assert "python -m pipeline.audit.server" in msg and "task.base_url" in msg
     assert f"{len(kept)} answers cached so far are kept in {cache}" in msg and "3 answered from it in this run" in msg
     assert isinstance(e.value, ConnectionError)
     assert sorted(p.name for p in cache.glob("*/*.json")) == kept
@@ -533,7 +533,7 @@ def test_unreachable_endpoint_fails_clearly_and_keeps_the_cached_answers(end_to_
 
 
 def test_the_default_starts_and_stops_its_own_loopback_server(sparse_sae, tiny_model_dir, text_dir, tmp_path):
-    """autointerp.base_url=null: the run starts pipeline.audit.server itself (here serving the tiny
+    """task.base_url=null: the run starts pipeline.audit.server itself (here serving the tiny
     random model, to keep the test short), stops it, and a rerun from the cache starts nothing."""
     args = cli_args(tiny_model_dir, text_dir, sparse_sae, tmp_path, None, n_features=2, density_strata=2,
                     embedding="false", judge_model=str(tiny_model_dir))

@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.audit import AuditConfig, ConceptSetError, load_concept_set
 from pipeline.audit import run as audit
+from pipeline.audit.tasks import TASKS
 from pipeline.cache import CacheConfig, StoreConfig, run
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
@@ -271,10 +272,12 @@ def test_crossmodal_audit_cli_end_to_end(vlm_dir, tiny_model_dir, planted, image
     doc["images"] = {k: [os.path.relpath(p, tmp_path) for p in v] for k, v in doc["images"].items()}  # relative
     cs.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.audit", "task=crossmodal", f"input.checkpoint={planted}", f"concepts=[{cs}]",
-           f"vlm.name={vlm_dir}", "vlm.device=cpu", f"input.model.name={tiny_model_dir}", "input.model.device=cpu",
-           "vlm_data.source=files", f"vlm_data.path=[{text_dir}/*.txt]", "vlm_data.test_fraction=0.5", "vlm_tokens=96",
-           "vlm_context_size=32", "vlm_batch_size=3", "top=3", f"out_dir={out}", "dashboard=null"]
+    cmd = [sys.executable, "-m", "pipeline.audit", "audit/task=crossmodal", f"input.checkpoint={planted}",
+           f"task.concepts=[{cs}]", f"task.vlm.name={vlm_dir}", "task.vlm.device=cpu",
+           f"input.model.name={tiny_model_dir}", "input.model.device=cpu", "task.data.source=files",
+           f"task.data.path=[{text_dir}/*.txt]",
+           "task.data.test_fraction=0.5", "task.n_tokens=96", "task.context_size=32", "task.batch_size=3", "task.top=3",
+           f"out_dir={out}", "dashboard=null"]
     p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PIPELINE_RUNS": str(tmp_path / "runs")},
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -320,9 +323,8 @@ def test_text_only_figures_are_pipeline_evaluate_on_the_vlm(vlm, planted, text_d
 def test_vlm_hidden_size_different_from_the_dictionary_is_a_clear_error(planted, smollm2_dir, tmp_path):
     wide = build_vlm(tmp_path / "wide-vlm", smollm2_dir, hidden=48)
     from pipeline.analysis import InputConfig
-    cfg = AuditConfig(task="crossmodal", input=InputConfig(checkpoint=str(planted)),
-                      vlm=ModelConfig(name=str(wide), device="cpu"),
-                      concepts=["water"], out_dir=str(tmp_path / "out"))
+    task = TASKS["crossmodal"].Config(vlm=ModelConfig(name=str(wide), device="cpu"), concepts=["water"])
+    cfg = AuditConfig(task=task, input=InputConfig(checkpoint=str(planted)), out_dir=str(tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"hidden size 48.*d_model=32.*Fix: use a VLM whose language model"):
         audit(cfg)
     assert not (tmp_path / "out").exists()

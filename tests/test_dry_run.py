@@ -65,11 +65,12 @@ def test_dry_run_needs_no_store_when_d_model_is_given_and_rejects_bad_layouts(tm
 
 
 def test_make_plan_34m_on_80gb_prints_a_fitting_plan_whose_dry_run_succeeds():
-    plan = best_plan(PlanConfig(d_model=4096, n_features=2**25, param_dtype="bfloat16", zero_stage=1,
-                                batch_size=4096, gpu_memory_gb=80))
+    plan = best_plan(PlanConfig(sae=SAEConfig(d_model=4096, n_features=2**25),
+                                deepspeed=DeepSpeedConfig(zero_stage=1, precision="bf16"), batch_size=4096,
+                                gpu_memory_gb=80))
     assert plan.fits
     out = subprocess.run([sys.executable, "-m", "pipeline.plan", "plan/target=llama3.1-8b", "plan/size=34m",
-                          "gpu_memory_gb=80", "param_dtype=bfloat16", "zero_stage=1", "batch_size=4096"],
+                          "gpu_memory_gb=80", "deepspeed.precision=bf16", "deepspeed.zero_stage=1", "batch_size=4096"],
                          capture_output=True, text=True, check=True).stdout
     assert "FITS" in out and dry_run_command(plan) in out
     cmd = dry_run_command(plan).split()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.config import CONF_DIR, check_declared, check_overrides, user_errors_reported
+from pipeline.config import CONF_DIR, check_declared, check_overrides, group_sections, user_errors_reported
 from pipeline.errors import USER_ERROR_EXIT, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,9 @@ def test_every_key_the_shipped_yaml_sets_is_declared():
     seen = 0
     for stage, overrides in _group_choices():
         cfg = _compose(stage, overrides)
-        check_declared(OmegaConf.to_container(cfg, resolve=False), OmegaConf.get_type(cfg))
+        schema = OmegaConf.get_type(cfg)
+        choices = dict(o.split("=", 1) for o in overrides if "/" in o.split("=", 1)[0])  # as Hydra's runtime.choices
+        check_declared(OmegaConf.to_container(cfg, resolve=False), schema, sections=group_sections(schema, choices))
         seen += 1
     assert seen >= len(STAGES) + 10
 
@@ -160,6 +162,9 @@ def test_stage_defaults_have_one_source(stage):
         assert composed.input.data.split == "test" and composed.input.exclude_norm_factor == 8.0
     if stage == "train":
         assert composed.data.exclude_norm_factor == 8.0 and composed.out_dir == "runs/demo/train/topk"
+    if stage == "audit":  # conf/audit.yaml's audit/task default and AuditConfig()'s are the same task
+        from pipeline.audit.tasks import DEFAULT, TASKS
+        assert type(composed.task) is TASKS[DEFAULT].Config
 
 
 @pytest.mark.parametrize("sae", sorted(p.stem for p in Path(CONF_DIR, "sae").glob("*.yaml")))
@@ -180,11 +185,12 @@ def test_group_options_set_only_what_differs_from_the_dataclass():
     from pipeline.models import ModelConfig
     from pipeline.cost_model import PlanConfig
     from pipeline.sae import SAEConfig
-    defaults = {"data": DataConfig(), "model": ModelConfig(), "sae": SAEConfig(),
-                "plan/target": PlanConfig(), "plan/size": PlanConfig()}
+    defaults = {"data": DataConfig(), "model": ModelConfig(), "sae": SAEConfig(),  # the plan presets set sae.*
+                "plan/target": PlanConfig().sae, "plan/size": PlanConfig().sae}
     groups = {str(p.parent.relative_to(CONF_DIR)) for p in Path(CONF_DIR).glob("*/**/*.yaml")}
     aliases = {"input/model", "input/data"}  # the analysis stages' input.model and input.data: the same options
-    assert groups - {"sweep", "sweep/launcher"} - aliases == set(GROUP_IDENTITY)  # sweeps are experiments
+    schemas = {"audit/task"}  # each option picks its own schema dataclass: the next test
+    assert groups - {"sweep", "sweep/launcher"} - aliases - schemas == set(GROUP_IDENTITY)  # sweeps are experiments
     for alias in aliases:
         group = alias.split("/")[1]
         assert {p.name for p in Path(CONF_DIR, alias).glob("*.yaml")} == {p.name for p in Path(CONF_DIR, group).glob("*.yaml")}
@@ -196,6 +202,42 @@ def test_group_options_set_only_what_differs_from_the_dataclass():
             assert identity in values, option
             repeated = {k: v for k, v in values.items() if k != identity and v == getattr(defaults[group], k)}
             assert not repeated, f"{option} repeats the dataclass defaults {repeated}"
+
+
+def test_the_planner_takes_the_trainers_step_sections():
+    """PlanConfig declares no training field again: it extends the step sections TrainConfig extends
+    (pipeline/step.py), and what it adds are the planner's own fields, none of them a step key."""
+    from pipeline.cost_model import PlanConfig
+    from pipeline.step import StepConfig
+    from pipeline.train import TrainConfig
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
+    assert issubclass(PlanConfig, StepConfig) and issubclass(TrainConfig, StepConfig)
+    assert names(PlanConfig) & names(TrainConfig) == names(StepConfig)
+    types = {f.name: f.type for f in dataclasses.fields(StepConfig)}
+    assert {f.name: f.type for f in dataclasses.fields(PlanConfig) if f.name in types} == types
+    leaves = {f.name for section in dataclasses.fields(StepConfig) if dataclasses.is_dataclass(section.type)
+              for f in dataclasses.fields(section.type)} | names(StepConfig)
+    assert not (names(PlanConfig) - names(StepConfig)) & leaves
+
+
+def test_audit_task_options_pick_their_schema_and_set_only_what_differs_from_it():
+    """conf/audit/task/<name>.yaml: `# @package task`, the task's Config (registered in the ConfigStore
+    by pipeline.audit.tasks) as its schema, and no key that repeats that dataclass's default; picking
+    it composes exactly that Config."""
+    from pipeline.audit.tasks import SCHEMA_GROUP, TASKS
+    options = sorted(Path(CONF_DIR, "audit", "task").glob("*.yaml"))
+    assert {p.stem for p in options} == set(TASKS)
+    for option in options:
+        assert option.read_text().startswith("# @package task\n"), option
+        values = OmegaConf.to_container(OmegaConf.load(option))
+        assert values.pop("defaults") == [f"/{SCHEMA_GROUP}/{option.stem}@_here_"], option
+        schema = OmegaConf.to_container(OmegaConf.structured(TASKS[option.stem].Config))
+        assert set(values) <= set(schema), option
+        repeated = {k: v for k, v in values.items() if v == schema[k]}
+        assert not repeated, f"{option} repeats the dataclass defaults {repeated}"
+        composed = _compose("audit", [f"audit/task={option.stem}"])
+        assert OmegaConf.get_type(composed.task) is TASKS[option.stem].Config
+        assert OmegaConf.to_container(composed.task) == schema | values
 
 
 def test_scaling_plan_keys_are_the_planners():
@@ -240,22 +282,35 @@ def test_every_torchrun_rank_reports_a_user_error_and_the_job_fails(tmp_path):
 
 # -- the small cases --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", ["gpu_memory_gb", "d_model", "n_features", "batch_size", "gpus_per_node", "tflops",
-                                 "usable_fraction", "inter_node_gbs"])
+@pytest.mark.parametrize("key", ["gpu_memory_gb", "sae.d_model", "sae.n_features", "batch_size", "gpus_per_node",
+                                 "tflops", "usable_fraction", "inter_node_gbs", "data.shuffle_buffer"])
 def test_plan_sizes_must_be_positive(key):
+    from dataclasses import replace
+
     from pipeline.plan import PlanConfig
+    section, _, name = key.rpartition(".")
     for bad in (0, -1, float("nan")):
-        with pytest.raises(ConfigError, match=f"{key}="):
-            PlanConfig(**{key: bad})
+        with pytest.raises(ConfigError, match=f"{key.replace('.', '[.]')}="):
+            if section:  # a training section's field (pipeline/step.py), checked by its own dataclass or the planner
+                PlanConfig(**{section: replace(getattr(PlanConfig(), section), **{name: bad})})
+            else:
+                PlanConfig(**{key: bad})
 
 
 def test_plan_bounds():
     from pipeline.plan import PlanConfig
-    for kw, match in [({"usable_fraction": 1.5}, r"usable_fraction=1.5 must be in \(0, 1\]"),
-                      ({"k": 0}, "k=0 must be >= 1 for topk"), ({"max_gpus": -1}, "max_gpus=-1 must be >= 0")]:
+    from pipeline.sae import SAEConfig
+    from pipeline.train import DeepSpeedConfig
+    for kw, match in [(lambda: {"usable_fraction": 1.5}, r"usable_fraction=1.5 must be in \(0, 1\]"),
+                      (lambda: {"sae": SAEConfig(d_model=4096, k=0)}, r"sae\.k=0 must be in \[1, n_features="),
+                      (lambda: {"max_gpus": -1}, "max_gpus=-1 must be >= 0"),
+                      (lambda: {"sae": SAEConfig()}, r"sae\.d_model is not set.*Fix: sae\.d_model=<width>, or plan/target="),
+                      (lambda: {"deepspeed": DeepSpeedConfig(zero_stage=0)},  # auto plans bf16 (GPUs), which the
+                       r"deepspeed\.precision=bf16 with deepspeed\.zero_stage=0.*Fix:")]:  # trainer refuses at ZeRO-0
         with pytest.raises(ConfigError, match=match):
-            PlanConfig(**kw)
-    PlanConfig(architecture="relu_l1", k=0, feature_tile=0, data_parallel=0)  # k does not apply; 0s mean "auto"
+            PlanConfig(**kw())
+    # k does not apply to relu_l1; 0s mean "auto"
+    PlanConfig(sae=SAEConfig(architecture="relu_l1", k=0, feature_tile=0, d_model=4096), data_parallel=0)
 
 
 @pytest.mark.parametrize("repo_id, rule", [("alice/bad name", "alphanumeric"), ("alice/x--y", "--"),

@@ -88,7 +88,7 @@ def test_unregistered_it_is_refused_and_no_other_test_sees_it():
     with pytest.raises(ConfigError, match=r"sae.architecture='gain_topk' is not one of \['relu_l1', 'topk'"):
         SAEConfig(architecture=NAME)
     with pytest.raises(ConfigError, match="architecture='gain_topk' is not one of"):
-        PlanConfig(architecture=NAME)
+        PlanConfig(sae=SAEConfig(architecture=NAME, d_model=D))
 
 
 def test_its_config_is_one_yaml_file(gain_topk, tmp_path):
@@ -135,9 +135,11 @@ def test_planner_and_dry_run_count_its_own_parameter(gain_topk, capsys):
     from pipeline.train import DeepSpeedConfig, TrainConfig
     from pipeline.train.dry_run import dry_run
 
-    cfg = dict(d_model=576, n_features=2**20, k=32, param_dtype="float32", zero_stage=1)
-    ours = make_plan(PlanConfig(architecture=NAME, **cfg), 1, 2)
-    topk = make_plan(PlanConfig(architecture="topk", **cfg), 1, 2)
+    def plan(architecture: str) -> PlanConfig:
+        return PlanConfig(sae=SAEConfig(architecture=architecture, d_model=576, n_features=2**20, k=32),
+                          deepspeed=DeepSpeedConfig(zero_stage=1, precision="fp32"))
+    ours = make_plan(plan(NAME), 1, 2)
+    topk = make_plan(plan("topk"), 1, 2)
     assert ours.memory.weights - topk.memory.weights == 2**19 * 4  # the gains of one shard
     assert ours.flops_per_step == topk.flops_per_step == step_flops(ours.cfg)[1]  # a sparse step
     assert ours.memory.communication == topk.memory.communication and "k=32" in format_plan(ours)

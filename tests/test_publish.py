@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import pipeline.publish as P
 import pipeline.sae as S
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import ConfigError, InputNotFoundError, UserError
 from pipeline.publish import (MissingMetricsError, OutDirNotEmptyError, PublishAuthError, PublishConfig,
                               PublishIncompleteError, ReleaseIncompleteError, run)
 from pipeline.analysis.release import parse_hf_url
@@ -83,19 +83,28 @@ def make_eval(folder: Path, with_extras: bool = True, dashboard: Path | None = N
     return folder
 
 
+BARE = "relu_l1"
+"""The architecture whose run has metrics only: no histogram, no dashboard."""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """One training run folder per architecture: <run>/sae (export) and <run>/eval (evaluation)."""
+    """One training run folder per architecture: <run>/sae (export), <run>/eval (the evaluation's out_dir)
+    and, but for BARE, <run>/interpret (the interpretation's out_dir: the dashboard)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for i, arch in enumerate(S.ARCHITECTURES):
         run_dir = root / arch
         make_export(run_dir / "sae", arch, f"model.layers.{i}", feature_shards=2 if arch == "topk" else 1, seed=i)
-        # topk: the dashboard where pipeline.interpret puts it, beside the run's export
-        make_eval(run_dir / "eval", with_extras=arch != "relu_l1",
-                  dashboard=run_dir / "interpret" if arch == "topk" else None)
+        make_eval(run_dir / "eval", with_extras=arch != BARE, dashboard=run_dir / "interpret")
         out[arch] = run_dir
     return out
+
+
+def given(runs: dict[str, Path], *archs: str) -> dict[str, list[str]]:
+    """What publish is given for these runs: each export, its evaluation's and its dashboard's folder."""
+    return {"checkpoints": [str(runs[a] / "sae") for a in archs], "eval_dirs": [str(runs[a] / "eval") for a in archs],
+            "dashboard_dirs": ["" if a == BARE else str(runs[a] / "interpret") for a in archs]}
 
 
 def dense_latents(sae, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +139,7 @@ def assert_same_sae(a, b) -> None:
 @pytest.mark.parametrize("arch", S.ARCHITECTURES)
 def test_round_trip_is_bit_identical(runs, tmp_path, arch, sharded):
     """export -> release folder -> pipeline.publish.load: the same tensors and the same outputs."""
-    res = run(PublishConfig(checkpoints=[str(runs[arch] / "sae")], out_dir=str(tmp_path / "rel"),
+    res = run(PublishConfig(**given(runs, arch), out_dir=str(tmp_path / "rel"),
                             max_shard_size="3kB" if sharded else "5GB", progress=False))
     folder = res.folder / res.sae_ids[0]
     files = sorted(p.name for p in folder.glob("sae_weights*"))
@@ -143,7 +152,7 @@ def test_round_trip_is_bit_identical(runs, tmp_path, arch, sharded):
 
 def test_release_follows_the_saelens_layout(runs, tmp_path):
     import yaml
-    res = run(PublishConfig(checkpoints=[str(runs[a] / "sae") for a in S.ARCHITECTURES],
+    res = run(PublishConfig(**given(runs, *S.ARCHITECTURES),
                             out_dir=str(tmp_path / "rel"), repo_id="alice/saes", dry_run=True, progress=False))
     assert res.sae_ids == [f"model.layers.{i}" for i in range(4)]
     expect = {"relu_l1": ("standard", False), "topk": ("topk", True), "jumprelu": ("jumprelu", False),
@@ -202,13 +211,68 @@ def test_missing_metrics_is_a_clear_error(tmp_path):
     ckpt = make_export(tmp_path / "run" / "sae", "topk", "model.layers.2")
     with pytest.raises(MissingMetricsError, match=r"no evaluation metrics.*metrics\.json.*pipeline\.evaluate"
                                                   r".*eval_dirs=.*require_metrics=false") as e:
-        run(PublishConfig(checkpoints=[str(ckpt)], out_dir=str(tmp_path / "rel"), repo_id="alice/x"))
-    assert str(tmp_path / "run" / "eval") in str(e.value)
+        run(PublishConfig(checkpoints=[str(ckpt)], eval_dirs=[str(tmp_path / "run" / "eval")],
+                          out_dir=str(tmp_path / "rel"), repo_id="alice/x"))
+    assert str(tmp_path / "run" / "eval" / "metrics.json") in str(e.value)  # the missing path
     assert not (tmp_path / "rel").exists()
+    with pytest.raises(MissingMetricsError, match=r"eval_dirs names no folder for it.*Fix: evaluate it "
+                                                  r"\(python -m pipeline\.evaluate input\.checkpoint=.*"
+                                                  r"eval_dirs=.*require_metrics=false") as e:
+        run(PublishConfig(checkpoints=[str(ckpt)], out_dir=str(tmp_path / "rel"), repo_id="alice/x"))
+    assert str(ckpt) in str(e.value) and not (tmp_path / "rel").exists()
     res = run(PublishConfig(checkpoints=[str(ckpt)], out_dir=str(tmp_path / "rel"), require_metrics=False))
     assert not (res.folder / "model.layers.2" / "metrics.json").exists()
     with pytest.raises(FileNotFoundError, match="no exported SAE at"):
         run(PublishConfig(checkpoints=[str(tmp_path / "nothing")], out_dir=str(tmp_path / "rel2")))
+
+
+def test_publish_reads_only_what_it_is_given(tmp_path):
+    """No guessing of other stages' folders (issue 16): evaluation results, histograms, dashboards and
+    density files lying in every place publish once searched are ignored; it reads the eval_dirs and
+    dashboard_dirs entries it is given, each file by its producing stage's name, and the density from
+    metrics.json's feature_density alone (no stage writes a density file)."""
+    from safetensors.torch import save_file as save_tensors
+
+    from pipeline import demo
+    run_dir = tmp_path / "run"
+    ckpt = make_export(run_dir / "sae", "topk", "model.layers.4")
+    decoys = [ckpt, ckpt / "eval", ckpt / "evaluate", run_dir / "eval", run_dir / "evaluate", run_dir]
+    for d in decoys:
+        make_eval(d, dashboard=d / "dashboard")
+    (run_dir / "interpret" / "features").mkdir(parents=True)  # and where the interpretation may have written
+    (run_dir / "interpret" / "index.html").write_text("<html>decoy</html>")
+    rel = tmp_path / "rel"
+    with pytest.raises(MissingMetricsError, match="eval_dirs names no folder for it"):
+        run(PublishConfig(checkpoints=[str(ckpt)], out_dir=str(rel), progress=False))
+    res = run(PublishConfig(checkpoints=[str(ckpt)], out_dir=str(rel), require_metrics=False, progress=False))
+    assert sorted(p.name for p in (res.folder / "model.layers.4").iterdir()) == sorted(
+        ["cfg.json", "pipeline.json", "release.json", "sae_weights.safetensors"])
+
+    given_dir = tmp_path / "given"  # an evaluation's out_dir: metrics.json without feature_density, and
+    given_dir.mkdir()               # files no stage writes there (another PNG, the old density files)
+    (given_dir / "metrics.json").write_text(json.dumps({"fvu": 0.25, "l0": 4.0}))
+    from PIL import Image
+    Image.new("RGB", (8, 6)).save(given_dir / "feature_density_hist.png")
+    save_tensors({"density": torch.full((N,), 0.5)}, str(given_dir / "feature_density.safetensors"))
+    import numpy as np
+    np.save(given_dir / "feature_density.npy", np.full(N, 0.5))
+    res = run(PublishConfig(checkpoints=[str(ckpt)], eval_dirs=[str(given_dir)], dashboard_dirs=[""],
+                            out_dir=str(rel), progress=False))
+    folder = res.folder / "model.layers.4"
+    assert json.loads((folder / "metrics.json").read_text()) == {"fvu": 0.25, "l0": 4.0}
+    for absent in ("sparsity.safetensors", "density_histogram.png", "dashboard"):
+        assert not (folder / absent).exists(), absent
+
+    with pytest.raises(InputNotFoundError, match=r"dashboard_dirs entry .* holds no dashboard: .*index\.html is "
+                                                 r"missing\. Fix: write it \(python -m pipeline\.interpret ") as e:
+        run(PublishConfig(checkpoints=[str(ckpt)], eval_dirs=[str(given_dir)], dashboard_dirs=[str(given_dir)],
+                          out_dir=str(rel), progress=False))
+    assert str(given_dir / "index.html") in str(e.value)
+
+    # the embedded default's chain (pipeline/demo.py) is the one default: for its own checkpoint only
+    assert (PublishConfig().eval_dirs, PublishConfig().dashboard_dirs) == ([demo.EVALUATE], [])
+    other = PublishConfig(checkpoints=[str(ckpt)])
+    assert (other.eval_dirs, other.dashboard_dirs) == ([], [])
 
 
 def test_bad_inputs_are_user_errors(runs, tmp_path):
@@ -217,7 +281,7 @@ def test_bad_inputs_are_user_errors(runs, tmp_path):
     stray.parent.mkdir()
     stray.write_text("mine")
     with pytest.raises(OutDirNotEmptyError, match=r"out_dir='.*notes'.*Fix: choose an empty or new out_dir") as e:
-        run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(stray.parent), progress=False))
+        run(PublishConfig(**given(runs, "topk"), out_dir=str(stray.parent), progress=False))
     assert isinstance(e.value, FileExistsError) and isinstance(e.value, UserError) and stray.read_text() == "mine"
 
     twin = make_export(tmp_path / "twin" / "sae", "topk", "model.layers.1")  # runs["topk"] has that hook too
@@ -240,7 +304,7 @@ def test_bad_inputs_are_user_errors(runs, tmp_path):
 
     # a release folder whose pipeline.json no longer lists the extras (jumprelu's log_threshold); same size,
     # so the manifest check passes and the weights check refuses it
-    res = run(PublishConfig(checkpoints=[str(runs["jumprelu"] / "sae")], out_dir=str(tmp_path / "rel-j"),
+    res = run(PublishConfig(**given(runs, "jumprelu"), out_dir=str(tmp_path / "rel-j"),
                             progress=False))
     cfg = res.folder / res.sae_ids[0] / "pipeline.json"
     text = cfg.read_text()
@@ -255,7 +319,7 @@ def test_bad_inputs_are_user_errors(runs, tmp_path):
 
 def test_pipeline_sae_reads_exports_only(runs, tmp_path):
     """pipeline.sae imports nothing above it: a release is pipeline.publish.load's, which reads exports too."""
-    res = run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), progress=False))
+    res = run(PublishConfig(**given(runs, "topk"), out_dir=str(tmp_path / "rel"), progress=False))
     assert_same_sae(S.load(runs["topk"] / "sae"), P.load(runs["topk"] / "sae"))
     for path in (res.folder / res.sae_ids[0], "hf://alice/saes/model.layers.0"):
         with pytest.raises(ConfigError, match=r"Fix: .*load .* with pipeline\.publish\.load"):
@@ -263,7 +327,7 @@ def test_pipeline_sae_reads_exports_only(runs, tmp_path):
 
 
 def test_incomplete_release_is_refused(runs, tmp_path):
-    res = run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), progress=False))
+    res = run(PublishConfig(**given(runs, "topk"), out_dir=str(tmp_path / "rel"), progress=False))
     folder = res.folder / res.sae_ids[0]
     (folder / "release.json").unlink()
     with pytest.raises(ReleaseIncompleteError, match="release.json is missing.*rerun"):
@@ -292,7 +356,7 @@ def release_files(folder: Path) -> dict[str, bytes]:
 
 def test_hub_upload_arrives_equal_reruns_send_nothing_and_never_log_the_token(runs, tmp_path, hub, caplog, capfd):
     caplog.set_level(logging.DEBUG)  # everything the client and we log, at the most verbose level
-    cfg = PublishConfig(checkpoints=[str(runs[a] / "sae") for a in ("topk", "jumprelu")],
+    cfg = PublishConfig(**given(runs, "topk", "jumprelu"),
                         out_dir=str(tmp_path / "rel"), repo_id="alice/saes", progress=True)
     res = run(cfg)
     assert hub.state.commits == 1  # a small release is one commit
@@ -314,7 +378,7 @@ def test_hub_upload_arrives_equal_reruns_send_nothing_and_never_log_the_token(ru
 
 
 def test_hub_release_in_a_subfolder_and_branch(runs, tmp_path, hub):
-    cfg = PublishConfig(checkpoints=[str(runs["batchtopk"] / "sae")], out_dir=str(tmp_path / "rel"),
+    cfg = PublishConfig(**given(runs, "batchtopk"), out_dir=str(tmp_path / "rel"),
                         repo_id="alice/many", path_in_repo="smollm2/v1", revision="dev", private=True)
     res = run(cfg)
     files = hub.state.files("alice/many", "dev")
@@ -326,7 +390,7 @@ def test_hub_release_in_a_subfolder_and_branch(runs, tmp_path, hub):
 
 
 def test_hub_interrupted_upload_resumes_and_is_never_shown_complete(runs, tmp_path, hub):
-    cfg = PublishConfig(checkpoints=[str(runs[a] / "sae") for a in ("relu_l1", "jumprelu")],
+    cfg = PublishConfig(**given(runs, "relu_l1", "jumprelu"),
                         out_dir=str(tmp_path / "rel"), repo_id="alice/big", single_commit_size="1",
                         commit_size="6kB", progress=False)
     hub.state.fail["commit"] = 2  # the network drops during the second commit (and every later one)
@@ -349,7 +413,8 @@ def test_hub_interrupted_upload_resumes_and_is_never_shown_complete(runs, tmp_pa
     # an update that fails part way must not leave the old manifest presenting the new files as complete
     make_export(tmp_path / "v2" / "sae", "jumprelu", "model.layers.2", seed=7)
     make_eval(tmp_path / "v2" / "eval")
-    cfg2 = PublishConfig(checkpoints=[str(tmp_path / "v2" / "sae")], out_dir=str(tmp_path / "rel2"),
+    cfg2 = PublishConfig(checkpoints=[str(tmp_path / "v2" / "sae")], eval_dirs=[str(tmp_path / "v2" / "eval")],
+                         dashboard_dirs=[str(tmp_path / "v2" / "eval" / "dashboard")], out_dir=str(tmp_path / "rel2"),
                          repo_id="alice/big", single_commit_size="1", commit_size="6kB", progress=False)
     hub.state.commits, hub.state.fail["commit"] = 0, 2
     with pytest.raises(PublishIncompleteError):
@@ -361,7 +426,7 @@ def test_hub_interrupted_upload_resumes_and_is_never_shown_complete(runs, tmp_pa
 
 
 def test_hub_bad_credentials_and_foreign_repo(runs, tmp_path, hub, monkeypatch):
-    cfg = PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), repo_id="alice/saes")
+    cfg = PublishConfig(**given(runs, "topk"), out_dir=str(tmp_path / "rel"), repo_id="alice/saes")
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(PublishAuthError, match="no Hugging Face token: set HF_TOKEN.*hf auth login"):
         run(cfg)
@@ -372,20 +437,20 @@ def test_hub_bad_credentials_and_foreign_repo(runs, tmp_path, hub, monkeypatch):
         run(cfg)
 
     monkeypatch.setenv("HF_TOKEN", OTHER_TOKEN)  # bob owns bob/saes
-    run(PublishConfig(checkpoints=[str(runs["relu_l1"] / "sae")], out_dir=str(tmp_path / "bob"), repo_id="bob/saes"))
+    run(PublishConfig(**given(runs, "relu_l1"), out_dir=str(tmp_path / "bob"), repo_id="bob/saes"))
     before = hub.state.files("bob/saes")
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # alice may not write there
     with pytest.raises(PublishAuthError, match=r"may not write to 'bob/saes' \(HTTP 403.*own namespace") as e:
-        run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), repo_id="bob/saes"))
+        run(PublishConfig(**given(runs, "topk"), out_dir=str(tmp_path / "rel"), repo_id="bob/saes"))
     assert TOKEN not in str(e.value) and hub.state.files("bob/saes") == before
     with pytest.raises(PublishAuthError, match=r"may not write to 'bob/new' \(HTTP 403"):
-        run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"), repo_id="bob/new"))
+        run(PublishConfig(**given(runs, "topk"), out_dir=str(tmp_path / "rel"), repo_id="bob/new"))
     assert "bob/new" not in hub.state.repos
 
 
 def test_dry_run_lists_operations_without_network(runs, tmp_path, hub, capsys, s3_bucket):
     bucket, opts = s3_bucket
-    res = run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel"),
+    res = run(PublishConfig(**given(runs, "topk"), out_dir=str(tmp_path / "rel"),
                             repo_id="alice/saes", target=f"s3://{bucket}/releases/x", storage_options=opts,
                             dry_run=True))
     out = capsys.readouterr().out
@@ -404,7 +469,7 @@ def test_publish_to_s3_is_idempotent_and_resumes(runs, tmp_path, s3_bucket):
     import s3fs
     bucket, opts = s3_bucket
     url = f"s3://{bucket}/releases/smollm2"
-    cfg = PublishConfig(checkpoints=[str(runs[a] / "sae") for a in ("topk", "batchtopk")],
+    cfg = PublishConfig(**given(runs, "topk", "batchtopk"),
                         out_dir=str(tmp_path / "rel"), target=url, storage_options=opts, progress=False)
     res = run(cfg)
     fs = s3fs.S3FileSystem(**opts)
@@ -423,7 +488,7 @@ def test_publish_to_s3_is_idempotent_and_resumes(runs, tmp_path, s3_bucket):
         local["model.layers.3/sae_weights.safetensors"]
 
     with pytest.raises(OSError, match="cannot reach the storage"):
-        run(PublishConfig(checkpoints=[str(runs["topk"] / "sae")], out_dir=str(tmp_path / "rel3"),
+        run(PublishConfig(**given(runs, "topk"), out_dir=str(tmp_path / "rel3"),
                           target=f"s3://{bucket}/x", storage_options={**opts, "endpoint_url": "http://127.0.0.1:9"}))
 
 
@@ -434,6 +499,7 @@ def test_command_line_publishes_and_keeps_the_token_out_of_every_log(runs, tmp_p
            "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"), "PIPELINE_RUNS": str(tmp_path / "runs"),
            "HF_HUB_VERBOSITY": "debug"}
     args = [sys.executable, "-m", "pipeline.publish", f"checkpoints=[{runs['jumprelu'] / 'sae'}]",
+            f"eval_dirs=[{runs['jumprelu'] / 'eval'}]", f"dashboard_dirs=[{runs['jumprelu'] / 'interpret'}]",
             f"out_dir={tmp_path / 'rel'}", "repo_id=alice/cli", "progress=false"]
     p = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -500,7 +566,7 @@ def test_saelens_loads_the_release_with_equal_outputs(runs, tmp_path, hub):
     """SAELens's own loaders (load_from_disk on the folder, from_pretrained from the loopback Hub)
     give the same latents (same active set) and reconstructions as pipeline.sae on the same inputs."""
     py = saelens_python()
-    res = run(PublishConfig(checkpoints=[str(runs[a] / "sae") for a in S.ARCHITECTURES],
+    res = run(PublishConfig(**given(runs, *S.ARCHITECTURES),
                             out_dir=str(tmp_path / "rel"), repo_id="alice/saelens", progress=False))
     x = inputs(seed=3, n=256)
     save_file({"x": x}, str(tmp_path / "x.safetensors"))

@@ -97,9 +97,11 @@ def test_frontier_fit_recovers_known_exponents_within_5_percent(tmp_path):
 
 def test_topk_compute_uses_the_sparse_step_count(tmp_path):
     from pipeline.cost_model import PlanConfig, step_flops
+    from pipeline.sae import SAEConfig
     root = tmp_path / "sweep"
     write_point(root, "a", 1024, 100_000, 0.3, arch="topk", k=16)
-    dense, sparse = step_flops(PlanConfig(d_model=D_MODEL, n_features=1024, architecture="topk", k=16, batch_size=1))
+    dense, sparse = step_flops(PlanConfig(sae=SAEConfig(d_model=D_MODEL, n_features=1024, architecture="topk", k=16),
+                                          batch_size=1))
     assert flops_per_token("topk", D_MODEL, 1024, 16) == sparse == 2 * D_MODEL * 1024 + 8 * 16 * D_MODEL
     assert flops_per_token("relu_l1", D_MODEL, 1024, 16) == dense == 10 * D_MODEL * 1024
 
@@ -163,8 +165,8 @@ def test_cli_answers_for_a_budget_with_plots_and_the_plan_command(tmp_path):
     # Chinchilla's closed form for the generating parameters, rounded to a power of two
     j = r["budget"]["joint_fit"]
     assert abs(math.log2(n) - math.log2(j["n_features"])) <= 0.5
-    assert f'make plan ARGS="d_model={D_MODEL} n_features={n} architecture=relu_l1 gpu_memory_gb=40"' in p.stdout \
-        or f"make plan ARGS='d_model={D_MODEL} n_features={n} architecture=relu_l1 gpu_memory_gb=40'" in p.stdout
+    args = f"sae.d_model={D_MODEL} sae.n_features={n} sae.architecture=relu_l1 gpu_memory_gb=40"
+    assert f'make plan ARGS="{args}"' in p.stdout or f"make plan ARGS='{args}'" in p.stdout
     assert "recommended" in p.stdout and r["budget"]["plan"]["gpus"] >= 1 and r["budget"]["plan"]["hours"] > 0
     for png in ("loss_vs_compute.png", "optimal_vs_compute.png", "joint_fit.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (root / png).stat().st_size > 20_000

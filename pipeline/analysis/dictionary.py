@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from pipeline.analysis import release  # release.load reads an export or a release folder
+from pipeline.analysis.config import InputConfig
 from pipeline.errors import ConfigError, HookNotFoundError
-from pipeline.models import LoadedModel, hook_choices, resolve_hook
+from pipeline.models import LoadedModel, hook_choices, load_model, resolve_hook
 from pipeline.sae import SparseAutoencoder, SparseCode
 from pipeline.sae.checkpoint import CONFIG_FILE
 
@@ -40,6 +41,12 @@ class Dictionary:
         meta = getattr(sae, "meta", {})
         return cls.attach(sae, loaded, hook or meta.get("hook"), str(path), meta.get("model"),
                           hook_from_checkpoint=not hook)
+
+    @classmethod
+    def from_input(cls, inp: InputConfig) -> tuple[LoadedModel, "Dictionary"]:
+        """The model an analysis stage's input names, and its dictionary attached to it."""
+        loaded = load_model(inp.model)
+        return loaded, cls.load(inp.checkpoint, loaded, inp.hook)
 
     @classmethod
     def attach(cls, sae: SparseAutoencoder, loaded: LoadedModel, hook: str | None, path: str = "<memory>",

@@ -18,6 +18,13 @@ from pipeline.analysis.dictionary import Dictionary
 from pipeline.errors import ConfigError
 from pipeline.models import ActivationCapture, LoadedModel, replace_output
 
+METRICS_FILE = "metrics.json"
+"""The evaluation stage's output in its out_dir: these metrics as JSON, `feature_density` (per feature,
+the fraction of tokens it fired on) among them. The publishing stage reads it from the folder it is
+given (eval_dirs) and carries it into a release under the same name."""
+HISTOGRAM_FILE = "density_histogram.png"
+"""The evaluation stage's plot of feature_density, beside METRICS_FILE (a release carries it too)."""
+
 ABLATIONS = ("zero", "mean")
 MEAN_SOURCES = ("eval", "store")
 

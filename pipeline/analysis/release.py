@@ -22,9 +22,9 @@ SAELENS_SPARSITY = "sparsity.safetensors"
 WEIGHTS_INDEX = "sae_weights.safetensors.index.json"
 PIPELINE_CONFIG = "pipeline.json"
 EXTRAS = "pipeline_extras.safetensors"
-METRICS = "metrics.json"
-HISTOGRAM = "density_histogram.png"
 DASHBOARD = "dashboard"
+"""The SAE folder's copy of the interpretation stage's dashboard; the evaluation's files keep their own
+names (pipeline/analysis/metrics.py METRICS_FILE, HISTOGRAM_FILE)."""
 MANIFEST = "release.json"
 CARD = "README.md"
 
@@ -89,8 +89,7 @@ def load(path, device: str | torch.device = "cpu"):
 def load_release(path, device: str | torch.device = "cpu"):
     """The SAE of a release folder, or of `hf://owner/repo[/sae_id][@revision]`, as pipeline.sae.load
     returns its export (same module, same tensors bit for bit); `.meta` holds pipeline.json."""
-    from pipeline.sae import SAEConfig, create
-    from pipeline.sae.checkpoint import NOT_EXPORTED, CheckpointFormatError
+    from pipeline.sae.checkpoint import from_state
 
     if str(path).startswith("hf://"):
         path = download(str(path))
@@ -101,16 +100,9 @@ def load_release(path, device: str | torch.device = "cpu"):
     state = {"W_enc": w["W_enc"].t().contiguous(), "W_dec": w["W_dec"], "b_enc": w["b_enc"], "b_dec": w["b_dec"]}
     if doc["release"].get("extras"):
         state.update(_load(folder / doc["release"]["extras"]))
-    sae = create(SAEConfig(**doc["config"]), device=device)
-    missing, unexpected = sae.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in NOT_EXPORTED]
-    if unexpected or missing:
-        raise CheckpointFormatError(
-            f"{str(folder)!r}: the weights do not match the {doc['architecture']} SAE its {PIPELINE_CONFIG} describes "
-            f"(missing {missing}, unexpected {unexpected}). Fix: download the release again, or rebuild it from "
-            "the export with `python -m pipeline.publish`")
-    sae.meta = doc
-    return sae.eval()
+    return from_state(doc, state, device, f"{str(folder)!r}: the weights do not match the {doc['architecture']} SAE "
+                      f"its {PIPELINE_CONFIG} describes", "download the release again, or rebuild it from the export "
+                      "with `python -m pipeline.publish`")
 
 
 def parse_hf_url(url: str) -> tuple[str, str, str | None]:
@@ -131,7 +123,7 @@ def download(url: str) -> Path:
     from huggingface_hub import snapshot_download
     repo_id, sub, revision = parse_hf_url(url)
     pre = f"{sub}/" if sub else ""
-    patterns = [pre + n for n in (SAELENS_CFG, PIPELINE_CONFIG, MANIFEST, "sae_weights*", "pipeline_extras.safetensors")]
+    patterns = [pre + n for n in (SAELENS_CFG, PIPELINE_CONFIG, MANIFEST, "sae_weights*", EXTRAS)]
     root = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                              endpoint=os.environ.get("HF_ENDPOINT") or None)
     return Path(root) / sub

@@ -10,7 +10,7 @@ pipeline/audit/concepts/*.yaml; users pass their own files by path.
     heldout_positive: [...]              # never used for ranking: the held-out check
     heldout_negative: [...]
     concept_words: [water, Wasser, ...]  # log P(" " + word) after neutral prompts should rise
-    images:                              # optional, task=crossmodal: image files (relative to this file)
+    images:                              # optional, audit/task=crossmodal: image files (relative to this file)
       positive: [img/lake.jpg, ...]      # show the concept
       negative: [img/desert.jpg, ...]    # do not
 """
@@ -145,13 +145,13 @@ def resolve_concept_sets(names: list[str]) -> list[ConceptSet]:
         if p is None:
             if not (n.endswith((".yaml", ".yml", ".json")) or "/" in n):
                 raise ConceptSetError(f"concept set {n!r} is neither a shipped set {sorted(library)} nor a file path "
-                                      "(ending in .yaml, .yml or .json). Fix: concepts=[water,dog] or "
-                                      "concepts=[path/to/set.yaml]")
+                                      "(ending in .yaml, .yml or .json). Fix: task.concepts=[water,dog] or "
+                                      "task.concepts=[path/to/set.yaml]")
             p = Path(n)
         out.append(load_concept_set(p))
     seen = [c.name for c in out]
     dup = sorted({n for n in seen if seen.count(n) > 1})
     if dup:
-        raise ConceptSetError(f"concept set name(s) {dup} appear twice in concepts={names}; names key the report. "
-                              "Fix: give each set a distinct name: field")
+        raise ConceptSetError(f"concept set name(s) {dup} appear twice in task.concepts={names}; names key the "
+                              "report. Fix: give each set a distinct name: field")
     return out

@@ -15,10 +15,7 @@ language model (SmolVLM-256M on SmolLM2-135M: hidden 576, 30 layers).
 
 from __future__ import annotations
 
-import html
 import re
-import time
-from dataclasses import asdict, replace
 
 import torch
 from torch import Tensor
@@ -27,11 +24,11 @@ from pipeline.analysis import release
 from pipeline.analysis.config import InputConfig
 from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis.metrics import evaluate
-from pipeline.audit.concepts import ConceptSet, resolve_concept_sets
-from pipeline.audit.config import AuditConfig
-from pipeline.audit.search import auroc, effect_size, prompt_summaries, rank_features
+from pipeline.audit.concepts import ConceptSet
+from pipeline.audit.common import auroc, effect_size
+from pipeline.audit.search import prompt_summaries, rank_features
 from pipeline.errors import ConfigError
-from pipeline.models import ActivationCapture, LoadedModel, load_model, resolve_hook, text_config
+from pipeline.models import ActivationCapture, LoadedModel, resolve_hook, text_config
 from pipeline.vision import VisionContext, batch_inputs, encode_pair, image_token_id
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|resid_post)\.(\d+)$")
@@ -48,7 +45,7 @@ def vlm_hook(sae_hook: str | None, override: str | None, loaded: LoadedModel) ->
     m = _BLOCK.search(sae_hook or "")
     if not m:
         raise ConfigError(f"cannot map the dictionary's hook {sae_hook!r} to a layer of {loaded.model_id!r}. Fix: "
-                          "set vlm_hook=..., e.g. vlm_hook=model.text_model.layers.15")
+                          "set task.vlm_hook=..., e.g. task.vlm_hook=model.text_model.layers.15")
     return resolve_hook(loaded.model, f"layers.{m.group(1)}")
 
 
@@ -63,16 +60,10 @@ def attach(path: str, loaded: LoadedModel, hook_override: str | None = None) -> 
             f"the vision-language model {loaded.model_id!r} has a text model of hidden size {width}, but the dictionary "
             f"at {path!r} has d_model={sae.cfg.d_model} (trained on {trained or 'an unnamed model'}): its features "
             f"cannot read this residual stream. Fix: use a VLM whose language model is the one the dictionary was "
-            f"trained on (SmolLM2-135M, hidden 576: vlm.name=HuggingFaceTB/SmolVLM-256M-Instruct; SmolLM2-360M, "
-            f"hidden 960: SmolVLM-500M-Instruct), or a dictionary of width {width}")
+            f"trained on (SmolLM2-135M, hidden 576: task.vlm.name=HuggingFaceTB/SmolVLM-256M-Instruct; "
+            f"SmolLM2-360M, hidden 960: SmolVLM-500M-Instruct), or a dictionary of width {width}")
     hook = vlm_hook(meta.get("hook"), hook_override, loaded)
     return Dictionary(sae.to(loaded.device), hook, hook, str(path))
-
-
-def _text_input(cfg: AuditConfig, model) -> InputConfig:
-    """The held-out text the cross-modal check measures both models on (the evaluation stage's rules)."""
-    return replace(cfg.input, model=model, data=cfg.vlm_data, context_size=cfg.vlm_context_size,
-                   n_tokens=cfg.vlm_tokens, batch_size=cfg.vlm_batch_size)
 
 
 def text_metrics(d: Dictionary, loaded: LoadedModel, inp: InputConfig) -> dict:
@@ -131,39 +122,6 @@ def image_vs_text(d: Dictionary, loaded: LoadedModel, cs: ConceptSet, top: int, 
             "by_image": by_image, "by_text": by_text, "both": both}
 
 
-def run_crossmodal(cfg: AuditConfig) -> dict:
-    sets = resolve_concept_sets(list(cfg.concepts))  # validate every file (and image path) before loading
-    with_images = [cs for cs in sets if cs.images]
-    loaded = load_model(cfg.vlm)
-    if not loaded.is_vision_language:
-        raise ConfigError(f"vlm.name={cfg.vlm.name!r} is not a vision-language model ({type(loaded.model).__name__}). "
-                          "Fix: e.g. vlm.name=HuggingFaceTB/SmolVLM-256M-Instruct")
-    d = attach(cfg.input.checkpoint, loaded, cfg.vlm_hook)
-    t = time.time()
-    section = {"sae": d.path, "vlm": loaded.model_id, "hook": d.hook, "n_features": d.n_features,
-               "d_model": d.d_model, "top": cfg.top, "skip": cfg.input.exclude_positions_below,
-               "image_splitting": cfg.vlm_image_splitting, "dashboard": cfg.dashboard, "config": asdict(cfg)}
-    section["text_only"] = {"vlm": text_metrics(d, loaded, _text_input(cfg, cfg.vlm))}
-    print(format_metrics("VLM", loaded.model_id, section["text_only"]["vlm"]) + f"  ({time.time() - t:.1f}s)",
-          flush=True)
-    section["concepts"] = []
-    for cs in with_images:
-        r = image_vs_text(d, loaded, cs, cfg.top, cfg.input.exclude_positions_below, cfg.vlm_image_splitting)
-        section["concepts"].append(r)
-        print(format_concept(r), flush=True)
-    if not with_images:
-        print(f"no concept set among {[c.name for c in sets]} has images: (the `images:` field); only the "
-              "text-only figures are reported", flush=True)
-    if cfg.vlm_baseline:  # last: the VLM is no longer needed
-        del loaded
-        lm = load_model(cfg.input.model)
-        base = Dictionary.load(cfg.input.checkpoint, lm, cfg.input.hook)
-        section["text_only"]["model"] = text_metrics(base, lm, _text_input(cfg, cfg.input.model))
-        section["text_only"]["model_id"] = lm.model_id
-        print(format_metrics("LM ", lm.model_id, section["text_only"]["model"]), flush=True)
-    return section
-
-
 def format_metrics(label: str, model_id: str, m: dict) -> str:
     return (f"{label} {model_id}: text-only FVU {m['fvu']:.4f}, CE loss recovered {m['ce_loss_recovered']:.4f} "
             f"on {m['n_tokens_reconstruction']} rows")
@@ -181,52 +139,3 @@ def format_concept(r: dict) -> str:
     if both:
         parts.append(f"both: {both['feature']} (min AUROC {min(both['image_auroc'], both['text_auroc']):.3f})")
     return " ".join(parts)
-
-
-# -- report --------------------------------------------------------------------------------------
-def _cls(a: float) -> str:
-    return "good" if a >= 0.9 else ("weak" if a >= 0.7 else "bad")
-
-
-def crossmodal_section(sec: dict, link) -> str:
-    """audit.html's cross-modal section; link(i) renders a feature index (a dashboard link or text)."""
-    t = sec["text_only"]
-    cols = [("VLM " + sec["vlm"], t["vlm"])] + ([("LM " + t.get("model_id", ""), t["model"])] if "model" in t else [])
-    metric_rows = "".join(
-        f'<tr data-model="{html.escape(name)}"><td>{html.escape(name)}</td><td class="num fvu">{m["fvu"]:.4f}</td>'
-        f'<td class="num">{m["explained_variance"]:.4f}</td><td class="num cer">{m["ce_loss_recovered"]:.4f}</td>'
-        f'<td class="num">{m["ce_loss"]["clean"]:.4f}</td><td class="num">{m["ce_loss"]["spliced"]:.4f}</td>'
-        f'<td class="num">{m["l0"]:.2f}</td><td class="num">{m["n_tokens_reconstruction"]}</td></tr>'
-        for name, m in cols)
-    parts = [f"""<h2 id="crossmodal">Cross-modal features</h2>
-<p class="meta">SAE {html.escape(sec['sae'])} &middot; VLM {html.escape(sec['vlm'])} &middot; hook
-{html.escape(sec['hook'])} &middot; {sec['n_features']} features, d_model {sec['d_model']}</p>
-<p><b>Text-only fit</b>: the dictionary spliced into the VLM's text model on text alone (held-out text, positions
-&ge; {sec['skip']}), beside the language model it was trained on. A large gap means the backbone moved while the VLM
-was trained, and the image results below read a dictionary that fits the VLM poorly.</p>
-<table id="crossmodal-text"><thead><tr><th>model</th><th>FVU</th><th>explained variance</th><th>CE loss recovered</th>
-<th>CE clean</th><th>CE spliced</th><th>L0</th><th>rows</th></tr></thead><tbody>{metric_rows}</tbody></table>
-<p>Per image, each feature's max over the image rows (positions holding image embeddings); per prompt, its max over
-positions &ge; {sec['skip']}. <b>by image</b>: ranked on positive against negative images; <b>by text</b>: on the
-concept's positive against negative prompts; <b>both</b>: features firing in both, ranked by the smaller AUROC.
-A handful of images gives a coarse AUROC.</p>"""]
-    if not sec["concepts"]:
-        parts.append("<p class=weak>No concept set with images: (add an <code>images:</code> field).</p>")
-    for c in sec["concepts"]:
-        rows = c["image_rows"]
-        parts.append(f'<h3 id="crossmodal-{html.escape(c["name"])}">{html.escape(c["name"])}</h3>'
-                     f'<p>{html.escape(c["description"])}</p><p class="meta">{len(rows["positive"])} positive and '
-                     f'{len(rows["negative"])} negative images ({sum(rows["positive"]) + sum(rows["negative"])} image '
-                     f'rows), {c["n_prompts"]["positive"]} + {c["n_prompts"]["negative"]} prompts</p>')
-        for key, label in (("by_image", "by image"), ("by_text", "by text"), ("both", "both")):
-            body = "".join(
-                f'<tr class="feature-row" data-list="{key}" data-feature="{f["feature"]}"><td>{link(f["feature"])}</td>'
-                f'<td class="num {_cls(f["image_auroc"])}">{f["image_auroc"]:.3f}</td>'
-                f'<td class="num {_cls(f["text_auroc"])}">{f["text_auroc"]:.3f}</td>'
-                f'<td class="num">{f["image_effect_size"]:.2f}</td><td class="num">{f["text_effect_size"]:.2f}</td>'
-                f'<td class="num">{f["image_pos_max"]:.3g}</td><td class="num">{f["text_pos_max"]:.3g}</td></tr>'
-                for f in c[key]) or '<tr><td colspan="7">no feature</td></tr>'
-            parts.append(f'<h4>{label}</h4><table class="features"><thead><tr><th>feature</th><th>image AUROC</th>'
-                         f'<th>text AUROC</th><th>d (image)</th><th>d (text)</th><th>max on positive images</th>'
-                         f'<th>max on positive prompts</th></tr></thead><tbody>{body}</tbody></table>')
-    return "\n".join(parts)

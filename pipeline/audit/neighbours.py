@@ -5,13 +5,12 @@ Neighbours are exact: the unit decoder rows are multiplied block by block (memor
 n_features cosines at a time, about 128 MB), so 100k+ features fit. The map is UMAP (umap-learn,
 cosine metric, fed the exact neighbour graph computed here) when the package is installed, or the
 first two principal components of the unit decoder rows (torch.pca_lowrank) otherwise or when
-asked (map_method=pca). Full lists and coordinates go to <out_dir>/neighbours.json; audit.json
+asked (task.map_method=pca). Full lists and coordinates go to <out_dir>/neighbours.json; audit.json
 holds the summary and that file's name.
 """
 
 from __future__ import annotations
 
-import html
 import importlib.util
 import json
 from pathlib import Path
@@ -35,8 +34,8 @@ def nearest_neighbours(decoder: Tensor, n: int, block: int | None = None) -> tup
     (the feature itself excluded), best first: (indices [F, n], cosines [F, n])."""
     F = decoder.shape[0]
     if not 1 <= n < F:
-        raise ConfigError(f"n_neighbours={n} must be in [1, {F - 1}] for a dictionary of {F} features. "
-                          f"Fix: n_neighbours={min(10, max(F - 1, 1))}")
+        raise ConfigError(f"task.n_neighbours={n} must be in [1, {F - 1}] for a dictionary of {F} features. "
+                          f"Fix: task.n_neighbours={min(10, max(F - 1, 1))}")
     u = unit_rows(decoder)
     block = block or max(1, min(8192, 2 ** 25 // F))
     idx, cos = [], []
@@ -52,11 +51,11 @@ def nearest_neighbours(decoder: Tensor, n: int, block: int | None = None) -> tup
 
 def resolve_map_method(method: str) -> str:
     if method not in MAP_METHODS:
-        raise ConfigError(f"map_method={method!r} is not one of {list(MAP_METHODS)}")
+        raise ConfigError(f"task.map_method={method!r} is not one of {list(MAP_METHODS)}")
     have_umap = importlib.util.find_spec("umap") is not None
     if method == "umap" and not have_umap:
-        raise ConfigError("map_method=umap needs the umap-learn package. Fix: pip install umap-learn, or "
-                          "map_method=pca")
+        raise ConfigError("task.map_method=umap needs the umap-learn package. Fix: pip install umap-learn, or "
+                          "task.map_method=pca")
     if method == "auto":
         return "umap" if have_umap else "pca"
     return method
@@ -134,67 +133,3 @@ def write_data(out_dir: Path, data: dict) -> Path:
 def read_data(out_dir: Path, sec: dict) -> dict | None:
     path = Path(out_dir) / sec.get("file", NEIGHBOURS_FILE)
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-
-
-# --- report -----------------------------------------------------------------------------------
-
-def scatter_svg(xy: list[list[float]], colour: list[float], links, max_points: int = 20000, width: int = 720,
-                height: int = 520) -> str:
-    """Inline SVG scatter of the map: one circle per feature (at most max_points, every k-th), its
-    colour the first-neighbour cosine (blue: the lowest in the dictionary, red: the highest),
-    linked to the feature's dashboard page."""
-    prefix, have = links
-    F = len(xy)
-    step = max(1, -(-F // max_points))
-    xs, ys = [p[0] for p in xy], [p[1] for p in xy]
-    if not xs:
-        return "<p class=meta>no features</p>"
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx, sy = (width - 20) / ((x1 - x0) or 1), (height - 20) / ((y1 - y0) or 1)
-    r = 2.5 if F <= 5000 else 1.4
-    c0, c1 = min(colour), max(colour)
-    dots = []
-    for i in range(0, F, step):
-        t = (colour[i] - c0) / ((c1 - c0) or 1)
-        fill = f"rgb({int(40 + 200 * t)},{int(90 + 30 * (1 - t))},{int(220 * (1 - t) + 30)})"
-        c = (f'<circle cx="{10 + (xs[i] - x0) * sx:.1f}" cy="{height - 10 - (ys[i] - y0) * sy:.1f}" r="{r}" '
-             f'fill="{fill}"><title>feature {i}: nearest cosine {colour[i]:.2f}</title></circle>')
-        if prefix is not None and i in have:
-            c = f'<a href="{html.escape(prefix)}/{i}.html">{c}</a>'
-        dots.append(c)
-    return (f'<svg id="feature-map" width="{width}" height="{height}" role="img" aria-label="2-D map of the features" '
-            f'style="border:1px solid #e3e6ea">{"".join(dots)}</svg>')
-
-
-def neighbours_section(sec: dict, out_dir: Path, max_rows: int = 300) -> str:
-    from pipeline.analysis.html import feature_link, feature_links
-    from pipeline.audit.report import cosine_bars
-    links = feature_links(sec.get("dashboard"), out_dir)
-    data = read_data(out_dir, sec)
-    h = sec["first_cosine_histogram"]
-    head = f"""<h2 id="neighbours">Feature neighbourhoods</h2>
-<p class="meta">SAE {html.escape(str(sec.get('sae')))} &middot; {sec['n_features']} features &middot; map:
-{html.escape(sec['map_method'].upper())} of the unit decoder rows &middot; {sec['n_neighbours']} neighbours per feature
-in {html.escape(sec['file'])}</p>
-<p>Neighbours: the features whose decoder rows have the highest cosine with the feature's (exact, all pairs).
-Map: {'UMAP (cosine metric, ' + str(sec['n_neighbors_umap']) + ' neighbours, on the exact neighbour graph)'
-      if sec['map_method'] == 'umap' else 'the first two principal components of the unit decoder rows'};
-colour: cosine to the nearest neighbour, from the lowest (blue) to the highest (red) in the dictionary.
-Points link to dashboard pages.</p>
-<h3>Cosine to the nearest neighbour</h3>{cosine_bars(h['edges'], h['counts'])}
-<p class="meta">mean {sec['mean_first_cosine']:.3f}, median {sec['median_first_cosine']:.3f}</p>"""
-    if data is None:
-        return head + (f"<p class=bad>{html.escape(sec['file'])} is missing next to audit.json: rerun "
-                       "task=neighbours.</p>")
-    first = [c[0] for c in data["cosine"]]
-    scatter = scatter_svg(data["map"], first, links)
-    shown = sorted(range(len(first)), key=lambda i: -first[i])[:max_rows]
-    rows = "".join(
-        f'<tr data-feature="{i}"><td>{feature_link(i, links)}</td><td class="num">{first[i]:.3f}</td><td>'
-        + ", ".join(f'{feature_link(j, links)} <span class="meta">({c:.2f})</span>'
-                    for j, c in zip(data["neighbours"][i], data["cosine"][i])) + "</td></tr>" for i in shown)
-    return (head + f"<h3>Map of all features</h3>{scatter}<p class=\"meta\">colour: nearest cosine {min(first):.2f} "
-            f"(blue) to {max(first):.2f} (red)</p>"
-            f"<h3>Neighbours (the {len(shown)} features with the closest nearest neighbour; all in "
-            f"{html.escape(sec['file'])})</h3><table id=\"neighbour-lists\"><thead><tr><th>feature</th>"
-            f"<th>nearest cosine</th><th>neighbours (cosine)</th></tr></thead><tbody>{rows}</tbody></table>")

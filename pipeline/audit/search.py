@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline.audit.common import auroc, effect_size
 from pipeline.audit.concepts import ConceptSet, ConceptSetError
 from pipeline.analysis.batches import token_texts
 from pipeline.analysis.dictionary import Dictionary
@@ -23,32 +24,6 @@ from pipeline.analysis.prompts import prompt_activations
 from pipeline.models import LoadedModel, replace_output
 from pipeline.analysis.prompts import prompt_ids
 from pipeline.analysis.steering import clamp_fn
-
-
-def auroc(pos: Tensor, neg: Tensor, block: int = 16384) -> Tensor:
-    """[F] AUROC of scores pos [P, F] against neg [N, F], per column: P(pos > neg) + P(pos = neg) / 2
-    over all pairs (the Mann-Whitney U statistic / (P N)). 0.5: no separation; 1: every positive
-    above every negative."""
-    if pos.shape[0] == 0 or neg.shape[0] == 0:
-        raise ValueError(f"auroc needs at least one score of each class; got {pos.shape[0]} positive and "
-                         f"{neg.shape[0]} negative")
-    out = []
-    for lo in range(0, pos.shape[1], block):
-        p, n = pos[:, None, lo:lo + block], neg[None, :, lo:lo + block]
-        out.append((p > n).float().mean((0, 1)) + 0.5 * (p == n).float().mean((0, 1)))
-    return torch.cat(out)
-
-
-def effect_size(pos: Tensor, neg: Tensor) -> Tensor:
-    """[F] Cohen's d: (mean pos - mean neg) / pooled standard deviation, per column. The pooled
-    deviation is floored at 1% of the column's largest absolute value (and 1e-8), so that a
-    feature firing identically on every prompt of both classes cannot reach an infinite d."""
-    p, n = pos.float(), neg.float()
-    dof = max(p.shape[0] + n.shape[0] - 2, 1)
-    var = ((p - p.mean(0)).pow(2).sum(0) + (n - n.mean(0)).pow(2).sum(0)) / dof
-    scale = torch.cat([p, n]).abs().amax(0)
-    sd = torch.maximum(var.sqrt(), 0.01 * scale).clamp_min(1e-8)
-    return (p.mean(0) - n.mean(0)) / sd
 
 
 def prompt_summaries(d: Dictionary, loaded: LoadedModel, prompts: list[str], skip: int = 1
@@ -61,8 +36,8 @@ def prompt_summaries(d: Dictionary, loaded: LoadedModel, prompts: list[str], ski
         acts = acts.float().cpu()
         kept = acts[skip:]
         if kept.shape[0] == 0:
-            raise ConceptSetError(f"prompt {text!r} has no tokens at positions >= {skip} (exclude_positions_below). "
-                                  "Fix: use a longer prompt")
+            raise ConceptSetError(f"prompt {text!r} has no tokens at positions >= {skip} "
+                                  "(input.exclude_positions_below). Fix: use a longer prompt")
         mx.append(kept.amax(0))
         mean.append(kept.mean(0))
         raw.append((ids, acts))

@@ -84,15 +84,16 @@ def split_dictionaries(small_path: str, large_path: str, threshold: float) -> di
     large, ml = load_decoder(large_path)
     hs, hl = ms.get("hook"), ml.get("hook")
     if hs and hl and hs != hl:
-        raise ConfigError(f"small={small_path!r} reads hook {hs!r} but large={large_path!r} reads {hl!r}; splitting "
-                          "compares dictionaries of the same hook. Fix: pass two SAEs trained on the same layer")
+        raise ConfigError(f"task.small={small_path!r} reads hook {hs!r} but task.large={large_path!r} reads {hl!r}; "
+                          "splitting compares dictionaries of the same hook. Fix: pass two SAEs trained on the same "
+                          "layer")
     model_s, model_l = (m.get("model", {}).get("id") if isinstance(m.get("model"), dict) else m.get("model")
                         for m in (ms, ml))
     if model_s and model_l and model_s != model_l:
-        raise ConfigError(f"small={small_path!r} was trained on {model_s!r} but large={large_path!r} on {model_l!r}. "
-                          "Fix: pass two SAEs trained on the same model")
+        raise ConfigError(f"task.small={small_path!r} was trained on {model_s!r} but task.large={large_path!r} on "
+                          f"{model_l!r}. Fix: pass two SAEs trained on the same model")
     if small.shape[0] > large.shape[0]:
-        print(f"warning: small={small_path!r} has more features ({small.shape[0]}) than large={large_path!r} "
+        print(f"warning: task.small={small_path!r} has more features ({small.shape[0]}) than task.large={large_path!r} "
               f"({large.shape[0]}); did you swap them?", flush=True)
     out = match_features(small, large, threshold)
     return {"small": str(small_path), "large": str(large_path), "hook": hs or hl, **out}

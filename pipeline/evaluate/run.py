@@ -10,18 +10,13 @@ from pathlib import Path
 import torch
 
 from pipeline.analysis.dictionary import Dictionary
-from pipeline.analysis.metrics import evaluate
+from pipeline.analysis.metrics import HISTOGRAM_FILE, METRICS_FILE, evaluate
 from pipeline.evaluate.config import EvalConfig
-from pipeline.models import load_model
-
-METRICS_FILE = "metrics.json"
-HISTOGRAM_FILE = "density_histogram.png"
 
 
 def run(cfg: EvalConfig) -> dict:
     """Evaluate the SAE at cfg.input.checkpoint; write cfg.out_dir/metrics.json (returned) and the histogram."""
-    loaded = load_model(cfg.input.model)
-    dictionary = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
+    loaded, dictionary = Dictionary.from_input(cfg.input)
     metrics = evaluate(dictionary, loaded, cfg.input, cfg.ablations, cfg.mean_source, cfg.store_url,
                        cfg.dense_threshold, cfg.progress)
     out = Path(cfg.out_dir)

@@ -19,14 +19,13 @@ from pipeline.interpret import dashboard as D
 from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.crosslingual import crosslingual, default_parallel_file, format_report, read_parallel
 from pipeline.interpret.search import format_search, search_prompt
-from pipeline.models import LoadedModel, load_model
+from pipeline.models import LoadedModel
 
 CROSSLINGUAL_JSON = "crosslingual.json"
 
 
 def run(cfg: InterpretConfig) -> dict:
-    loaded = load_model(cfg.input.model)
-    d = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
+    loaded, d = Dictionary.from_input(cfg.input)
     out = Path(cfg.out_dir)
     if cfg.task == "search":
         return run_search(d, loaded, cfg)

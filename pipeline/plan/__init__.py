@@ -2,9 +2,13 @@
 FLOPs and expected step time (the model: pipeline/cost_model.py).
 
     python -m pipeline.plan plan/target=llama3.1-8b plan/size=34m gpu_memory_gb=80   (make plan)
+    python -m pipeline.plan sae.architecture=relu_l1 sae.n_features=4194304 optim.state_dtype=fp8
+
+The step takes the trainer's own keys (sae.*, batch_size, optim.*, deepspeed.*: pipeline/step.py),
+the machines and the layout search the planner's (PlanConfig in pipeline/cost_model.py).
 """
 
-import dataclasses
+from dataclasses import replace
 
 from pipeline.cost_model import Plan, PlanConfig, best_plan, make_plan, rank_memory
 from pipeline.sae import sae_class
@@ -17,24 +21,26 @@ def _gib(x: float) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    c, m = plan.cfg, plan.memory
+    c, m, sae = plan.cfg, plan.memory, plan.cfg.sae
     rows = [
-        ("dictionary", f"{c.architecture}, d_model={c.d_model}, n_features={c.n_features:,}"
-                       + (f", k={c.k}" if sae_class(c.architecture).uses_k else "")),
+        ("dictionary", f"{sae.architecture}, d_model={sae.d_model}, n_features={sae.n_features:,}"
+                       + (f", k={sae.k}" if sae_class(sae.architecture).uses_k else "")),
         ("layout", f"data_parallel={plan.data_parallel} x feature_parallel={plan.feature_parallel} = "
                    f"{plan.gpus} GPUs on {plan.nodes} node(s) of {c.gpus_per_node}"),
-        ("precision", f"{c.param_dtype} weights, {c.state_dtype} Adam state, ZeRO-{c.zero_stage}, batch {c.batch_size} tokens"),
+        ("precision", f"{c.param_dtype} weights, {c.optim.state_dtype} Adam state, ZeRO-{c.deepspeed.zero_stage}, "
+                      f"batch {c.batch_size} tokens"),
         ("-- per-rank memory", ""),
         ("weights", _gib(m.weights)), ("gradients", _gib(m.gradients)),
-        ("fp32 master weights", _gib(m.master_weights)), (f"Adam state (m, v; {c.state_dtype})", _gib(m.optimizer_state)),
+        ("fp32 master weights", _gib(m.master_weights)),
+        (f"Adam state (m, v; {c.optim.state_dtype})", _gib(m.optimizer_state)),
         ("buffers (dead-latent counters)", _gib(m.buffers)),
-        ("activations per step" + (f" (tile {c.feature_tile})" if c.feature_tile else ""), _gib(m.activations)),
+        ("activations per step" + (f" (tile {sae.feature_tile})" if sae.feature_tile else ""), _gib(m.activations)),
         ("optimizer-step temporaries", _gib(m.optimizer_step)),
         ("communication buffers", _gib(m.communication)),
         ("runtime (framework, not tensors)", _gib(m.runtime)),
         ("total (state + largest phase)", f"{_gib(m.total)} of {_gib(c.gpu_memory_gb * 2**30 * c.usable_fraction)} usable -> "
                   + ("FITS" if plan.fits else "DOES NOT FIT")),
-        ("loader shuffle buffer (host)", _gib(c.shuffle_buffer_rows * c.d_model * 4)),
+        ("loader shuffle buffer (host)", _gib(c.loader_bytes)),
         ("-- per step", ""),
         ("bytes communicated per rank", _gib(plan.comm_bytes_per_step)),
         ("of which across nodes", _gib(plan.comm_bytes_across_nodes)),
@@ -49,21 +55,22 @@ def format_plan(plan: Plan) -> str:
 
 def dry_run_command(plan: Plan) -> str:
     """The trainer's dry run of this exact layout (meta device, one process, nothing allocated)."""
-    c = plan.cfg
-    return (f"python -m pipeline.train dry_run=true sae.architecture={c.architecture} sae.n_features={c.n_features} "
-            f"sae.d_model={c.d_model} sae.k={c.k} parallel.data_parallel={plan.data_parallel} "
+    c, sae = plan.cfg, plan.cfg.sae
+    return (f"python -m pipeline.train dry_run=true sae.architecture={sae.architecture} sae.n_features={sae.n_features} "
+            f"sae.d_model={sae.d_model} sae.k={sae.k} parallel.data_parallel={plan.data_parallel} "
             f"parallel.feature_parallel={plan.feature_parallel} batch_size={c.batch_size} "
-            f"optim.state_dtype={c.state_dtype} deepspeed.zero_stage={c.zero_stage} deepspeed.precision={'fp32' if c.param_dtype == 'float32' else 'bf16'}")
+            f"optim.state_dtype={c.optim.state_dtype} deepspeed.zero_stage={c.deepspeed.zero_stage} "
+            f"deepspeed.precision={'fp32' if c.param_dtype == 'float32' else 'bf16'}")
 
 
 def low_bit_hint(cfg: PlanConfig, plan: Plan) -> str | None:
-    """What fp8 Adam state (train's optim.state_dtype=fp8) would change, when the plan uses fp32."""
-    if cfg.state_dtype != "fp32":
+    """What fp8 Adam state (optim.state_dtype=fp8) would change, when the plan uses fp32."""
+    if cfg.optim.state_dtype != "fp32":
         return None
-    alt = best_plan(dataclasses.replace(cfg, state_dtype="fp8"))
+    alt = best_plan(replace(cfg, optim=replace(cfg.optim, state_dtype="fp8")))
     if plan.fits and alt.gpus >= plan.gpus:
         return None
-    return (f"with state_dtype=fp8 (Adam's m and v in fp8, ~2 instead of 8 bytes per parameter): "
+    return (f"with optim.state_dtype=fp8 (Adam's m and v in fp8, ~2 instead of 8 bytes per parameter): "
             f"{alt.memory.total / 2**30:,.2f} GiB per rank, {alt.gpus} GPUs "
             f"(data_parallel={alt.data_parallel} x feature_parallel={alt.feature_parallel}) instead of {plan.gpus}")
 

@@ -9,7 +9,9 @@ import re
 
 import yaml
 
-from pipeline.analysis.release import DASHBOARD, HISTOGRAM
+from pipeline.analysis.html import INDEX_FILE
+from pipeline.analysis.metrics import HISTOGRAM_FILE
+from pipeline.analysis.release import DASHBOARD
 from pipeline.publish.release import transformer_lens_hook
 from pipeline.sae import sae_class
 
@@ -70,9 +72,9 @@ def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location
         else:
             lines.append("No evaluation metrics were published with this SAE.")
         if s["has_histogram"]:
-            lines += ["", f"![feature density of {sid}]({prefix}{sid}/{HISTOGRAM})"]
+            lines += ["", f"![feature density of {sid}]({prefix}{sid}/{HISTOGRAM_FILE})"]
         if s["has_dashboard"]:
-            lines += ["", f"Feature dashboard: `{prefix}{sid}/{DASHBOARD}/index.html` (download the folder and "
+            lines += ["", f"Feature dashboard: `{prefix}{sid}/{DASHBOARD}/{INDEX_FILE}` (download the folder and "
                           "open it in a browser)."]
         training = {k: d[k] for k in ("config", "training", "normalization", "store", "model", "hook") if k in d}
         lines += ["", "<details><summary>Training config</summary>", "", "```json",

@@ -13,14 +13,15 @@ class PublishConfig:
     checkpoints: list[str] = field(default_factory=lambda: [demo.SAE])
     """Exported SAEs (a training run's <out_dir>/sae), one per hook; each becomes a release sub-folder
     named after its hook (SAELens's sae_id), e.g. model.layers.15."""
-    eval_dirs: list[str] = field(default_factory=list)
-    """Where `pipeline.evaluate` wrote each checkpoint's metrics.json and density_histogram.png (same
-    order as checkpoints). Empty: looked for in <checkpoint>, then eval/ and evaluate/ in it and
-    beside it, then <checkpoint>/.. ."""
+    eval_dirs: list[str] | None = None
+    """The out_dir of `pipeline.evaluate` for each checkpoint (same order), holding its metrics.json
+    and density_histogram.png; an empty entry: none for that checkpoint. Publish reads only the
+    folders it is given: None is the embedded default's (demo.EVALUATE) when checkpoints is its
+    default too, else none (and require_metrics refuses to publish without)."""
     dashboard_dirs: list[str] = field(default_factory=list)
-    """Where `pipeline.interpret` wrote each checkpoint's dashboard (index.html, features/, ...),
-    copied into the release as <sae_id>/dashboard/. Empty: <eval dir>/dashboard, then interpret/ and
-    dashboard/ beside the checkpoint, if present."""
+    """The out_dir of `pipeline.interpret` for each checkpoint (same order), holding its dashboard
+    (index.html, features/, ...), copied into the release as <sae_id>/dashboard/; an empty entry: no
+    dashboard for that checkpoint. Empty: no dashboards (a release needs none)."""
     require_metrics: bool = True
     """Refuse to publish a checkpoint without evaluation metrics (a release without them is no release)."""
     out_dir: str = demo.RELEASE
@@ -68,12 +69,13 @@ class PublishConfig:
     def __post_init__(self):
         from pipeline.publish.release import parse_size
         if not self.checkpoints:
-            raise ConfigError("checkpoints is empty; name at least one exported SAE, e.g. "
-                              "checkpoints=[runs/demo/train/topk/sae]")
+            raise ConfigError(f"checkpoints is empty; name at least one exported SAE, e.g. checkpoints=[{demo.SAE}]")
+        if self.eval_dirs is None:  # the embedded default's chain of folders (pipeline/demo.py), or none
+            self.eval_dirs = [demo.EVALUATE] if list(self.checkpoints) == [demo.SAE] else []
         for name in ("eval_dirs", "dashboard_dirs"):
             if getattr(self, name) and len(getattr(self, name)) != len(self.checkpoints):
                 raise ConfigError(f"{name} has {len(getattr(self, name))} entries for {len(self.checkpoints)} "
-                                  "checkpoints; give one per checkpoint, or none to look next to each checkpoint")
+                                  "checkpoints; give one per checkpoint (an empty entry for none), or none at all")
         if self.repo_id is not None:
             if self.repo_id.count("/") != 1 or not all(self.repo_id.split("/")):
                 raise ConfigError(f"repo_id={self.repo_id!r} must be owner/name, e.g. my-org/smollm2-saes")

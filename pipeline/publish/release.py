@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.analysis.release import (DASHBOARD, EXTRAS, HISTOGRAM, MANIFEST, METRICS, PIPELINE_CONFIG,
-                                       RELEASE_FORMAT, RELEASE_VERSION, SAELENS_CFG, SAELENS_SPARSITY,
-                                       SAELENS_WEIGHTS, WEIGHTS_INDEX, load)
+from pipeline.analysis.metrics import HISTOGRAM_FILE, METRICS_FILE
+from pipeline.analysis.release import (DASHBOARD, EXTRAS, MANIFEST, PIPELINE_CONFIG, RELEASE_FORMAT, RELEASE_VERSION,
+                                       SAELENS_CFG, SAELENS_SPARSITY, SAELENS_WEIGHTS, WEIGHTS_INDEX, load)
 from pipeline.errors import ConfigError
 from pipeline.sae import sae_class
 
@@ -137,9 +137,9 @@ def write_sae_folder(src: SAESource, folder: Path, max_shard_bytes: int, context
                               f"{doc['n_features']} features: the metrics belong to another dictionary")
         save_file({"sparsity": torch.log10(d + DENSITY_EPS).contiguous()}, str(folder / SAELENS_SPARSITY))
     if src.metrics is not None:
-        _write_json(folder / METRICS, src.metrics)
+        _write_json(folder / METRICS_FILE, src.metrics)
     if src.histogram is not None:
-        shutil.copyfile(src.histogram, folder / HISTOGRAM)
+        shutil.copyfile(src.histogram, folder / HISTOGRAM_FILE)
     if src.dashboard is not None:
         shutil.copytree(src.dashboard, folder / DASHBOARD)
     ours = {k: v for k, v in doc.items() if k != "shards"}

@@ -1,4 +1,10 @@
-"""Stage 4: build a release folder from exported SAEs and their evaluation, then upload it."""
+"""Stage 4: build a release folder from exported SAEs and their evaluation, then upload it.
+
+Publish reads only what it is given: each checkpoint (an export), the evaluation stage's out_dir for
+it (eval_dirs) and the interpretation stage's (dashboard_dirs), each file by the name its producing
+stage's contract gives it (pipeline/analysis/metrics.py METRICS_FILE, HISTOGRAM_FILE;
+pipeline/analysis/html.py INDEX_FILE). It looks for nothing anywhere else; a missing input is an
+error naming the path and the stage that writes it."""
 
 from __future__ import annotations
 
@@ -10,16 +16,17 @@ from pathlib import Path
 
 import torch
 
+from pipeline.analysis.html import INDEX_FILE
+from pipeline.analysis.metrics import HISTOGRAM_FILE, METRICS_FILE
+from pipeline.analysis.release import CARD, MANIFEST, PIPELINE_CONFIG, SAELENS_CFG, is_release
 from pipeline.errors import ConfigError, InputNotFoundError, UserError
+from pipeline.heldout import EXPORT_DIR
 from pipeline.publish import card, hub, target
 from pipeline.publish.config import PublishConfig
-from pipeline.analysis.release import CARD, HISTOGRAM, MANIFEST, METRICS, is_release
 from pipeline.publish.release import SAESource, parse_size, sae_id_for, write_sae_folder
-from pipeline.sae.checkpoint import read_config
+from pipeline.sae.checkpoint import CONFIG_FILE, read_config
 
 log = logging.getLogger("pipeline.publish")
-DENSITY_FILES = ("feature_density.safetensors", "feature_density.npy")
-"""Per-feature densities from evaluation, if not in metrics.json under feature_density."""
 
 
 class MissingMetricsError(InputNotFoundError):
@@ -39,59 +46,48 @@ class PublishResult:
     operations: list[str] = field(default_factory=list)
 
 
-def eval_candidates(checkpoint: Path) -> list[Path]:
-    return [checkpoint, checkpoint / "eval", checkpoint / "evaluate", checkpoint.parent / "eval",
-            checkpoint.parent / "evaluate", checkpoint.parent]
-
-
-def find_dashboard(checkpoint: Path, eval_dir: Path | None, dashboard_dir: str | None) -> Path | None:
-    if dashboard_dir:
-        d = Path(dashboard_dir)
-        if not (d / "index.html").is_file():
-            raise InputNotFoundError(f"dashboard_dirs entry {dashboard_dir!r} has no index.html. Fix: point it at "
-                                     "the out_dir of `python -m pipeline.interpret`, or leave dashboard_dirs empty")
-        return d
-    for d in ([eval_dir / "dashboard"] if eval_dir else []) + [checkpoint.parent / "interpret",
-                                                                checkpoint.parent / "dashboard"]:
-        if (d / "index.html").is_file():
-            return d
-    return None
+def read_dashboard(checkpoint: str, dashboard_dir: str | None) -> Path | None:
+    """The interpretation stage's out_dir given for `checkpoint` (None when none is given)."""
+    if not dashboard_dir:
+        return None
+    d = Path(dashboard_dir)
+    if not (d / INDEX_FILE).is_file():
+        raise InputNotFoundError(f"dashboard_dirs entry {dashboard_dir!r} holds no dashboard: {d / INDEX_FILE} is "
+                                 f"missing. Fix: write it (python -m pipeline.interpret input.checkpoint={checkpoint} "
+                                 f"out_dir={dashboard_dir}), point the entry at the out_dir of the run that did, or "
+                                 "leave the entry empty to publish without a dashboard")
+    return d
 
 
 def find_source(checkpoint: str, eval_dir: str | None, require_metrics: bool,
                 dashboard_dir: str | None = None) -> SAESource:
+    """What goes into one SAE folder: the export at `checkpoint` and what publish is given for it."""
     ckpt = Path(checkpoint)
-    if not (ckpt / "cfg.json").is_file():
-        raise InputNotFoundError(f"no exported SAE at {checkpoint!r} (cfg.json is missing). Fix: point checkpoints "
-                                 "at a training run's export folder, e.g. checkpoints=[runs/demo/train/topk/sae]")
-    dirs = [Path(eval_dir)] if eval_dir else eval_candidates(ckpt)
-    where = next((d for d in dirs if (d / METRICS).is_file()), None)
-    if where is None:
+    if not (ckpt / CONFIG_FILE).is_file():
+        raise InputNotFoundError(f"no exported SAE at {checkpoint!r} ({ckpt / CONFIG_FILE} is missing). Fix: point "
+                                 "checkpoints at a training run's export (python -m pipeline.train writes it to "
+                                 f"<out_dir>/{EXPORT_DIR}), e.g. checkpoints=[<out_dir>/{EXPORT_DIR}]")
+    dashboard = read_dashboard(checkpoint, dashboard_dir)
+    evaluate = f"python -m pipeline.evaluate input.checkpoint={checkpoint} out_dir={eval_dir or '<folder>'}"
+    if not eval_dir:
         if require_metrics:
             raise MissingMetricsError(
-                f"checkpoint {checkpoint!r} has no evaluation metrics: no {METRICS} in "
-                f"{', '.join(str(d) for d in dirs)}. Fix: evaluate it first (python -m pipeline.evaluate), pass "
-                "eval_dirs=[<folder with metrics.json>], or publish without metrics with require_metrics=false")
+                f"checkpoint {checkpoint!r} has no evaluation metrics: eval_dirs names no folder for it, and publish "
+                f"reads {METRICS_FILE} only from the folder it is given. Fix: evaluate it ({evaluate}) and pass "
+                "eval_dirs=[<folder>] (one per checkpoint), or publish without metrics with require_metrics=false")
         log.warning("publishing %s without evaluation metrics (require_metrics=false)", checkpoint)
-        return SAESource(ckpt, None, None, find_dashboard(ckpt, None, dashboard_dir), None)
-    metrics = json.loads((where / METRICS).read_text())
-    pngs = sorted(p for p in where.glob("*.png") if "dens" in p.name or "hist" in p.name)
-    return SAESource(ckpt, metrics, pngs[0] if pngs else None, find_dashboard(ckpt, where, dashboard_dir),
-                     _density(metrics, where))
-
-
-def _density(metrics: dict, where: Path) -> torch.Tensor | None:
-    for scope in (metrics, *(v for v in metrics.values() if isinstance(v, dict))):
-        if isinstance(scope.get("feature_density"), list):
-            return torch.tensor(scope["feature_density"], dtype=torch.float64)
-    if (where / DENSITY_FILES[0]).is_file():
-        from safetensors.torch import load_file
-        tensors = load_file(str(where / DENSITY_FILES[0]))
-        return tensors.get("density", next(iter(tensors.values())))
-    if (where / DENSITY_FILES[1]).is_file():
-        import numpy as np
-        return torch.from_numpy(np.load(where / DENSITY_FILES[1]))
-    return None
+        return SAESource(ckpt, None, None, dashboard, None)
+    where = Path(eval_dir)
+    if not (where / METRICS_FILE).is_file():
+        raise MissingMetricsError(
+            f"checkpoint {checkpoint!r} has no evaluation metrics: {where / METRICS_FILE} is missing. Fix: evaluate "
+            f"it ({evaluate}), pass eval_dirs=[<the out_dir of the evaluation that did>], or leave its entry empty "
+            "and publish without metrics with require_metrics=false")
+    metrics = json.loads((where / METRICS_FILE).read_text())
+    histogram = where / HISTOGRAM_FILE
+    density = metrics.get("feature_density")
+    return SAESource(ckpt, metrics, histogram if histogram.is_file() else None, dashboard,
+                     torch.tensor(density, dtype=torch.float64) if isinstance(density, list) else None)
 
 
 def build(cfg: PublishConfig) -> tuple[Path, list[dict]]:
@@ -106,7 +102,7 @@ def build(cfg: PublishConfig) -> tuple[Path, list[dict]]:
     seen: dict[str, tuple[str, str | None]] = {}  # sae_id -> (checkpoint, hook)
     for src in sources:
         if is_release(src.checkpoint):  # release.load reads a release folder too; its cfg.json is SAELens's
-            hook = json.loads((src.checkpoint / "cfg.json").read_text()).get("hook")
+            hook = json.loads((src.checkpoint / SAELENS_CFG).read_text()).get("hook")
         else:  # an export: its format and version checked before anything is written
             hook = read_config(src.checkpoint).get("hook")
         sid = src.sae_id or sae_id_for(hook)
@@ -123,8 +119,8 @@ def build(cfg: PublishConfig) -> tuple[Path, list[dict]]:
     for src, sid in zip(sources, seen):
         manifest = write_sae_folder(src, tmp / sid, parse_size(cfg.max_shard_size), cfg.context_size,
                                     cfg.datasets[0] if cfg.datasets else None)
-        doc = json.loads((tmp / sid / "pipeline.json").read_text())
-        saes.append({"sae_id": sid, "doc": doc, "metrics": src.metrics, "has_histogram": HISTOGRAM in manifest["files"],
+        doc = json.loads((tmp / sid / PIPELINE_CONFIG).read_text())
+        saes.append({"sae_id": sid, "doc": doc, "metrics": src.metrics, "has_histogram": HISTOGRAM_FILE in manifest["files"],
                      "has_dashboard": src.dashboard is not None, "sharded": len(doc["release"]["weights"]) > 1})
     location = cfg.target if not cfg.repo_id else None
     (tmp / CARD).write_text(card.render(saes, repo_id=cfg.repo_id, path_in_repo=cfg.path_in_repo,

@@ -86,7 +86,7 @@ class SAEConfig:
 
     def __post_init__(self):
         uses_k = sae_class(self.architecture, "sae.architecture").uses_k
-        if self.n_features < 1:
+        if not self.n_features >= 1:  # `not` so that NaN fails too
             raise ConfigError(f"sae.n_features={self.n_features} must be positive")
         if uses_k and not 1 <= self.k <= self.n_features:
             raise ConfigError(f"sae.k={self.k} must be in [1, n_features={self.n_features}]")

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import ConfigError, InputNotFoundError
-from pipeline.sae.base import SAEConfig, SparseAutoencoder, create
+from pipeline.sae.base import SAEConfig, SparseAutoencoder, create, sae_class
 
 FORMAT_NAME = "pipeline.sae"
 FORMAT_VERSION = 1
@@ -108,19 +108,26 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
         raise ConfigError(f"{str(path)!r} is a published release on the Hub, not an exported checkpoint. Fix: load "
                           "it with pipeline.publish.load (it reads releases and exports alike)")
     doc = read_config(path)
-    sae = create(SAEConfig(**doc["config"]), device=device)
     parts = [load_file(str(Path(path) / s["file"])) for s in doc["shards"]]
-    state = {k: v for k, v in parts[0].items() if k not in sae.feature_tensors}
-    for name in sae.feature_tensors:
+    tensors = sae_class(doc["config"]["architecture"]).feature_tensors  # sharded along features
+    state = {k: v for k, v in parts[0].items() if k not in tensors}
+    for name in tensors:
         if name in parts[0]:
             state[name] = torch.cat([p[name] for p in parts])
+    return from_state(doc, state, device, f"{str(path)!r}: the weights do not match the {doc['architecture']} SAE its "
+                      f"{CONFIG_FILE} describes", "do not mix the files of two exports in one folder; re-export the "
+                      "SAE (rerun its training command: it resumes from the last checkpoint and writes <out_dir>/sae "
+                      "again)")
+
+
+def from_state(doc: dict, state: dict, device, mismatch: str, fix: str) -> SparseAutoencoder:
+    """The SAE that the exported config document `doc` describes, holding `state` (every tensor but
+    the NOT_EXPORTED ones), in eval mode with `.meta = doc`; a mismatch raises CheckpointFormatError
+    with `mismatch` and `fix` (the reader of exports and the reader of releases say where and how)."""
+    sae = create(SAEConfig(**doc["config"]), device=device)
     missing, unexpected = sae.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in NOT_EXPORTED]
     if unexpected or missing:
-        raise CheckpointFormatError(
-            f"{str(path)!r}: the weights do not match the {doc['architecture']} SAE its {CONFIG_FILE} describes "
-            f"(missing {missing}, unexpected {unexpected}). Fix: do not mix the files of two exports in one "
-            "folder; re-export the SAE (rerun its training command: it resumes from the last checkpoint and writes "
-            "<out_dir>/sae again)")
+        raise CheckpointFormatError(f"{mismatch} (missing {missing}, unexpected {unexpected}). Fix: {fix}")
     sae.meta = doc
     return sae.eval()

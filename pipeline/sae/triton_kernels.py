@@ -60,6 +60,19 @@ BLOCK_D = 128  # columns per program
 
 if AVAILABLE:
     @triton.jit
+    def _entries(idx_ptr, val_ptr, b, m, js):
+        """Row b's entries js of the sparse code: (feature rows, fp32 values, mask of js < m)."""
+        jmask = js < m
+        rows = tl.load(idx_ptr + b * m + js, mask=jmask, other=0)
+        return rows, tl.load(val_ptr + b * m + js, mask=jmask, other=0.0).to(tl.float32), jmask
+
+    @triton.jit
+    def _rows_tile(w_ptr, rows, cols, d, jmask, cmask):
+        """The [rows, cols] tile of the row-major [n, d] matrix at w_ptr, in fp32 (0 where masked)."""
+        return tl.load(w_ptr + rows[:, None] * d + cols[None, :], mask=jmask[:, None] & cmask[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
     def _gather_sum_kernel(idx_ptr, w_ptr, v_ptr, out_ptr, m, d,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
@@ -67,12 +80,8 @@ if AVAILABLE:
         cmask = cols < d
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for j0 in range(0, m, BLOCK_M):
-            js = j0 + tl.arange(0, BLOCK_M)
-            jmask = js < m
-            rows = tl.load(idx_ptr + b * m + js, mask=jmask, other=0)
-            v = tl.load(v_ptr + b * m + js, mask=jmask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * d + cols[None, :], mask=jmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
+            rows, v, jmask = _entries(idx_ptr, v_ptr, b, m, j0 + tl.arange(0, BLOCK_M))
+            w = _rows_tile(w_ptr, rows, cols, d, jmask, cmask)
             acc += tl.sum(v[:, None] * w, axis=0)
         tl.store(out_ptr + b * d + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
@@ -88,8 +97,7 @@ if AVAILABLE:
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < d
             g = tl.load(g_ptr + b * d + cols, mask=cmask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * d + cols[None, :], mask=jmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
+            w = _rows_tile(w_ptr, rows, cols, d, jmask, cmask)
             acc += tl.sum(w * g[None, :], axis=1)
         tl.store(out_ptr + b * m + js, acc.to(out_ptr.dtype.element_ty), mask=jmask)
 
@@ -101,10 +109,7 @@ if AVAILABLE:
         cmask = cols < d
         x = tl.load(x_ptr + b * d + cols, mask=cmask, other=0.0).to(tl.float32)
         for j0 in range(0, m, BLOCK_M):
-            js = j0 + tl.arange(0, BLOCK_M)
-            jmask = js < m
-            rows = tl.load(idx_ptr + b * m + js, mask=jmask, other=0)
-            g = tl.load(g_ptr + b * m + js, mask=jmask, other=0.0).to(tl.float32)
+            rows, g, jmask = _entries(idx_ptr, g_ptr, b, m, j0 + tl.arange(0, BLOCK_M))
             tl.atomic_add(out_ptr + rows[:, None] * d + cols[None, :], g[:, None] * x[None, :],
                           mask=jmask[:, None] & cmask[None, :], sem="relaxed")
 

@@ -10,6 +10,8 @@ from pipeline.cost_model import PlanConfig
 from pipeline.errors import ConfigError
 
 LOSSES = ("auto", "fvu", "nmse", "mse", "proxy_loss")
+FITTED = ("d_model", "n_features", "architecture", "k")
+"""The plan's sae keys that the fit sets (the sweep's dictionary at the recommended size)."""
 
 
 @dataclass
@@ -33,8 +35,9 @@ class ScalingConfig:
     out_dir: str | None = None
     """scaling.json and the PNG plots go here; default: sweep_dir."""
     plan: dict = field(default_factory=dict)
-    """Planner settings for the budget's run (pipeline/cost_model.py PlanConfig), e.g.
-    +plan.gpu_memory_gb=80 +plan.tflops=400; d_model, n_features, architecture and k come from the fit."""
+    """Planner settings for the budget's run (pipeline/cost_model.py PlanConfig: the trainer's step keys and
+    the planner's own), e.g. +plan.gpu_memory_gb=80 +plan.tflops=400 +plan.optim.state_dtype=fp8;
+    sae.d_model, sae.n_features, sae.architecture and sae.k come from the fit."""
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -45,3 +48,7 @@ class ScalingConfig:
             raise ConfigError(f"bootstrap={self.bootstrap} and holdout_largest={self.holdout_largest} must be >= 0, "
                               f"huber_delta={self.huber_delta} > 0")
         check_declared(self.plan, PlanConfig, "plan.")  # a dict only because the fit fills in the dictionary's shape
+        fitted = sorted(set(self.plan.get("sae") or {}) & set(FITTED))
+        if fitted:
+            raise ConfigError(f"plan sets {', '.join(f'sae.{k}' for k in fitted)}, which the fit chooses. Fix: leave "
+                              f"out +plan.sae.{fitted[0]}=... (the recommended dictionary is planned)")

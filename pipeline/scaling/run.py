@@ -13,7 +13,7 @@ import functools
 import json
 import math
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,13 @@ import numpy as np
 from pipeline import heldout
 from pipeline.cost_model import PlanConfig, best_plan, training_flops
 from pipeline.errors import ScalingFitError
-from pipeline.sae import CLASSES, sae_class
+from pipeline.sae import CLASSES, SAEConfig, sae_class
 from pipeline.scaling import fit as F
-from pipeline.scaling.config import ScalingConfig
+from pipeline.scaling.config import FITTED, ScalingConfig
 
 RESULT_FILE = "scaling.json"
+RUN_OUTPUTS = (heldout.HELDOUT_FILE, heldout.METRICS_LOG_FILE, heldout.CHECKPOINTS_DIR, heldout.EXPORT_DIR)
+"""What makes a folder a training run's out_dir (pipeline/heldout.py names them)."""
 PLOTS = {"loss": "loss_vs_compute.png", "optimal": "optimal_vs_compute.png", "joint": "joint_fit.png"}
 
 
@@ -50,9 +52,10 @@ def flops_per_token(architecture: str, d_model: int, n_features, k: int):
 @functools.lru_cache(maxsize=None)
 def _step_flops_line(architecture: str, d_model: int, k: int) -> tuple[float, float]:
     """training_flops per token is linear in n_features: (slope, intercept)."""
-    at = [training_flops(PlanConfig(d_model=d_model, n_features=n, architecture=architecture, k=k, batch_size=1))
-          for n in (1, 2)]  # a planner config needs a dictionary: no n_features=0
-    return at[1] - at[0], 2 * at[0] - at[1]
+    n = max(k, 1)  # a dictionary of at least k features (no n_features=0)
+    at = [training_flops(PlanConfig(sae=SAEConfig(architecture=architecture, d_model=d_model, n_features=size, k=k),
+                                    batch_size=1)) for size in (n, n + 1)]
+    return at[1] - at[0], at[0] - (at[1] - at[0]) * n
 
 
 @dataclass
@@ -83,7 +86,7 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
     found = []
 
     def walk(d: Path):
-        if any((d / name).exists() for name in ("heldout.json", "metrics.jsonl", "checkpoints", "sae")) or \
+        if any((d / name).exists() for name in RUN_OUTPUTS) or \
                 (d / ".hydra" / "config.yaml").exists() and d != sweep_dir:
             found.append(d)
             return
@@ -94,7 +97,7 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def _last_metrics(d: Path) -> dict | None:
-    path = d / "metrics.jsonl"
+    path = d / heldout.METRICS_LOG_FILE
     if not path.exists():
         return None
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
@@ -127,9 +130,9 @@ def _status(d: Path, loss_key: str) -> Point | Excluded:
         of = f" of {steps}" if steps else ""
         if last is not None and not all(math.isfinite(v) for k, v in last.items() if isinstance(v, float)):
             return Excluded(str(d), "failed", f"non-finite training loss by step {last['step']}{of} (NaN stop)")
-        if last is not None and steps and last["step"] >= steps and (d / "sae").exists():
-            return Excluded(str(d), "unfinished", "trained, but no heldout.json: it ran without heldout_url. Fix: "
-                            "rerun it with heldout_url=<held-out store> (it resumes at its end and only evaluates)")
+        if last is not None and steps and last["step"] >= steps and (d / heldout.EXPORT_DIR).exists():
+            return Excluded(str(d), "unfinished", f"trained, but no {heldout.HELDOUT_FILE}: it ran without heldout_url. "
+                            "Fix: rerun it with heldout_url=<held-out store> (it resumes at its end and only evaluates)")
         where = f"logged step {last['step']}{of}" if last else "no training step logged"
         return Excluded(str(d), "unfinished", f"no {heldout.HELDOUT_FILE} ({where}): still running, killed or "
                         "crashed. Fix: rerun the sweep command (finished points are skipped, the others resume)")
@@ -313,11 +316,12 @@ def predict_budget(budget: float, result: dict, fits: dict, cfg: ScalingConfig) 
             "recommended": {"n_features": n, "tokens": int(tokens), "flops_per_token": fpt(n),
                             "loss_joint_fit": float(fits["joint"].predict(n, tokens))}}
     arch, d, k = result["architecture"], result["d_model"], result["k"] or 32
-    plan_args = [f"d_model={d}", f"n_features={n}", f"architecture={arch}"] + \
-        ([f"k={k}"] if uses_k(arch) else []) + [f"{key}={v}" for key, v in cfg.plan.items()]
+    fitted = dict(zip(FITTED, (d, n, arch, k)))
+    plan_args = [f"sae.{key}={v}" for key, v in fitted.items() if key != "k" or uses_k(arch)] + \
+        [f"{key}={v}" for key, v in _dotted(cfg.plan)]
     pred["plan_command"] = f"make plan ARGS={shlex.quote(' '.join(plan_args))}"
     try:
-        plan = best_plan(PlanConfig(d_model=d, n_features=n, architecture=arch, k=k, **cfg.plan))
+        plan = best_plan(_with(PlanConfig(), {**cfg.plan, "sae": {**cfg.plan.get("sae", {}), **fitted}}))
         pred["plan"] = {"gpus": plan.gpus, "data_parallel": plan.data_parallel,
                         "feature_parallel": plan.feature_parallel, "nodes": plan.nodes,
                         "tokens_per_second": plan.tokens_per_second,
@@ -327,6 +331,19 @@ def predict_budget(budget: float, result: dict, fits: dict, cfg: ScalingConfig) 
     except (ValueError, TypeError) as e:
         pred["plan"] = {"error": str(e)}
     return pred
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a nested mapping, as a command line spells them."""
+    return [kv for key, v in tree.items()
+            for kv in (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else [(f"{prefix}{key}", v)])]
+
+
+def _with(obj, tree: dict):
+    """The dataclass `obj` with the values of the nested mapping `tree` in place of its own (its
+    sections replaced the same way, recursively)."""
+    return replace(obj, **{key: _with(getattr(obj, key), v) if isinstance(v, dict) and is_dataclass(getattr(obj, key))
+                           else v for key, v in tree.items()})
 
 
 def run(cfg: ScalingConfig) -> dict:

@@ -13,7 +13,7 @@ from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis.prompts import prompt_ids
 from pipeline.analysis.steering import clamp_fn
 from pipeline.errors import ConfigError
-from pipeline.models import LoadedModel, load_model, replace_output
+from pipeline.models import LoadedModel, replace_output
 from pipeline.steer.config import Clamp, SteerConfig
 
 GENERATIONS_FILE = "generations.json"
@@ -76,8 +76,7 @@ def generate(loaded: LoadedModel, d: Dictionary, ids: Tensor, values: dict[int, 
 
 
 def run(cfg: SteerConfig) -> dict:
-    loaded = load_model(cfg.input.model)
-    d = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
+    loaded, d = Dictionary.from_input(cfg.input)
     values = resolve_clamps(d, cfg.clamps(), cfg.features, cfg.allow_dead)
     ids = prompt_ids(loaded, cfg.prompt, cfg.chat)
     clean = generate(loaded, d, ids, {}, cfg.max_new_tokens, cfg.temperature, cfg.seed)

@@ -10,10 +10,11 @@ modules before the job is queued."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from pipeline.cost_model import PlanConfig, rank_memory
+from pipeline.cost_model import PlanConfig, rank_memory, training_plan
 from pipeline.errors import ConfigError
 from pipeline.sae import create
 from pipeline.store import ActivationStore
@@ -32,11 +33,9 @@ def layout(cfg: TrainConfig) -> tuple[PlanConfig, list[dict]]:
     dims = cfg.parallel
     dims.validate(dims.world_size, sae_cfg.n_features)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "bfloat16" if precision(cfg, device) == "bf16" else "float32"
-    dp, zero = dims.data_parallel, cfg.deepspeed.zero_stage
-    plan_cfg = PlanConfig(d_model=sae_cfg.d_model, n_features=sae_cfg.n_features, architecture=sae_cfg.architecture,
-                          k=sae_cfg.k, k_aux=sae_cfg.k_aux, feature_tile=sae_cfg.feature_tile, param_dtype=dtype, state_dtype=cfg.optim.state_dtype, zero_stage=zero, batch_size=cfg.batch_size,
-                          data_parallel=dp, feature_parallel=dims.feature_parallel)
+    plan_cfg = training_plan(cfg, sae=sae_cfg, deepspeed=replace(cfg.deepspeed, precision=precision(cfg, device)),
+                             data_parallel=dims.data_parallel, feature_parallel=dims.feature_parallel)
+    dtype, dp, zero = plan_cfg.param_dtype, dims.data_parallel, cfg.deepspeed.zero_stage
     shards = []
     for fp_rank in range(dims.feature_parallel):
         sae = create(sae_cfg, dims.feature_range(sae_cfg.n_features, fp_rank), device="meta")
@@ -85,9 +84,10 @@ def dry_run(cfg: TrainConfig) -> dict:
     keys = ("weights", "gradients", "master_weights", "optimizer_state", "buffers")
     mismatch = {k: (largest[k], getattr(planned, k)) for k in keys if largest[k] != getattr(planned, k)}
     gib = 2 ** 30
-    print(f"dry run: {plan_cfg.architecture}, d_model={plan_cfg.d_model}, n_features={plan_cfg.n_features:,}, "
+    sae = plan_cfg.sae
+    print(f"dry run: {sae.architecture}, d_model={sae.d_model}, n_features={sae.n_features:,}, "
           f"data_parallel={cfg.parallel.data_parallel} x feature_parallel={cfg.parallel.feature_parallel}, "
-          f"{plan_cfg.param_dtype} weights, ZeRO-{plan_cfg.zero_stage} (meta device, nothing allocated)")
+          f"{plan_cfg.param_dtype} weights, ZeRO-{plan_cfg.deepspeed.zero_stage} (meta device, nothing allocated)")
     print(f"{'fp rank':>7} {'features':>25} {'parameters':>15} " + " ".join(f"{k:>16}" for k in keys) + "  (GiB)")
     distinct = {s["parameters"]: s for s in shards}.values()  # shards differ by at most one feature
     for s in distinct:

@@ -13,7 +13,7 @@ fp32 is kept where rounding would accumulate or where a sum runs over many terms
     taken after each step. An update smaller than half a bf16 ulp of a weight (2^-9 relative) is
     therefore not lost. ZeRO-0 has no fp32 master (the bf16 weights would be updated in place and
     small updates rounded away: FACTS.md "DeepSpeed on CPU"), so bf16 with zero_stage=0 is refused
-    with a ConfigError (config.check_precision), before DeepSpeed's own NotImplementedError.
+    with a ConfigError (pipeline/step.py check_precision), before DeepSpeed's own NotImplementedError.
   - gradients: accumulated in fp32 (data_types.grad_accum_dtype) and all-reduced in fp32
     (communication_data_type), averaged after the reduction; the global gradient norm used for
     clipping is computed in fp32 from them.
@@ -38,7 +38,8 @@ import torch
 
 from pipeline.parallel import Mesh
 from pipeline.sae import SparseAutoencoder
-from pipeline.train.config import TrainConfig, check_precision
+from pipeline.step import check_precision
+from pipeline.train.config import TrainConfig
 from pipeline.train.low_bit import low_bit_adam
 
 

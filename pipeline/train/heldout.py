@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.heldout import FORMAT_NAME, FORMAT_VERSION, HELDOUT_FILE, read, write
+from pipeline.heldout import EXPORT_DIR, FORMAT_NAME, FORMAT_VERSION, HELDOUT_FILE, read, write
 
 
 def point(cfg) -> dict:
@@ -49,7 +49,7 @@ def finished(cfg) -> Path | None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{Path(cfg.out_dir) / HELDOUT_FILE} exists for this configuration (held-out FVU {doc['fvu']:.4g}): "
               "finished, nothing to do. Delete it to evaluate again", flush=True)
-    return Path(cfg.out_dir) / "sae"
+    return Path(cfg.out_dir) / EXPORT_DIR
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import NonFiniteLossError
+from pipeline.heldout import CHECKPOINTS_DIR, EXPORT_DIR
 from pipeline.parallel import Mesh, init_distributed
 from pipeline.sae import checkpoint as export
 from pipeline.store import ActivationStore
@@ -52,7 +53,7 @@ def train(cfg: TrainConfig) -> Path | None:
         engine = build_engine(cfg, sae, mesh, device)
         dtype = torch.bfloat16 if precision(cfg, device) == "bf16" else torch.float32
         out_dir = Path(cfg.out_dir)
-        ckpts = Checkpoints(out_dir / "checkpoints", mesh, sae_cfg, cfg.keep_checkpoints)
+        ckpts = Checkpoints(out_dir / CHECKPOINTS_DIR, mesh, sae_cfg, cfg.keep_checkpoints)
         start = ckpts.resume(engine, batches) if cfg.resume else 0
         if start and mesh.rank == 0:
             print(f"resumed from {ckpts.root / ckpts.latest()} at step {start}", flush=True)
@@ -90,7 +91,7 @@ def train(cfg: TrainConfig) -> Path | None:
                 saved = done
     if not cfg.export:
         return None
-    folder = out_dir / "sae"
+    folder = out_dir / EXPORT_DIR
     if mesh.dp_rank == 0:
         export.save_shard(engine.module, folder, scale, mesh.fp_rank, cfg.parallel.feature_parallel)
     dist.barrier()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.train.config import OptimConfig
+from pipeline.step import OptimConfig
 
 _SUBCLASS = "__torchao_state__"
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.heldout import METRICS_LOG_FILE
 from pipeline.parallel import Mesh
 from pipeline.sae import ForwardOutput, SparseAutoencoder
 
@@ -54,7 +55,7 @@ class Logger:
         if self.rank0:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start)
-            self.jsonl = _truncate_jsonl(out_dir / "metrics.jsonl", start)
+            self.jsonl = _truncate_jsonl(out_dir / METRICS_LOG_FILE, start)
             self.bar = tqdm(total=steps, initial=start, unit="step", disable=not progress, mininterval=1,
                             dynamic_ncols=True)
         self.last: dict = {}

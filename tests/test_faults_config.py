@@ -274,10 +274,12 @@ def test_only_user_errors_are_shortened():
 def test_every_torchrun_rank_reports_a_user_error_and_the_job_fails(tmp_path):
     p = cli("train", "sae.kk=2", tmp_path=tmp_path,
             launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"))
-    assert p.returncode != 0
-    for rank in (0, 1):
-        assert f"pipeline.train (rank {rank} of 2): ConfigError: unknown config key" in p.stderr, p.stderr[-3000:]
-    assert "exitcode  : 2" in p.stderr
+    assert p.returncode != 0 and "exitcode  : 2" in p.stderr
+    # Each rank checks its own command line and reports. torchrun stops the other ranks as soon as one
+    # fails, so on a loaded machine a rank may be stopped before it got that far: then torchrun says so.
+    reported = [r for r in (0, 1) if f"pipeline.train (rank {r} of 2): ConfigError: unknown config key" in p.stderr]
+    assert reported, p.stderr[-3000:]
+    assert len(reported) == 2 or "closing signal SIGTERM" in p.stderr, p.stderr[-3000:]
 
 
 # -- the small cases --------------------------------------------------------------------------------

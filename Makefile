@@ -32,7 +32,7 @@ demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M, of
 	@# topk (k=32): in 48 steps relu_l1 (lambda 5, or 3 at lr 1.2e-3) left most features near-duplicates
 	@# (median nearest decoder cosine 0.77, pipeline.audit audit/task=neighbours); topk's is 0.15, FVU ~0.45
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node=2 -m pipeline.train sae=topk \
-	    parallel.feature_parallel=2 data.url=$(DEMO)/activations n_tokens=200000 optim.lr=4e-4 \
+	    parallel.feature_parallel=2 data.url=$(DEMO)/activations n_tokens=200000 \
 	    out_dir=$(DEMO)/train/topk
 	$(PY) -m pipeline.evaluate input.checkpoint=$(DEMO)/train/topk/sae input.n_tokens=20000 out_dir=$(DEMO)/evaluate
 	$(PY) -m pipeline.interpret input.checkpoint=$(DEMO)/train/topk/sae input.n_tokens=50000 out_dir=$(DEMO)/interpret

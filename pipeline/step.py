@@ -59,15 +59,19 @@ STATE_DTYPES = ("fp32", "fp8", "int8")
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5
+    lr: float | None = None
+    """Adam's learning rate; null: the default recipe's rate for the dictionary's width
+    (pipeline/train/recipe.py: 1/sqrt(n_features) scaling, measured in BENCHMARKS.md). The resolved
+    value is printed at the start and written to the export's cfg.json (training.optim)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     """Adam epsilon (Gao et al. use 6.25e-10)."""
     weight_decay: float = 0.0
     gradient_clipping: float = 1.0
     """Clip the global gradient norm (over all shards) to this; 0 turns clipping off."""
-    lr_warmup_steps: int = 0
-    """Linear learning-rate warm-up from 0 (Gemma Scope: 1000)."""
+    lr_warmup_steps: int | None = None
+    """Linear learning-rate warm-up from 0; null: the recipe's 5% of the steps, at most 1000 (Gemma
+    Scope's)."""
     lr_decay_fraction: float = 0.2
     """The learning rate decays linearly to 0 over this last fraction of the steps."""
     sparsity_warmup_fraction: float = 0.05
@@ -84,6 +88,9 @@ class OptimConfig:
             raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
         if self.state_dtype not in STATE_DTYPES:
             raise ConfigError(f"optim.state_dtype={self.state_dtype!r} must be one of {list(STATE_DTYPES)}")
+        if (self.lr is not None and not self.lr > 0) or (self.lr_warmup_steps or 0) < 0:
+            raise ConfigError(f"optim.lr={self.lr} must be positive and optim.lr_warmup_steps={self.lr_warmup_steps} "
+                              ">= 0 (null: the default recipe's, pipeline/train/recipe.py)")
         for name in ("lr_decay_fraction", "sparsity_warmup_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")

@@ -95,6 +95,36 @@ def test_single_process_run_exports_a_loadable_dictionary(store, tmp_path):
     assert list((tmp_path / "tb").iterdir())
 
 
+def test_the_default_recipe_follows_the_width_and_reaches_the_export(store, tmp_path):
+    """optim.lr=null: Adam's rate scales as 1/sqrt(n_features) from the recipe's constant; warm-up is
+    5% of the steps up to 1000; a set value wins. The trainer prints the resolved values and writes
+    them to the export's cfg.json, and the DeepSpeed optimizer runs with that rate."""
+    from pipeline.errors import ConfigError
+    from pipeline.step import OptimConfig
+    from pipeline.train import recipe
+
+    auto = OptimConfig()
+    assert recipe.learning_rate(auto, 2 ** 14) == recipe.LR_AT_16K
+    assert recipe.learning_rate(auto, 2 ** 12) == pytest.approx(2 * recipe.LR_AT_16K)
+    assert recipe.learning_rate(auto, 2 ** 20) == pytest.approx(recipe.LR_AT_16K / 8)
+    assert recipe.learning_rate(OptimConfig(lr=4e-4), 2 ** 20) == 4e-4
+    assert [recipe.warmup_steps(auto, s) for s in (10, 100, 1000, 10 ** 6)] == [0, 5, 50, 1000]
+    assert recipe.warmup_steps(OptimConfig(lr_warmup_steps=7), 10 ** 6) == 7
+    with pytest.raises(ConfigError, match="optim.lr=-1"):
+        OptimConfig(lr=-1.0)
+
+    p = run_train([a for a in tiny(store, tmp_path, "n_tokens=1280", "log_every=1") if not a.startswith("optim.lr=")])
+    resolved = json.loads((tmp_path / "sae" / "cfg.json").read_text())["training"]["optim"]
+    assert resolved["lr"] == pytest.approx(recipe.LR_AT_16K * (2 ** 14 / 32) ** 0.5)
+    assert resolved["lr_warmup_steps"] == 2 and "sqrt(16384 / n_features)" in resolved["rule"]
+    assert f"Adam lr {resolved['lr']:.3g}" in p.stdout and "warm-up 2 of 40 steps" in p.stdout
+    lrs = [r["lr"] for r in metrics(tmp_path)]  # what DeepSpeed's optimizer ran with: warm-up, flat, decay
+    assert lrs[0] == pytest.approx(resolved["lr"] / 2) and max(lrs) == pytest.approx(resolved["lr"])
+    assert lrs[-1] < max(lrs)
+    run_train(tiny(store, tmp_path / "set", "n_tokens=1280"))
+    assert json.loads((tmp_path / "set" / "sae" / "cfg.json").read_text())["training"]["optim"]["lr"] == 0.003
+
+
 def _launch(args: list[str], nproc: int) -> subprocess.Popen:
     launcher = [sys.executable, "-m", "pipeline.train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",

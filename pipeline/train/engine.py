@@ -41,6 +41,7 @@ from pipeline.sae import SparseAutoencoder
 from pipeline.step import check_precision
 from pipeline.train.config import TrainConfig
 from pipeline.train.low_bit import low_bit_adam
+from pipeline.train.recipe import learning_rate, warmup_steps
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -59,7 +60,7 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
         "train_micro_batch_size_per_gpu": cfg.batch_size // dp,
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "Adam", "params": {
-            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+            "lr": learning_rate(cfg.optim, cfg.sae.n_features), "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay,
             "torch_adam": True,      # torch.optim.Adam: no compiled op, the same on CPU and GPU
             "fused": True,           # its one-pass kernel (CPU and CUDA)
@@ -88,7 +89,7 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
 def lr_lambda(cfg: TrainConfig):
     """Linear warm-up over lr_warmup_steps, constant, linear decay to 0 over the last
     lr_decay_fraction of the steps. Called with the number of optimizer steps taken."""
-    steps, warm = cfg.steps, cfg.optim.lr_warmup_steps
+    steps, warm = cfg.steps, warmup_steps(cfg.optim, cfg.steps)
     decay_start = steps - int(cfg.optim.lr_decay_fraction * steps)
 
     def f(step: int) -> float:
@@ -113,7 +114,8 @@ def build_engine(cfg: TrainConfig, sae: SparseAutoencoder, mesh: Mesh, device: t
     ds_cfg = deepspeed_config(cfg, device)
     params = list(sae.to(device).parameters())
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=sae, model_parameters=params, optimizer=low_bit_adam(cfg.optim, params), config=ds_cfg,
+        model=sae, model_parameters=params, optimizer=low_bit_adam(cfg.optim, learning_rate(cfg.optim, cfg.sae.n_features),
+                                                                     params), config=ds_cfg,
         mpu=mesh.mpu(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         dist_init_required=False)
     return engine

@@ -19,7 +19,7 @@ from pipeline.sae import checkpoint as export
 from pipeline.store import ActivationStore
 from pipeline.store.loader import Interrupted
 from pipeline.train.checkpoint import Checkpoints, tag
-from pipeline.train import heldout
+from pipeline.train import heldout, recipe
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import RankBatches, with_d_model
 from pipeline.train.engine import build_engine, precision, sparsity_scale
@@ -55,8 +55,12 @@ def train(cfg: TrainConfig) -> Path | None:
         out_dir = Path(cfg.out_dir)
         ckpts = Checkpoints(out_dir / CHECKPOINTS_DIR, mesh, sae_cfg, cfg.keep_checkpoints)
         start = ckpts.resume(engine, batches) if cfg.resume else 0
-        if start and mesh.rank == 0:
-            print(f"resumed from {ckpts.root / ckpts.latest()} at step {start}", flush=True)
+        if mesh.rank == 0:
+            o = recipe.resolved(cfg)
+            print(f"optimizer: Adam lr {o['lr']:.3g} ({o['rule']}), warm-up {o['lr_warmup_steps']} of {cfg.steps} "
+                  f"steps, linear decay over the last {o['lr_decay_fraction']:.0%}", flush=True)
+            if start:
+                print(f"resumed from {ckpts.root / ckpts.latest()} at step {start}", flush=True)
         log = Logger(out_dir, mesh, sae, cfg.steps, start, cfg.batch_size, cfg.log_every, cfg.dense_fraction,
                      cfg.progress)
         cleanup.callback(log.close)
@@ -83,6 +87,7 @@ def train(cfg: TrainConfig) -> Path | None:
                 folder = ckpts.save(engine, before, step, step * cfg.batch_size)
                 raise nonfinite_loss(s, step, folder, batches, before, store.url)
             engine.backward(out.loss)
+            s["lr"] = engine.get_lr()[0]  # the rate this step runs with (the scheduler moves it in step())
             engine.step()
             log.step(step, s, out.fired)
             done = step + 1
@@ -112,7 +117,8 @@ def export_meta(cfg: TrainConfig, store: ActivationStore, hook: str, stats, last
             "normalization": {"mean_sq_norm": stats.mean_sq_norm, "rule": "x * sqrt(d_model / mean_sq_norm)"},
             "training": {"steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size, "batch_size": cfg.batch_size,
                          "seed": cfg.seed, "data_parallel": cfg.parallel.data_parallel,
-                         "feature_parallel": cfg.parallel.feature_parallel, "final": last}}
+                         "feature_parallel": cfg.parallel.feature_parallel, "optim": recipe.resolved(cfg),
+                         "final": last}}
 
 
 def nonfinite_loss(s: dict, step: int, folder: Path, batches: RankBatches, state: dict,

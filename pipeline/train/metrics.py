@@ -82,7 +82,7 @@ class Logger:
                **{k: sum(s[k] for s in w) / len(w) for k in ("loss", "mse", "sparsity", "aux", "l0")},
                "fvu": sum(s["sse"] for s in w) / max(sum(s["var"] for s in w), 1e-30),
                "dead_fraction": counts[0].item() / n, "dense_fraction": counts[1].item() / n,
-               "tokens_per_s": window_tokens / dt}
+               "tokens_per_s": window_tokens / dt, "lr": w[-1]["lr"]}
         self.last = row
         self.window, self.t0 = [], time.perf_counter()
         self.fired.zero_()

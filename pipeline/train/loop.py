@@ -87,7 +87,7 @@ def train(cfg: TrainConfig) -> Path | None:
                 folder = ckpts.save(engine, before, step, step * cfg.batch_size)
                 raise nonfinite_loss(s, step, folder, batches, before, store.url)
             engine.backward(out.loss)
-            s["lr"] = engine.get_lr()[0]  # the rate this step runs with (the scheduler moves it in step())
+            s["lr"] = float(engine.get_lr()[0])  # this step's rate (torchao keeps it as a tensor)
             engine.step()
             log.step(step, s, out.fired)
             done = step + 1

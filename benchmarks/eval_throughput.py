@@ -2,8 +2,8 @@
 
     python benchmarks/eval_throughput.py [--contexts 32] [--features 4096] [--sae PATH] [--json]
 
-SmolLM2-135M (the embedded default), hook model.layers.15, a topk SAE (random unless --sae gives
-an exported one), held-out contexts of the embedded corpus, batch 8 x 128, fp32.
+SmolLM2-135M-Instruct (the embedded default), hook model.layers.15, a topk SAE (random unless --sae
+gives an exported one), held-out contexts of the embedded corpus, batch 8 x 128, fp32.
 
 - interpretation (the streaming pass of the dashboard: forward to the hook, SAE encode, top-k /
   quantile-sample / histogram updates) against the forward pass to the hook alone;
@@ -29,6 +29,7 @@ from pipeline.analysis.batches import context_batches
 from pipeline.analysis.collect import FeatureCollector, collect
 from pipeline.analysis.metrics import evaluate
 from pipeline.data import DataConfig
+from pipeline.device import synchronize
 from pipeline.interpret import InterpretConfig
 from pipeline.models import ActivationCapture, ModelConfig, load_model
 from pipeline.sae import SAEConfig, create, save
@@ -65,10 +66,6 @@ def main() -> None:
     capture = ActivationCapture(loaded, [d.hook])
     dev = loaded.device
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     def forward_full(ids):
         with torch.inference_mode():
             loaded.model(input_ids=ids.to(dev), use_cache=False).logits.float().log_softmax(-1)
@@ -97,10 +94,10 @@ def main() -> None:
     for _ in range(a.rounds):
         for b, ids in enumerate(batches):
             for name, fn in paths.items():
-                sync()
+                synchronize(dev)
                 t, c = time.perf_counter(), time.process_time()
                 fn(ids)
-                sync()
+                synchronize(dev)
                 best[name][b] = min(best[name][b], time.perf_counter() - t)
                 cpu[name][b] = min(cpu[name][b], time.process_time() - c)
     best = {k: tokens / sum(v) for k, v in best.items()}

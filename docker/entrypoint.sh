@@ -11,8 +11,10 @@
 # (print the command instead of running it).
 set -euo pipefail
 
-STAGES=(cache train evaluate interpret steer publish plan)
+STAGES=(cache train evaluate interpret steer audit publish plan scaling)
 DISTRIBUTED=(train)
+# stages whose command line takes a folder as its first argument (scaling: the sweep's folder)
+POSITIONAL=(scaling)
 PIPELINE_ROOT=${PIPELINE_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 PY=${PIPELINE_PYTHON:-python}
 
@@ -37,7 +39,9 @@ in_list "$stage" "${STAGES[@]}" ||
   die "unknown stage '$stage'; choose one of: ${STAGES[*]} (or help, bash). Usage: docker run IMAGE STAGE [KEY=VALUE ...]"
 [[ -f "$PIPELINE_ROOT/pipeline/$stage/__main__.py" ]] ||
   die "stage '$stage' is not in this image ($PIPELINE_ROOT/pipeline/$stage is missing); rebuild the image from a checkout that has it"
-for arg in "$@"; do
+overrides=("$@")
+if in_list "$stage" "${POSITIONAL[@]}"; then overrides=("${@:2}"); fi
+for arg in "${overrides[@]}"; do
   [[ "$arg" == -* || "$arg" == ~* || "$arg" == *=* ]] ||
     die "'$arg' is not a Hydra override; pass KEY=VALUE, e.g. docker run IMAGE $stage n_tokens=100000"
 done

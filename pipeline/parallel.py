@@ -67,9 +67,19 @@ class ParallelDims:
         return range(start, start + base + (fp_rank < extra))
 
 
-def init_distributed() -> torch.device:
-    """Join the process group the launcher (torchrun, deepspeed, srun) describes: nccl with one
-    GPU per process where CUDA is available, gloo on CPU. A plain `python` run is a world of 1."""
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group the launcher (torchrun, deepspeed, srun) describes, to train on
+    `device` (pipeline.device.resolve_device); a plain `python` run is a world of 1. Returns this
+    rank's device. On CUDA each process takes the GPU of its LOCAL_RANK and the group is nccl, or
+    gloo where the local ranks outnumber the GPUs (nccl needs a GPU per rank; two ranks on one GPU
+    is how the device check compares layouts). On the CPU: gloo, and no CUDA call at all.
+    DeepSpeed is told the same device before it is imported (DS_ACCELERATOR): left alone it picks
+    the GPU whenever it sees one, also for a CPU run."""
+    os.environ["DS_ACCELERATOR"] = device.type
+    if device.type == "cuda":
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        device = torch.device("cuda", device.index if device.index is not None else local % gpus)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -77,12 +87,20 @@ def init_distributed() -> torch.device:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        dist.init_process_group(_backend(device))
+    return device
+
+
+def _backend(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "gloo"
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_ranks <= torch.cuda.device_count():
+        return "nccl"
+    if int(os.environ["RANK"]) == 0:
+        print(f"{local_ranks} ranks share {torch.cuda.device_count()} GPU(s) on this machine: gloo instead of nccl "
+              "(nccl needs one GPU per rank), much slower; launch one process per GPU for real runs", flush=True)
+    return "gloo"
 
 
 def _free_port() -> int:

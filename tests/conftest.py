@@ -10,13 +10,22 @@ from pathlib import Path
 
 import pytest
 
+import system_packages
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the Hub fails instead of hanging
 
 
+def pytest_unconfigure(config):
+    """Tests skipped for a missing system package: how many, which packages, the command that brings
+    them; here rather than in pytest_terminal_summary so that it is the session's last line."""
+    system_packages.report(config.pluginmanager.get_plugin("terminalreporter"))
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The embedded SmolLM2-135M as a safetensors folder (converted once by `make setup`)."""
+    """The embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised) as a safetensors folder (converted
+    once by `make setup`)."""
     from pipeline.models import embedded_model_dir
     return embedded_model_dir("smollm2-135m")
 

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import system_packages
+
 ROOT = Path(__file__).resolve().parent.parent
 ADDRS = ("10.200.0.1", "10.200.0.2")
 HOSTNAMES = ("plhost1", "plhost2")
@@ -24,8 +26,10 @@ IFNAME = "pl0"
 
 
 def why_unavailable() -> str | None:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return "the two-host test needs root and iproute2 (`ip netns`)"
+    if shutil.which("ip") is None:
+        return system_packages.missing("iproute2", "the two-host test makes network namespaces with `ip netns`")
+    if os.geteuid() != 0:
+        return "the two-host test makes network namespaces: run the tests as root"
     probe = f"plprobe{os.getpid()}"
     r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if r.returncode != 0:

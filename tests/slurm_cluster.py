@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+import system_packages
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 
 
@@ -34,8 +36,8 @@ def why_unavailable() -> str | None:
     """None when a cluster can be started here, else the reason (for pytest.skip)."""
     missing = [d for d in DAEMONS if _which(d) is None]
     if missing:
-        return (f"SLURM binaries not found: {', '.join(missing)} "
-                "(install Debian's slurm-wlm and munge, as .ci/run does)")
+        return system_packages.missing("slurm-wlm and munge",
+                                       f"a real one-node cluster; not found: {', '.join(missing)}")
     if os.geteuid() != 0:
         return "the embedded SLURM cluster runs its daemons as root; run the tests as root"
     return None

@@ -29,6 +29,8 @@ from pipeline.interpret import run as interpret
 from pipeline.models import ActivationCapture, ModelConfig
 from pipeline.sae import SAEConfig, create, save
 
+import system_packages
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FEATURE = 17  # the planted feature
@@ -342,7 +344,7 @@ def test_cli_writes_audit_json_and_report(audited):
     assert "http://" not in page and "https://" not in page and "<script src" not in page  # works offline
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None, reason=system_packages.missing("chromium", "renders the report headless"))
 def test_report_renders_in_headless_chromium(audited):
     tmp = audited[0]
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -18,9 +18,11 @@ from pipeline.interpret import InterpretConfig, run
 from pipeline.models import ModelConfig
 from pipeline.sae import SAEConfig, create, save
 
+import system_packages
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; "
-                                ".ci/run installs it)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=system_packages.missing("chromium", "renders the dashboard "
+                                                                                 "headless"))
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
 

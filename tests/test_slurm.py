@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import netns_hosts
+import system_packages
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (a session fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,7 +275,7 @@ def test_pipeline_sh_bad_arguments_fail_clearly(argv, message):
 
 def test_shell_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (Debian package `shellcheck`; .ci/run installs it)")
+        pytest.skip(system_packages.missing("shellcheck", "lints the job scripts and docker/entrypoint.sh"))
     scripts = [*sorted((ROOT / "slurm").glob("*.sh")), *sorted((ROOT / "slurm").glob("*.sbatch")),
                ROOT / "docker" / "entrypoint.sh"]
     out = subprocess.run(["shellcheck", "-x", "-P", "SCRIPTDIR", "-s", "bash", *map(str, scripts)],

@@ -4,7 +4,6 @@ resume after kill -9 and SIGTERM, and bad input."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -100,6 +99,7 @@ def test_the_default_recipe_follows_the_width_and_reaches_the_export(store, tmp_
     5% of the steps up to 1000; a set value wins. The trainer prints the resolved values and writes
     them to the export's cfg.json, and the DeepSpeed optimizer runs with that rate."""
     from pipeline.errors import ConfigError
+    from pipeline.sae import SAEConfig
     from pipeline.step import OptimConfig
     from pipeline.train import recipe
 
@@ -112,9 +112,17 @@ def test_the_default_recipe_follows_the_width_and_reaches_the_export(store, tmp_
     assert recipe.warmup_steps(OptimConfig(lr_warmup_steps=7), 10 ** 6) == 7
     with pytest.raises(ConfigError, match="optim.lr=-1"):
         OptimConfig(lr=-1.0)
+    # dead-latent window: Gao's 10M tokens, at most a 16th of the run, at least one batch; a set value wins
+    auto_sae = SAEConfig(architecture="topk")
+    assert [recipe.dead_tokens(auto_sae, t, 4096) for t in (16_000, 400_000, 2_000_000, 10 ** 9)] == \
+        [4096, 25_000, 125_000, 10_000_000]
+    assert recipe.dead_tokens(SAEConfig(architecture="topk", dead_tokens=7), 10 ** 9, 4096) == 7
 
-    p = run_train([a for a in tiny(store, tmp_path, "n_tokens=1280", "log_every=1") if not a.startswith("optim.lr=")])
-    resolved = json.loads((tmp_path / "sae" / "cfg.json").read_text())["training"]["optim"]
+    drop = ("optim.lr=", "sae.dead_tokens=")
+    p = run_train([a for a in tiny(store, tmp_path, "n_tokens=1280", "log_every=1") if not a.startswith(drop)])
+    exported = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert exported["config"]["dead_tokens"] == 80 and "a latent is dead after 80 tokens" in p.stdout  # 1280 / 16
+    resolved = exported["training"]["optim"]
     assert resolved["lr"] == pytest.approx(recipe.LR_AT_16K * (2 ** 14 / 32) ** 0.5)
     assert resolved["lr_warmup_steps"] == 2 and "sqrt(16384 / n_features)" in resolved["rule"]
     assert f"Adam lr {resolved['lr']:.3g}" in p.stdout and "warm-up 2 of 40 steps" in p.stdout

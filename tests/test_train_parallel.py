@@ -91,20 +91,26 @@ def test_training_moved_the_weights(runs):
 # (fp32's RTOL scaled by the epsilon ratio would be 2^16 * 1e-5 ~ 0.65: far looser than needed),
 # and 16 ulps (2^-4) of the tensor's largest entry elementwise. l0 counts latents over a threshold,
 # which one flipped near-tie moves by 1/32 (32 tokens a step): measured 2/32, allowed 0.1.
+# On CUDA (marked gpu: benchmarks/gpu_check.sh runs it) the same runs train on the GPU: cuBLAS's bf16
+# matmuls also accumulate in fp32 and round once, so the same tolerances hold. Two ranks on one GPU
+# talk over gloo (nccl needs a GPU per rank, pipeline/parallel.py), on two GPUs or more over nccl.
 BF16_LAYOUTS = {"fp2": (1, 2), "dp2": (2, 1)}
 BF16_RTOL = 2 ** -5
 
 
-@pytest.fixture(scope="module")
-def bf16_runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("layouts-bf16")
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def bf16_runs(request, tmp_path_factory) -> dict[str, Path]:
+    device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the CPU variant runs everywhere)")
+    root = tmp_path_factory.mktemp(f"layouts-bf16-{device}")
     store = synthetic_store(str(root / "store"))
     common = ["--multirun", "sae=" + ",".join(ARCHITECTURES), f"data.url={store}", "sae.n_features=32", "sae.k=4",
               "sae.k_aux=8", "sae.dead_tokens=32", "sae.sparsity_coef=0.1", "sae.threshold_init=0.5",
               "sae.bandwidth=0.5", f"n_tokens={32 * STEPS}", "batch_size=32", "log_every=1", "checkpoint_every=0",
               "optim.lr=0.003", "optim.sparsity_warmup_fraction=0.5", "optim.gradient_clipping=1.0",
               "deepspeed.zero_stage=1", "deepspeed.precision=bf16", "data.same_batches_at_any_layout=true",
-              f"hydra.sweep.dir={root / 'hydra'}"]
+              f"device={device}", f"hydra.sweep.dir={root / 'hydra'}"]
     out = {}
     for name, (dp, fp) in {"single": (1, 1), **BF16_LAYOUTS}.items():
         out[name] = root / name

@@ -22,6 +22,11 @@ FEATURES_FILE = "features.json"
 """The interpretation stage's per-feature summary (density, max activation, examples): steering reads
 max activations from it, the audit densities."""
 FEATURES_FORMAT = "pipeline.features"
+EXAMPLES_FILE = "examples.jsonl"
+"""The interpretation stage's top-activating examples, one JSON line per live feature: {"index", "top":
+[{"value", "center", "tokens" (display texts), "token_ids", "acts"}, ...] best first} (a window of
+context_before + 1 + context_after tokens, cut at the context's edges). The publishing stage's
+Neuronpedia export reads it."""
 FEATURES_PER_PASS = 16384
 """Features collected per pass over the text by default (memory: see InterpretConfig.features_per_pass)."""
 HIST_LO, HIST_HI, HIST_BINS = -3.0, 3.0, 60  # log10 activation bins: 1e-3 .. 1e3, 0.1 decade each

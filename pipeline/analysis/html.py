@@ -91,6 +91,9 @@ def histogram_svg(edges: list[float], counts: list[int], width: int = 520, heigh
     return "".join(parts)
 
 
+AUDIT_FILE = "audit.json"
+"""The audit stage's results in its out_dir, one section per task (the publishing stage's Neuronpedia
+export reads the autointerp section's explanations)."""
 # The index's link to the audit report (pipeline.audit writes it after each run, as a path relative
 # to the index) sits between these markers, so rewriting it is idempotent.
 AUDIT_MARK = ("<!--audit-->", "<!--/audit-->")

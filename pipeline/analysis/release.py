@@ -15,11 +15,15 @@ from safetensors import safe_open
 from pipeline.errors import ConfigError, UserError
 
 RELEASE_FORMAT = "pipeline.release"
-RELEASE_VERSION = 1
+RELEASE_VERSION = 2
+"""2: sharded weights in shards/<i>-of-<n>/ folders that SAELens loads one by one (1: sae_weights-*-of-*
+files beside cfg.json, which read_weights still reads)."""
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_SPARSITY = "sparsity.safetensors"
 WEIGHTS_INDEX = "sae_weights.safetensors.index.json"
+SHARDS = "shards"
+"""A sharded SAE's folder of shard folders, each a SAELens SAE over a feature range (pipeline/saelens_shards.py)."""
 PIPELINE_CONFIG = "pipeline.json"
 EXTRAS = "pipeline_extras.safetensors"
 DASHBOARD = "dashboard"
@@ -50,7 +54,8 @@ def check_complete(folder: Path) -> dict:
     manifest = json.loads(f.read_text())
     for name, info in manifest["files"].items():
         p = folder / name
-        if not p.is_file() and name not in (PIPELINE_CONFIG, SAELENS_CFG) and not name.startswith("sae_weights"):
+        if not p.is_file() and name not in (PIPELINE_CONFIG, SAELENS_CFG) and not name.startswith(("sae_weights",
+                                                                                                 SHARDS + "/")):
             continue  # a download for loading leaves the metrics, sparsity and dashboard out
         if not p.is_file() or p.stat().st_size != info["size"]:
             raise ReleaseIncompleteError(f"{folder}: {name} is missing or has the wrong size (the manifest says "
@@ -123,7 +128,7 @@ def download(url: str) -> Path:
     from huggingface_hub import snapshot_download
     repo_id, sub, revision = parse_hf_url(url)
     pre = f"{sub}/" if sub else ""
-    patterns = [pre + n for n in (SAELENS_CFG, PIPELINE_CONFIG, MANIFEST, "sae_weights*", EXTRAS)]
+    patterns = [pre + n for n in (SAELENS_CFG, PIPELINE_CONFIG, MANIFEST, "sae_weights*", SHARDS + "/*", EXTRAS)]
     root = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                              endpoint=os.environ.get("HF_ENDPOINT") or None)
     return Path(root) / sub

@@ -12,7 +12,7 @@ from pipeline.audit.config import AuditConfig
 from pipeline.audit.report import REPORT_FILE, write_report
 from pipeline.audit.tasks import task_of
 
-AUDIT_FILE = "audit.json"
+AUDIT_FILE = H.AUDIT_FILE
 AUDIT_FORMAT = "pipeline.audit"
 AUDIT_VERSION = 1
 

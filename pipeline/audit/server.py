@@ -1,7 +1,7 @@
 """A small OpenAI-compatible HTTP server on loopback around a transformers model: the offline
 explainer and judge of the autointerp audit (by default the embedded SmolLM2-135M-Instruct).
 
-    python -m pipeline.audit.server [--model embedded:smollm2-135m] [--port 0] [--device cpu]
+    python -m pipeline.audit.server [--model embedded:smollm2-135m] [--port 0] [--device auto]
 
 prints `serving <model> at http://127.0.0.1:<port>/v1` once it listens (port 0: a free one).
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="embedded:smollm2-135m",
                    help="what pipeline.models.load_model loads: embedded:<name>, a local folder or a hub id")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1; 0 picks a free one (printed)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (pipeline/device.py)")
     p.add_argument("--dtype", default="float32")
     a = p.parse_args(argv)
     loaded = load_model(ModelConfig(name=a.model, device=a.device, dtype=a.dtype))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import identity
 from pipeline.cache.config import CacheConfig
 from pipeline.vision import (batch_inputs, image_token_id, manifest_digest, modality_of, pack_vision_contexts,
                                    read_manifest)
@@ -87,8 +88,8 @@ def run(cfg: CacheConfig) -> CacheResult:
     header = {"fingerprint": fp, "config": desc, "d_model": layout.d_model, "hooks": list(cfg.hooks),
               "hook_modules": capture.names, "dtype": cfg.store.dtype, "context_size": cfg.context_size,
               "drop_positions": cfg.drop_positions,
-              "model": {"id": loaded.model_id, "revision": loaded.revision, "dtype": cfg.model.dtype,
-                        "architecture": type(loaded.model).__name__},
+              "model": identity.model_record(cfg.model, loaded),
+              "hook_points": identity.hook_points(loaded, cfg.hooks, capture.names),
               "tokenizer": {"name": getattr(tok, "name_or_path", None), "bos_token_id": tok.bos_token_id,
                             "eos_token_id": tok.eos_token_id, "vocab_size": len(tok)},
               "data": asdict(cfg.data)}

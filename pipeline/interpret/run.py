@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from pipeline.analysis import html as H
-from pipeline.analysis.collect import (FEATURES_FILE, FEATURES_FORMAT, FeatureCollector, TokenText, collect, examples_of,
-                                       hist_edges)
+from pipeline.analysis.collect import (EXAMPLES_FILE, FEATURES_FILE, FEATURES_FORMAT, FeatureCollector, TokenText, collect,
+                                       examples_of, hist_edges)
 from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis.logits import logit_directions
 from pipeline.interpret import dashboard as D
@@ -64,35 +64,43 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
     edges = hist_edges()
     start, streamed = time.perf_counter(), 0
     n_pass = -(-d.n_features // cfg.features_per_pass)
-    for k, lo in enumerate(range(0, d.n_features, cfg.features_per_pass)):
-        hi = min(lo + cfg.features_per_pass, d.n_features)
-        c = collect(d, loaded, cfg.input, FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before,
-                    cfg.context_after, device=loaded.device, seed=cfg.seed),
-                    desc=f"interpret {k + 1}/{n_pass}" if n_pass > 1 else "interpret", progress=cfg.progress)
-        header["n_tokens"] = c.n_tokens
-        streamed += c.n_tokens
-        s = c.summary()
-        effects = logit_effects(d, loaded, lo, hi, cfg.n_logits, texts)
-        order = sorted(range(hi - lo), key=lambda i: -float(s["density"][i]))
-        budget = None if cfg.max_pages is None else max(cfg.max_pages - pages, 0)
-        with_page = {i for i in order if s["count"][i] > 0}
-        if budget is not None:
-            with_page = set([i for i in order if i in with_page][:budget])
-        for i in range(hi - lo):
-            f = {"index": lo + i, "density": float(s["density"][i]), "count": int(s["count"][i]),
-                 "max_act": float(s["max_act"][i]), "mean_act": float(s["mean_act"][i]),
-                 "promoted": effects[i][0], "suppressed": effects[i][1]}
-            features.append(f)
-            top = examples_of(c.top, i, cfg.context_before) if f["count"] else []
-            index_rows.append({"index": f["index"], "density": f["density"], "max_act": f["max_act"],
-                               "mean_act": f["mean_act"], "tokens": " ".join(H.show(t) for t, _ in f["promoted"][:6]),
-                               "snippet": _snippet(top[0], texts) if top else "", "page": i in with_page})
-            if i in with_page:
-                labels, groups = H.quantile_groups(examples_of(c.samples, i, cfg.context_before), cfg.n_quantiles)
-                H.write(out / H.FEATURES_DIR / f"{lo + i}.html",
-                        D.feature_page(f, texts, top, groups, labels, edges, c.hist[i].tolist(), d.n_features, header))
-                pages += 1
-        del c
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / (EXAMPLES_FILE + ".tmp")  # streamed pass by pass, renamed when complete
+    with open(partial, "w", encoding="utf-8") as examples:
+        for k, lo in enumerate(range(0, d.n_features, cfg.features_per_pass)):
+            hi = min(lo + cfg.features_per_pass, d.n_features)
+            c = collect(d, loaded, cfg.input, FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before,
+                        cfg.context_after, device=loaded.device, seed=cfg.seed),
+                        desc=f"interpret {k + 1}/{n_pass}" if n_pass > 1 else "interpret", progress=cfg.progress)
+            header["n_tokens"] = c.n_tokens
+            streamed += c.n_tokens
+            s = c.summary()
+            effects = logit_effects(d, loaded, lo, hi, cfg.n_logits, texts)
+            order = sorted(range(hi - lo), key=lambda i: -float(s["density"][i]))
+            budget = None if cfg.max_pages is None else max(cfg.max_pages - pages, 0)
+            with_page = {i for i in order if s["count"][i] > 0}
+            if budget is not None:
+                with_page = set([i for i in order if i in with_page][:budget])
+            for i in range(hi - lo):
+                f = {"index": lo + i, "density": float(s["density"][i]), "count": int(s["count"][i]),
+                     "max_act": float(s["max_act"][i]), "mean_act": float(s["mean_act"][i]),
+                     "promoted": effects[i][0], "suppressed": effects[i][1]}
+                features.append(f)
+                top = examples_of(c.top, i, cfg.context_before) if f["count"] else []
+                if top:
+                    line = {"index": f["index"], "top": [{**e, "tokens": texts(e["tokens"]), "token_ids": e["tokens"]}
+                                                         for e in top]}
+                    examples.write(json.dumps(line, ensure_ascii=False) + "\n")
+                index_rows.append({"index": f["index"], "density": f["density"], "max_act": f["max_act"],
+                                   "mean_act": f["mean_act"], "tokens": " ".join(H.show(t) for t, _ in f["promoted"][:6]),
+                                   "snippet": _snippet(top[0], texts) if top else "", "page": i in with_page})
+                if i in with_page:
+                    labels, groups = H.quantile_groups(examples_of(c.samples, i, cfg.context_before), cfg.n_quantiles)
+                    H.write(out / H.FEATURES_DIR / f"{lo + i}.html",
+                            D.feature_page(f, texts, top, groups, labels, edges, c.hist[i].tolist(), d.n_features, header))
+                    pages += 1
+            del c
+    partial.replace(out / EXAMPLES_FILE)
     seconds = time.perf_counter() - start
     doc = {"format": FEATURES_FORMAT, "version": 1, "sae": d.path, "hook": d.hook, "n_features": d.n_features,
            "n_tokens": header["n_tokens"], "data": asdict(cfg.input.data),

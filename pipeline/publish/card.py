@@ -1,21 +1,19 @@
 """The model card (README.md) of a release: Hub metadata, what each SAE is, its metrics, its
-training config, the density histogram and how to load it with pipeline and with SAELens.
+training config, the density histogram, how its inputs were made (inputs.py) and how to load it with
+pipeline and with SAELens.
 Deterministic (no dates), so that republishing the same release changes nothing."""
 
 from __future__ import annotations
 
 import json
-import re
 
 import yaml
 
 from pipeline.analysis.html import INDEX_FILE
 from pipeline.analysis.metrics import HISTOGRAM_FILE
 from pipeline.analysis.release import DASHBOARD
-from pipeline.publish.release import transformer_lens_hook
+from pipeline.publish.inputs import card_section, hub_id, transformer_lens_name
 from pipeline.sae import sae_class
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -36,13 +34,12 @@ def _fmt(v: float) -> str:
 def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location: str | None, license: str,
            base_model: str | None, datasets: list[str], tags: list[str], title: str | None) -> str:
     """`saes`: one dict per SAE folder: sae_id, doc (pipeline.json), metrics, has_histogram, has_dashboard."""
-    models = {s["doc"].get("model", {}).get("id") for s in saes}
+    models = {hub_id(s["doc"]) for s in saes}
     if base_model is None and len(models) == 1:
-        (m,) = models
-        base_model = m if m and _HUB_ID.match(m) else None
+        (base_model,) = models
     archs = sorted({s["doc"]["architecture"] for s in saes})
     meta = {"library_name": "saelens", "license": license,
-            "tags": ["sparse-autoencoder", "saelens", "mechanistic-interpretability", "pipeline",
+            "tags": ["sparse-autoencoder", "saelens", "interpretability", "mechanistic-interpretability", "pipeline",
                      *archs, *tags]}
     if base_model:
         meta["base_model"] = base_model
@@ -61,8 +58,8 @@ def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location
     for s in saes:
         d = s["doc"]
         arch = d["architecture"] + (f" (k={d['config']['k']})" if sae_class(d["architecture"]).uses_k else "")
-        lines.append(f"| `{s['sae_id']}` | {arch} | `{d.get('hook')}` (`{transformer_lens_hook(d.get('hook'))}`) | "
-                     f"{d['d_model']} | {d['n_features']} | `{(d.get('model') or {}).get('id')}` |")
+        lines.append(f"| `{s['sae_id']}` | {arch} | `{transformer_lens_name(d)}` (ours: `{d.get('hook')}`) | "
+                     f"{d['d_model']} | {d['n_features']} | `{hub_id(d) or (d.get('model') or {}).get('id')}` |")
     for s in saes:
         d, sid = s["doc"], s["sae_id"]
         lines += ["", f"## `{sid}`", ""]
@@ -79,6 +76,7 @@ def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location
         training = {k: d[k] for k in ("config", "training", "normalization", "store", "model", "hook") if k in d}
         lines += ["", "<details><summary>Training config</summary>", "", "```json",
                   json.dumps(training, indent=2, sort_keys=True), "```", "", "</details>"]
+    lines += card_section(saes)
     sid = saes[0]["sae_id"]
     if repo_id:
         ours = f'pipeline.publish.load("hf://{repo_id}/{prefix}{sid}")'
@@ -96,7 +94,10 @@ def render(saes: list[dict], *, repo_id: str | None, path_in_repo: str, location
         if sae_class(a).saelens_note:
             lines += [sae_class(a).saelens_note, ""]
     if any(s.get("sharded") for s in saes):
-        lines += ["Sharded weights (`sae_weights-*-of-*.safetensors` with `sae_weights.safetensors.index.json`) "
-                  "load with `pipeline.publish.load`; SAELens's loader reads only an unsharded "
-                  "`sae_weights.safetensors`.", ""]
+        lines += ["A sharded SAE (`shards/` and `sae_weights.safetensors.index.json` in its folder) loads whole "
+                  "with `pipeline.publish.load`. In SAELens each shard folder is an SAE over a feature range "
+                  "(`SAE.from_pretrained(repo, \"<sae_id>/shards/00001-of-0000n\")`); "
+                  "`pipeline.saelens_shards.ShardedSAE.from_pretrained(repo, \"<sae_id>\")` uses them as one "
+                  "(the index's `compose` says how: the decoder bias is repeated in every shard, and a topk "
+                  "shard keeps its own top k).", ""]
     return "\n".join(lines)

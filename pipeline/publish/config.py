@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pipeline import demo
 from pipeline.errors import ConfigError
+from pipeline.publish.neuronpedia import NeuronpediaConfig
 
 
 @dataclass
@@ -44,8 +45,8 @@ class PublishConfig:
     dry_run: bool = False
     """Write the release folder and list what would be uploaded; no network at all."""
     max_shard_size: str = "5GB"
-    """Weights larger than this are split into feature-sliced files plus an index. SAELens's own
-    loader reads only unsharded weights."""
+    """Weights larger than this are split into feature slices, each a folder SAELens loads as an SAE
+    over its features (docs/release-format.md), plus an index."""
     single_commit_size: str = "2GB"
     """Releases (the files that changed) up to this size go to the Hub in one commit; larger ones in
     several commits of at most commit_size each, the config, manifest and card in the last."""
@@ -63,7 +64,9 @@ class PublishConfig:
     title: str | None = None
     """Card title; default from the repo id."""
     context_size: int | None = None
-    """Written to SAELens's metadata.context_size (tokens per context the SAE was trained on)."""
+    """SAELens's metadata.context_size (tokens per context the SAE was trained on). Unset: the one its
+    store recorded at caching, which a different value here may not contradict."""
+    neuronpedia: NeuronpediaConfig = field(default_factory=NeuronpediaConfig)
     progress: bool = True
 
     def __post_init__(self):
@@ -89,3 +92,4 @@ class PublishConfig:
         for name in ("max_shard_size", "single_commit_size", "commit_size"):
             if parse_size(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be positive")
+        self.neuronpedia.check(len(self.checkpoints))

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.analysis.release import CARD, MANIFEST, PIPELINE_CONFIG, SAELENS_CFG
+from pipeline.analysis.release import CARD, MANIFEST, PIPELINE_CONFIG, SAELENS_CFG, SHARDS
 from pipeline.errors import UserError
 from pipeline.publish.release import sha256_file
 
@@ -46,8 +46,15 @@ class LocalFile:
 
     @property
     def final(self) -> bool:
-        name = self.path.rsplit("/", 1)[-1]
-        return self.path == CARD or (self.path.count("/") == 1 and name in FINAL_NAMES)
+        """The card, an SAE's FINAL_NAMES, and a shard folder's cfg.json (it makes SAELens see that shard)."""
+        parts = self.path.split("/")
+        return (self.path == CARD or (len(parts) == 2 and parts[1] in FINAL_NAMES)
+                or (len(parts) == 4 and parts[1] == SHARDS and parts[3] == SAELENS_CFG))
+
+    @property
+    def sae_folder(self) -> str:
+        """The repo path of the SAE folder this file belongs to."""
+        return self.repo_path[:len(self.repo_path) - len(self.path)] + self.path.split("/", 1)[0]
 
 
 @dataclass
@@ -131,7 +138,7 @@ def plan(files: list[LocalFile], remote: dict | None, single_commit: int, commit
     if batch:
         p.commits.append(batch)
     p.commits.append(final)
-    changed_saes = {f.repo_path.rsplit("/", 1)[0] for f in data if "/" in f.path}
+    changed_saes = {f.sae_folder for f in data if "/" in f.path}
     p.delete_first = sorted(f"{d}/{MANIFEST}" for d in changed_saes if remote and f"{d}/{MANIFEST}" in remote)
     return p
 

@@ -6,8 +6,9 @@ in pipeline/analysis/release.py (every stage that takes a dictionary reads relea
     <release>/<sae_id>/cfg.json                      SAELens config (architecture, d_in, d_sae, ..., metadata)
     <release>/<sae_id>/sae_weights.safetensors       W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec,
                                                      threshold [d_sae] (jumprelu, batchtopk)
-    <release>/<sae_id>/sae_weights-0000i-of-0000n.safetensors + sae_weights.safetensors.index.json
-                                                     instead, above max_shard_size: feature slices
+    <release>/<sae_id>/shards/0000i-of-0000n/{cfg.json,sae_weights.safetensors} + sae_weights.safetensors.index.json
+                                                     instead, above max_shard_size: each shard a SAELens SAE
+                                                     over a feature range (pipeline/saelens_shards.py composes them)
     <release>/<sae_id>/sparsity.safetensors          {"sparsity": log10(feature density + 1e-10)}
     <release>/<sae_id>/pipeline.json                 our exported config (pipeline.sae.checkpoint) + release info
     <release>/<sae_id>/pipeline_extras.safetensors   our exact tensors that SAELens's layout lacks
@@ -28,23 +29,33 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
 from pipeline.analysis.metrics import HISTOGRAM_FILE, METRICS_FILE
 from pipeline.analysis.release import (DASHBOARD, EXTRAS, MANIFEST, PIPELINE_CONFIG, RELEASE_FORMAT, RELEASE_VERSION,
-                                       SAELENS_CFG, SAELENS_SPARSITY, SAELENS_WEIGHTS, WEIGHTS_INDEX, load)
+                                       SAELENS_CFG, SAELENS_SPARSITY, SAELENS_WEIGHTS, SHARDS, WEIGHTS_INDEX, load)
 from pipeline.errors import ConfigError
+from pipeline.publish.inputs import saelens_metadata
 from pipeline.sae import sae_class
+
+if TYPE_CHECKING:
+    from pipeline.publish.neuronpedia import NeuronpediaExport
 
 SAELENS_LAYOUT_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version: the SAELens config layout we write (6.x; older versions
 trigger SAELens's pre-6.0 key renaming)."""
 DENSITY_EPS = 1e-10
 """As SAELens: sparsity = log10(density + 1e-10)."""
-
-_LAYER_HOOK = re.compile(r"^(?:model\.layers|layers|transformer\.h|gpt_neox\.layers|model\.decoder\.layers)\.(\d+)$")
+COMPOSE = {
+    "b_dec": "the whole SAE's decoder bias, repeated in every shard: each shard alone is an SAE over its features",
+    "encode": "shard i's latents are the whole SAE's latents [start, stop), exactly, for elementwise activations "
+              "(standard, jumprelu); for topk, shard i keeps its own top-min(k, size) and the whole SAE's code is "
+              "the top k of all shards' codes concatenated",
+    "decode": "x_hat = b_dec + sum_i (shard_i.decode(f[..., start_i:stop_i]) - b_dec)"}
+"""How the shards of a sharded release compose (written into its index; pipeline/saelens_shards.py does it)."""
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -53,12 +64,6 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
-
-
-def transformer_lens_hook(hook: str | None) -> str | None:
-    """SAELens names hooks as TransformerLens does: a decoder layer's output is blocks.N.hook_resid_post."""
-    m = _LAYER_HOOK.match(hook or "")
-    return f"blocks.{m.group(1)}.hook_resid_post" if m else hook
 
 
 def sae_id_for(hook: str | None) -> str:
@@ -93,13 +98,11 @@ def saelens_config(doc: dict, context_size: int | None = None, dataset: str | No
     cfg = {"architecture": cls.saelens_architecture, "d_in": doc["d_model"], "d_sae": doc["n_features"],
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": cls.saelens_apply_b_dec_to_input,
            "normalize_activations": "none", "reshape_activations": "none", **cls.saelens_config(doc["config"])}
-    model = doc.get("model") or {}
     cfg["metadata"] = {
         "sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None,
-        "model_name": model.get("id"), "hook_name": transformer_lens_hook(doc.get("hook")),
-        "hook_head_index": None, "prepend_bos": True, "context_size": context_size, "dataset_path": dataset,
+        "hook_head_index": None, "dataset_path": dataset,
         "neuronpedia_id": None, "trained_with": "pipeline", "pipeline_architecture": doc["architecture"],
-        "pipeline_hook": doc.get("hook"), "model_revision": model.get("revision")}
+        "pipeline_hook": doc.get("hook"), **saelens_metadata(doc, context_size)}  # the model and its inputs
     return cfg
 
 
@@ -113,6 +116,7 @@ class SAESource:
     dashboard: Path | None    # dashboard folder
     density: torch.Tensor | None  # [n_features] fraction of tokens each latent fires on
     sae_id: str | None = None
+    neuronpedia: NeuronpediaExport | None = None  # a Neuronpedia export in the folder, its id in cfg.json
 
 
 def write_sae_folder(src: SAESource, folder: Path, max_shard_bytes: int, context_size: int | None = None,
@@ -126,8 +130,10 @@ def write_sae_folder(src: SAESource, folder: Path, max_shard_bytes: int, context
     tensors, extras = saelens_state(state, doc["architecture"])
     folder.mkdir(parents=True)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    n_shards = max(1, math.ceil(total / max_shard_bytes))
-    files = _write_weights(tensors, folder, n_shards, doc["n_features"])
+    cfg = saelens_config(doc, context_size, dataset)
+    if src.neuronpedia is not None:
+        cfg["metadata"]["neuronpedia_id"] = src.neuronpedia.neuronpedia_id(doc)
+    files = _write_weights(tensors, folder, max(1, math.ceil(total / max_shard_bytes)), cfg)
     if extras:
         save_file(extras, str(folder / EXTRAS), metadata={"format": RELEASE_FORMAT})
     if src.density is not None:
@@ -142,12 +148,14 @@ def write_sae_folder(src: SAESource, folder: Path, max_shard_bytes: int, context
         shutil.copyfile(src.histogram, folder / HISTOGRAM_FILE)
     if src.dashboard is not None:
         shutil.copytree(src.dashboard, folder / DASHBOARD)
+    if src.neuronpedia is not None:
+        src.neuronpedia.write(folder, doc, cfg)
     ours = {k: v for k, v in doc.items() if k != "shards"}
     ours["release"] = {"format": RELEASE_FORMAT, "version": RELEASE_VERSION, "weights": files,
                        "extras": EXTRAS if extras else None, "saelens_architecture": type(sae).saelens_architecture,
                        "w_enc_layout": "[d_in, d_sae] (transposed from pipeline.sae's [features, d_model])"}
     _write_json(folder / PIPELINE_CONFIG, ours)
-    _write_json(folder / SAELENS_CFG, saelens_config(doc, context_size, dataset))
+    _write_json(folder / SAELENS_CFG, cfg)
     manifest = {"format": RELEASE_FORMAT, "version": RELEASE_VERSION, "sae_id": folder.name,
                 "architecture": doc["architecture"], "hook": doc.get("hook"), "files": {}}
     for p in sorted(folder.rglob("*")):
@@ -157,29 +165,41 @@ def write_sae_folder(src: SAESource, folder: Path, max_shard_bytes: int, context
     return manifest
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, n_shards: int, n_features: int) -> list[str]:
+def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, n_shards: int, cfg: dict) -> list[str]:
+    """One sae_weights.safetensors, or n_shards shard folders (each a SAELens SAE: cfg.json and
+    sae_weights.safetensors over its features, the whole b_dec) and the index; the files written."""
     meta = {"format": RELEASE_FORMAT}
     if n_shards == 1:
         save_file(tensors, str(folder / SAELENS_WEIGHTS), metadata=meta)
         return [SAELENS_WEIGHTS]
+    n_features = cfg["d_sae"]
     n_shards = min(n_shards, n_features)
     bounds = [round(i * n_features / n_shards) for i in range(n_shards + 1)]
-    index = {"format": RELEASE_FORMAT, "n_features": n_features, "feature_dim": {"W_enc": 1},
-             "note": "features [start, stop) of W_enc (dim 1), W_dec, b_enc, threshold (dim 0); b_dec in shard 1",
+    index = {"format": RELEASE_FORMAT, "version": RELEASE_VERSION, "n_features": n_features,
+             "architecture": cfg["architecture"], "k": cfg.get("k"), "feature_dim": {"W_enc": 1}, "compose": COMPOSE,
+             "note": "features [start, stop) of W_enc (dim 1), W_dec, b_enc, threshold (dim 0); b_dec whole in each",
              "shards": []}
     for i in range(n_shards):
         a, b = bounds[i], bounds[i + 1]
-        part = {"W_enc": tensors["W_enc"][:, a:b].contiguous(), "W_dec": tensors["W_dec"][a:b].contiguous(),
-                "b_enc": tensors["b_enc"][a:b].contiguous()}
-        if "threshold" in tensors:
-            part["threshold"] = tensors["threshold"][a:b].contiguous()
-        if i == 0:
-            part["b_dec"] = tensors["b_dec"]
-        name = f"sae_weights-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file(part, str(folder / name), metadata=meta)
-        index["shards"].append({"file": name, "features": [a, b]})
+        sub = f"{SHARDS}/{i + 1:05d}-of-{n_shards:05d}"
+        (folder / sub).mkdir(parents=True)
+        part = {name: (t[:, a:b] if name == "W_enc" else t if name == "b_dec" else t[a:b]).contiguous()
+                for name, t in tensors.items()}
+        save_file(part, str(folder / sub / SAELENS_WEIGHTS), metadata=meta)
+        _write_json(folder / sub / SAELENS_CFG, shard_config(cfg, a, b, i, n_shards))
+        index["shards"].append({"folder": sub, "file": f"{sub}/{SAELENS_WEIGHTS}", "features": [a, b]})
     _write_json(folder / WEIGHTS_INDEX, index)
     return [s["file"] for s in index["shards"]]
+
+
+def shard_config(cfg: dict, start: int, stop: int, i: int, n: int) -> dict:
+    """SAELens's cfg.json of shard i of n: the SAE restricted to features [start, stop); a top-k
+    shard keeps at most k of its own (COMPOSE says how shards make the whole SAE's code)."""
+    out = {**cfg, "d_sae": stop - start,
+           "metadata": {**cfg["metadata"], "pipeline_shard": {"index": i, "count": n, "features": [start, stop]}}}
+    if "k" in out:
+        out["k"] = min(out["k"], stop - start)
+    return out
 
 
 def _write_json(path: Path, obj) -> None:

@@ -1,7 +1,8 @@
 """Stage 4: build a release folder from exported SAEs and their evaluation, then upload it.
 
 Publish reads only what it is given: each checkpoint (an export), the evaluation stage's out_dir for
-it (eval_dirs) and the interpretation stage's (dashboard_dirs), each file by the name its producing
+it (eval_dirs), the interpretation stage's (dashboard_dirs) and, for a Neuronpedia export, the audit
+stage's (neuronpedia.audit_dirs), each file by the name its producing
 stage's contract gives it (pipeline/analysis/metrics.py METRICS_FILE, HISTOGRAM_FILE;
 pipeline/analysis/html.py INDEX_FILE). It looks for nothing anywhere else; a missing input is an
 error naming the path and the stage that writes it."""
@@ -23,6 +24,7 @@ from pipeline.errors import ConfigError, InputNotFoundError, UserError
 from pipeline.heldout import EXPORT_DIR
 from pipeline.publish import card, hub, target
 from pipeline.publish.config import PublishConfig
+from pipeline.publish.neuronpedia import NeuronpediaExport
 from pipeline.publish.release import SAESource, parse_size, sae_id_for, write_sae_folder
 from pipeline.sae.checkpoint import CONFIG_FILE, read_config
 
@@ -95,6 +97,11 @@ def build(cfg: PublishConfig) -> tuple[Path, list[dict]]:
     sources = [find_source(c, cfg.eval_dirs[i] if cfg.eval_dirs else None, cfg.require_metrics,
                            cfg.dashboard_dirs[i] if cfg.dashboard_dirs else None)
                for i, c in enumerate(cfg.checkpoints)]
+    if cfg.neuronpedia.source_set is not None:
+        audits = cfg.neuronpedia.audit_dirs or [""] * len(sources)
+        for src, audit in zip(sources, audits):
+            src.neuronpedia = NeuronpediaExport(cfg.neuronpedia, src.dashboard, Path(audit) if audit else None,
+                                                str(src.checkpoint), cfg.repo_id, cfg.path_in_repo)
     out = Path(cfg.out_dir)
     if out.exists() and any(out.iterdir()) and not list(out.glob(f"*/{MANIFEST}")) and not (out / CARD).exists():
         raise OutDirNotEmptyError(f"out_dir={cfg.out_dir!r} holds files that are not a release, and the release "

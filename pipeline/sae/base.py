@@ -23,6 +23,9 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 
+DEAD_TOKENS = 10_000_000
+"""Gao et al.'s (and Anthropic's) dead-latent window: no activation over this many tokens."""
+
 CLASSES: dict[str, type[SparseAutoencoder]] = {}
 """Every architecture by name, filled by @register as pipeline/sae/__init__.py imports their files."""
 
@@ -63,8 +66,10 @@ class SAEConfig:
     """topk, batchtopk: dead latents used by the AuxK loss (0 turns AuxK off)."""
     aux_coef: float = 1 / 32
     """topk, batchtopk: alpha, the weight of the AuxK loss."""
-    dead_tokens: int = 10_000_000
-    """A latent that fired on none of the last this-many tokens is dead (AuxK and the dead fraction)."""
+    dead_tokens: int | None = None
+    """A latent that fired on none of the last this-many tokens is dead (AuxK and the dead fraction).
+    None: the trainer's recipe (pipeline/train/recipe.py: DEAD_TOKENS, at most a 16th of the run);
+    an SAE built outside the trainer uses DEAD_TOKENS."""
     sparsity_coef: float = 5.0
     """lambda: relu_l1's weight of sum_i f_i ||W_dec,i||; jumprelu's weight of the L0 penalty."""
     decoder_init_norm: float = 0.1
@@ -90,7 +95,7 @@ class SAEConfig:
             raise ConfigError(f"sae.n_features={self.n_features} must be positive")
         if uses_k and not 1 <= self.k <= self.n_features:
             raise ConfigError(f"sae.k={self.k} must be in [1, n_features={self.n_features}]")
-        if self.k_aux < 0 or self.dead_tokens < 1:
+        if self.k_aux < 0 or (self.dead_tokens is not None and self.dead_tokens < 1):
             raise ConfigError(f"sae.k_aux={self.k_aux} must be >= 0 and sae.dead_tokens={self.dead_tokens} >= 1")
         if self.b_dec_init not in ("mean", "zero"):
             raise ConfigError(f"sae.b_dec_init={self.b_dec_init!r} must be 'mean' or 'zero'")
@@ -295,9 +300,13 @@ class SparseAutoencoder(nn.Module):
             return torch.ones(W.shape[0], device=W.device, dtype=W.dtype)
         return W.norm(dim=1).reciprocal()
 
+    @property
+    def dead_tokens(self) -> int:
+        return DEAD_TOKENS if self.cfg.dead_tokens is None else self.cfg.dead_tokens
+
     def dead_mask(self) -> Tensor:
-        """Latents that fired on none of the last cfg.dead_tokens tokens (before this batch)."""
-        return self.tokens_since_fired >= self.cfg.dead_tokens
+        """Latents that fired on none of the last dead_tokens tokens (before this batch)."""
+        return self.tokens_since_fired >= self.dead_tokens
 
     @staticmethod
     def count_fired(f: Tensor) -> Tensor:

@@ -229,7 +229,9 @@ class ActivationStoreWriter:
             raise ValueError("this store marks each row's modality; pass modality= to append")
         if modality is None:
             modality = torch.zeros(len(tokens), dtype=torch.int8)
-        self._put(("rows", {h: a.detach().to("cpu", non_blocking=True) for h, a in acts.items()},
+        # a blocking copy: a non-blocking one from a GPU lands in pinned memory later, and the writer
+        # thread would convert whatever was there before it arrived
+        self._put(("rows", {h: a.detach().to("cpu") for h, a in acts.items()},
                    tokens.cpu(), context.cpu(), position.cpu(), modality.cpu()))
 
     def end_shard(self, n_contexts: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline import demo
+from pipeline.device import check_device
 from pipeline.errors import ConfigError
 from pipeline.parallel import ParallelDims
 from pipeline.step import ActivationDataConfig, DeepSpeedConfig, OptimConfig, StepConfig
@@ -22,6 +23,9 @@ class TrainConfig(StepConfig):
     planner) and the run's own settings below."""
 
     parallel: ParallelDims = field(default_factory=ParallelDims)
+    device: str = "auto"
+    """auto (cuda where torch sees a GPU, else cpu), cpu or cuda (pipeline/device.py). On cuda each
+    process trains on the GPU of its LOCAL_RANK; `auto` precision is bf16 there, fp32 on the CPU."""
     n_tokens: int = 2_000_000
     """Training tokens; steps = n_tokens // batch_size."""
     seed: int = 0
@@ -56,6 +60,7 @@ class TrainConfig(StepConfig):
     one process, print per-rank parameters and bytes checked against the planner, and stop."""
 
     def __post_init__(self):
+        check_device(self.device, "device")
         if self.out_dir is None:
             self.out_dir = demo.train_dir(self.sae.architecture)
         if self.batch_size < 1 or self.n_tokens < self.batch_size:

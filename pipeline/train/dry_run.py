@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from pipeline.cost_model import PlanConfig, rank_memory, training_plan
+from pipeline.device import planned_device
 from pipeline.errors import ConfigError
 from pipeline.sae import create
 from pipeline.store import ActivationStore
@@ -33,7 +34,7 @@ def layout(cfg: TrainConfig) -> tuple[PlanConfig, list[dict]]:
         sae_cfg = with_d_model(sae_cfg, ActivationStore.open(cfg.data.url, cfg.data.storage_options))
     dims = cfg.parallel
     dims.validate(dims.world_size, sae_cfg.n_features)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = planned_device(cfg.device, "device")  # the run's, not necessarily this machine's
     plan_cfg = training_plan(cfg, sae=sae_cfg, deepspeed=replace(cfg.deepspeed, precision=precision(cfg, device)),
                              data_parallel=dims.data_parallel, feature_parallel=dims.feature_parallel)
     dtype, dp, zero = plan_cfg.param_dtype, dims.data_parallel, cfg.deepspeed.zero_stage

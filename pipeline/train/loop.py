@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline import identity
+from pipeline.device import resolve_device
 from pipeline.errors import NonFiniteLossError
 from pipeline.heldout import CHECKPOINTS_DIR, EXPORT_DIR
 from pipeline.parallel import Mesh, init_distributed
@@ -34,17 +36,18 @@ def train(cfg: TrainConfig) -> Path | None:
         return None
     # every check that needs no process group comes first, so that bad input fails fast everywhere
     cfg.parallel.validate(int(os.environ.get("WORLD_SIZE", "1")), cfg.sae.n_features)
+    device = resolve_device(cfg.device, "device")
     if (done := heldout.finished(cfg)) is not None:  # a finished sweep point: nothing to do
         return done
     store = ActivationStore.open(cfg.data.url, cfg.data.storage_options)
     hook = store.hook(cfg.data.hook)
-    sae_cfg = with_d_model(cfg.sae, store)
+    sae_cfg = recipe.sae_config(with_d_model(cfg.sae, store), cfg)
     stats = store.stats[hook]
     scale = math.sqrt(store.d_model / stats.mean_sq_norm)  # so that E||x||^2 = d_model
 
     with ExitStack() as cleanup:
         stop = cleanup.enter_context(_StopSignals())  # from here on a signal asks for a stop, never kills
-        device = init_distributed()
+        device = init_distributed(device)
         mesh = Mesh(cfg.parallel, device)
         # before the engine: a batch larger than an epoch is refused without waiting for DeepSpeed
         batches = RankBatches(store, hook, cfg, mesh.dp_rank, cfg.parallel.data_parallel, device, stop.event)
@@ -58,7 +61,8 @@ def train(cfg: TrainConfig) -> Path | None:
         if mesh.rank == 0:
             o = recipe.resolved(cfg)
             print(f"optimizer: Adam lr {o['lr']:.3g} ({o['rule']}), warm-up {o['lr_warmup_steps']} of {cfg.steps} "
-                  f"steps, linear decay over the last {o['lr_decay_fraction']:.0%}", flush=True)
+                  f"steps, linear decay over the last {o['lr_decay_fraction']:.0%}; a latent is dead after "
+                  f"{sae_cfg.dead_tokens:,} tokens without firing", flush=True)
             if start:
                 print(f"resumed from {ckpts.root / ckpts.latest()} at step {start}", flush=True)
         log = Logger(out_dir, mesh, sae, cfg.steps, start, cfg.batch_size, cfg.log_every, cfg.dense_fraction,
@@ -111,9 +115,7 @@ def train(cfg: TrainConfig) -> Path | None:
 
 
 def export_meta(cfg: TrainConfig, store: ActivationStore, hook: str, stats, last: dict) -> dict:
-    model = store.meta.get("model", {})
-    return {"hook": hook, "model": {"id": model.get("id"), "revision": model.get("revision")},
-            "store": store.url,
+    return {"hook": hook, **identity.export_identity(store.meta, hook), "store": store.url,
             "normalization": {"mean_sq_norm": stats.mean_sq_norm, "rule": "x * sqrt(d_model / mean_sq_norm)"},
             "training": {"steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size, "batch_size": cfg.batch_size,
                          "seed": cfg.seed, "data_parallel": cfg.parallel.data_parallel,

@@ -72,7 +72,7 @@ class Logger:
         tokens_seen = (step + 1) * self.batch_size
         window_tokens = len(self.window) * self.batch_size
         comm = self.sae.comm
-        dead_after = min(self.sae.cfg.dead_tokens, tokens_seen)
+        dead_after = min(self.sae.dead_tokens, tokens_seen)
         fired = comm.sum_batch(self.fired)
         counts = comm.sum_features(torch.stack([(self.sae.tokens_since_fired >= dead_after).sum(),
                                                 (fired > self.dense_fraction * window_tokens).sum()]))

@@ -10,15 +10,26 @@ jumprelu and batchtopk train stably with it). Warm-up is WARMUP_FRACTION of the 
 MAX_WARMUP): long runs get Gemma Scope's 1,000 steps, short runs are not spent warming up. The
 resolved values are printed by the trainer and written to the export's cfg.json
 (training.optim).
+
+Dead latents: a latent is dead after DEAD_TOKENS (Gao et al.'s 10M) tokens without firing, or a
+DEAD_FRACTION of the run if that is shorter (never less than one batch). With 10M in a run of a few
+million tokens, AuxK never engages and the latents an early step knocks out stay dead for the rest
+of the run (BENCHMARKS.md: 2.4% at 4,096 latents and 400k tokens, 0.8% with this rule); a run of
+160M tokens or more gets Gao's window.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+
+from pipeline.sae import SAEConfig
+from pipeline.sae.base import DEAD_TOKENS
 
 LR_AT_16K = 1.5e-3
 WARMUP_FRACTION = 0.05
 MAX_WARMUP = 1000
+DEAD_FRACTION = 1 / 16
 
 
 def learning_rate(optim, n_features: int) -> float:
@@ -31,6 +42,19 @@ def warmup_steps(optim, steps: int) -> int:
     if optim.lr_warmup_steps is not None:
         return optim.lr_warmup_steps
     return min(MAX_WARMUP, int(WARMUP_FRACTION * steps))
+
+
+def dead_tokens(sae: SAEConfig, run_tokens: int, batch_size: int) -> int:
+    """sae.dead_tokens, or the recipe's window for a run of `run_tokens` tokens."""
+    if sae.dead_tokens is not None:
+        return sae.dead_tokens
+    return min(DEAD_TOKENS, max(batch_size, int(DEAD_FRACTION * run_tokens)))
+
+
+def sae_config(sae: SAEConfig, cfg) -> SAEConfig:
+    """`sae` with the recipe's values filled in for the run of TrainConfig `cfg` (what is built,
+    checkpointed and exported)."""
+    return replace(sae, dead_tokens=dead_tokens(sae, cfg.steps * cfg.batch_size, cfg.batch_size))
 
 
 def resolved(cfg) -> dict:

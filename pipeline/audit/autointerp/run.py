@@ -39,7 +39,7 @@ def run_autointerp(cfg) -> dict:
     a: AutointerpConfig = cfg.task
     out = Path(cfg.out_dir)
     endpoint = Endpoint(a.base_url, a.judge_model, a.api_key_env, a.cache_dir or out / CACHE_DIR, a.timeout,
-                        a.max_retries, server_device=cfg.input.model.device if cfg.input.model.device != "auto" else "cpu",
+                        a.max_retries, server_device=cfg.input.model.device,
                         server_port=a.server_port, server_log=out / SERVER_LOG)  # checks the key first
     embedder = load_embedder() if a.embedding else None
     loaded, d = Dictionary.from_input(cfg.input)

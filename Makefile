@@ -64,7 +64,8 @@ demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M-Ins
 	$(PY) -m pipeline.cache n_tokens=100000 store.url=$(DEMO)/activations $(ARGS)
 	@# topk (k=32): in 48 steps relu_l1 (lambda 5, or 3 at lr 1.2e-3) left most features near-duplicates
 	@# (median nearest decoder cosine 0.77, pipeline.audit audit/task=neighbours); topk's was 0.15 (lr 4e-4).
-	@# With the default recipe (lr 3e-3 at 4,096 latents): held-out FVU 0.247, CE loss recovered 0.97 (was 0.457 and 0.910 at lr 4e-4)
+	@# No hand-set lr: the default recipe (pipeline/train/recipe.py). Its first version (lr 3e-3 at 4,096 latents) gave
+	@# held-out FVU 0.247, CE loss recovered 0.97 here, where lr 4e-4 gave 0.457 and 0.910 (BENCHMARKS.md)
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node=2 -m pipeline.train sae=topk \
 	    parallel.feature_parallel=2 data.url=$(DEMO)/activations n_tokens=200000 \
 	    out_dir=$(DEMO)/train/topk

@@ -10,7 +10,9 @@ in the same order for every trainer) and scored on the same held-out rows by one
   - sparsify: EleutherAI's SparseCoder (PyPI eai-sparsify, installed into this venv if absent) with
     its own default optimizer (sign-SGD under schedule-free, lr 5e-3 / sqrt(n / 2^14)), its b_dec
     initialisation (the first batch's mean), unit-norm decoder and parallel-gradient removal, fed
-    the raw rows in the loader's order, as its trainer does with activations it computes itself.
+    the raw rows in the loader's order, as its trainer does with activations it computes itself;
+  - saelens (when .venv-saelens exists, `make setup-saelens`): SAELens's SAETrainer and TopK SAE with
+    their defaults (Adam lr 3e-4, constant), fed the same rows through a pipe (saelens_worker.py).
 Held-out metrics (every trainer, the same code): FVU = sum ||x - x_hat||^2 / sum ||x - mean||^2 over
 the first --heldout-tokens rows of --heldout with our exclusion rules (position 0 and rows beyond
 8x the median norm left out, as in training); L0 = mean active latents; dead = latents that fire on
@@ -34,30 +36,19 @@ from pathlib import Path
 
 import torch
 
+from heldout_score import score
 from pipeline.heldout import EXPORT_DIR, METRICS_LOG_FILE
 from pipeline.sae import load
 from pipeline.store import ActivationLoader
 
 EXCLUDE = {"exclude_positions_below": 1, "exclude_norm_factor": 8.0}  # the trainer's defaults
+SAELENS_PYTHON = Path(__file__).resolve().parent.parent / ".venv-saelens" / "bin" / "python"  # make setup-saelens
 OURS = {"ours": [], "ours-lr5e-5": ["optim.lr=5e-5"], "ours-lr4e-4": ["optim.lr=4e-4"]}
 
 
 def heldout_rows(url: str, n: int) -> torch.Tensor:
     rows = torch.cat(list(ActivationLoader(url, 4096, seed=0, epochs=1, **EXCLUDE)))
     return rows[:n].float()
-
-
-@torch.no_grad()
-def score(encode_decode, x: torch.Tensor, n_features: int) -> dict:
-    """Held-out FVU, L0 and dead fraction of a dictionary given as x -> (x_hat, indices of active latents)."""
-    sse, fired, l0 = 0.0, torch.zeros(n_features, dtype=torch.bool), 0
-    for part in x.split(4096):
-        x_hat, active = encode_decode(part)
-        sse += float((part.double() - x_hat.double()).pow(2).sum())
-        fired[active.flatten()] = True
-        l0 += active.numel()
-    var = float((x.double() - x.double().mean(0)).pow(2).sum())
-    return {"fvu": sse / var, "l0": l0 / len(x), "dead": 1 - float(fired.float().mean())}
 
 
 def train_ours(name: str, extra: list[str], a, n: int, budget: int, x_test: torch.Tensor, tmp: Path) -> dict:
@@ -118,6 +109,28 @@ def train_sparsify(a, n: int, budget: int, x_test: torch.Tensor) -> dict:
     return {**score(run, x_test, n), "tokens_per_s": a.batch / statistics.median(steady), "lr": opt.param_groups[0]["lr"]}
 
 
+def train_saelens(a, n: int, budget: int, x_test: torch.Tensor) -> dict:
+    """SAELens's own trainer and defaults (benchmarks/saelens_worker.py, in .venv-saelens), fed the
+    held-out rows and then the training rows in the loader's order through a pipe."""
+    steps = budget // a.batch
+    head = {"d": x_test.shape[1], "n": n, "k": a.k, "batch": a.batch, "steps": steps, "n_test": len(x_test)}
+    worker = subprocess.Popen([str(SAELENS_PYTHON), str(Path(__file__).with_name("saelens_worker.py"))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
+    worker.stdin.write(json.dumps(head).encode() + b"\n")
+    worker.stdin.write(x_test.contiguous().numpy().tobytes())
+    loader = ActivationLoader(a.store, a.batch, seed=0, epochs=None, drop_last=True, **EXCLUDE)
+    for _, x in zip(range(steps), loader):
+        worker.stdin.write(x.float().contiguous().numpy().tobytes())
+    worker.stdin.close()
+    out = worker.stdout.read().decode().strip().splitlines()
+    if worker.wait() != 0:
+        raise RuntimeError(f"the SAELens worker failed (exit {worker.returncode})")
+    return json.loads(out[-1])
+
+
+TRAINERS = {"sparsify": train_sparsify, "saelens": train_saelens}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", required=True)
@@ -127,7 +140,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="400000,2000000")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--trainers", default="ours,ours-lr5e-5,ours-lr4e-4,sparsify")
+    ap.add_argument("--trainers", default="ours,ours-lr5e-5,ours-lr4e-4,sparsify" + ",saelens" * SAELENS_PYTHON.exists())
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     trainers = a.trainers.split(",")
@@ -139,7 +152,7 @@ def main() -> None:
         for n in map(int, a.widths.split(",")):
             for budget in map(int, a.budgets.split(",")):
                 for name in trainers:
-                    r = (train_sparsify(a, n, budget, x_test) if name == "sparsify"
+                    r = (TRAINERS[name](a, n, budget, x_test) if name in TRAINERS
                          else train_ours(name, OURS[name], a, n, budget, x_test, Path(tmp)))
                     rows.append({"trainer": name, "n_features": n, "tokens": budget, **r})
                     if not a.json:

@@ -64,8 +64,10 @@ class SAEConfig:
     """topk: active latents per token; batchtopk: average active latents per token."""
     k_aux: int = 256
     """topk, batchtopk: dead latents used by the AuxK loss (0 turns AuxK off)."""
-    aux_coef: float = 1 / 32
-    """topk, batchtopk: alpha, the weight of the AuxK loss."""
+    aux_coef: float = 1 / 8
+    """topk, batchtopk: alpha, the weight of the AuxK loss. Gao et al. use 1/32 with a 10M-token
+    dead window; with the recipe's shorter windows (pipeline/train/recipe.py) 1/8 revives latents
+    within the run (BENCHMARKS.md "Training recipe": 0.8% dead instead of 1.8%, equal FVU)."""
     dead_tokens: int | None = None
     """A latent that fired on none of the last this-many tokens is dead (AuxK and the dead fraction).
     None: the trainer's recipe (pipeline/train/recipe.py: DEAD_TOKENS, at most a 16th of the run);

@@ -5,17 +5,21 @@ Adam's best learning rate for an SAE falls with the dictionary's width: Gao et a
 lr ~ 1/sqrt(n_features) for TopK, which EleutherAI's sparsify also uses, and a rate that suits 4,096
 latents diverges at a million. The rule here is that law with its constant measured on our trainer
 (benchmarks/recipe.py, BENCHMARKS.md "Training recipe"): LR_AT_16K at 16,384 latents, scaled by
-sqrt(16384 / n_features), for every architecture (the constant was measured for topk; relu_l1,
-jumprelu and batchtopk train stably with it). Warm-up is WARMUP_FRACTION of the steps (at most
+sqrt(16384 / n_features), for every architecture (the constant was measured for topk, with the dead
+window below: higher rates buy FVU only by killing latents; relu_l1 trains stably with it, its
+lambda set for it in conf/sae/relu_l1.yaml). Warm-up is WARMUP_FRACTION of the steps (at most
 MAX_WARMUP): long runs get Gemma Scope's 1,000 steps, short runs are not spent warming up. The
 resolved values are printed by the trainer and written to the export's cfg.json
 (training.optim).
 
 Dead latents: a latent is dead after DEAD_TOKENS (Gao et al.'s 10M) tokens without firing, or a
-DEAD_FRACTION of the run if that is shorter (never less than one batch). With 10M in a run of a few
+DEAD_FRACTION of the run if that is shorter, but never less than one batch nor MIN_FIRING_INTERVALS
+times the gap between firings of a latent of average density (n_features / k tokens): a wide
+dictionary in a short run would otherwise call most of its healthy latents dead and let AuxK's loss
+swamp the reconstruction (262,144 latents, 51k tokens: 72% "dead" after 3 steps). With 10M in a run of a few
 million tokens, AuxK never engages and the latents an early step knocks out stay dead for the rest
-of the run (BENCHMARKS.md: 2.4% at 4,096 latents and 400k tokens, 0.8% with this rule); a run of
-160M tokens or more gets Gao's window.
+of the run (BENCHMARKS.md: 2.4% at 4,096 latents and 400k tokens, 0.8% with this rule and AuxK's
+weight at 1/8, pipeline/sae/base.py aux_coef); a run of 160M tokens or more gets Gao's window.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from dataclasses import replace
 from pipeline.sae import SAEConfig
 from pipeline.sae.base import DEAD_TOKENS
 
-LR_AT_16K = 1.5e-3
+LR_AT_16K = 2e-3
 WARMUP_FRACTION = 0.05
 MAX_WARMUP = 1000
 DEAD_FRACTION = 1 / 16
+MIN_FIRING_INTERVALS = 50
 
 
 def learning_rate(optim, n_features: int) -> float:
@@ -48,7 +53,8 @@ def dead_tokens(sae: SAEConfig, run_tokens: int, batch_size: int) -> int:
     """sae.dead_tokens, or the recipe's window for a run of `run_tokens` tokens."""
     if sae.dead_tokens is not None:
         return sae.dead_tokens
-    return min(DEAD_TOKENS, max(batch_size, int(DEAD_FRACTION * run_tokens)))
+    interval = sae.n_features // sae.k  # tokens between firings of a latent of average density k / n
+    return min(DEAD_TOKENS, max(batch_size, int(DEAD_FRACTION * run_tokens), MIN_FIRING_INTERVALS * interval))
 
 
 def sae_config(sae: SAEConfig, cfg) -> SAEConfig:

@@ -16,7 +16,7 @@ SAELENS_VENV ?= .venv-saelens
 SAELENS_SPEC ?= sae-lens==6.54.12
 SAELENS_STAMP := $(SAELENS_VENV)/.setup-done
 
-.PHONY: help setup setup-system setup-saelens demo test cache train evaluate interpret steer audit publish plan sweep scaling slurm docker bench clean
+.PHONY: help setup setup-system setup-saelens demo test cache train evaluate interpret steer audit publish plan sweep scaling family slurm docker bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -125,6 +125,14 @@ sweep: setup  ## scaling-law sweep: sizes x token budgets as one Hydra multirun 
 
 scaling: setup  ## fit scaling laws to a sweep: scaling.json, plots, a budget's size/tokens/plan (ARGS="budget=1e18 +plan.gpu_memory_gb=80")
 	$(PY) -m pipeline.scaling $(SWEEP_DIR) $(ARGS)
+
+# Scaling Monosemanticity in miniature (pipeline/family/): the family corpus (~7.7M tokens from Debian's
+# archive, part of it parallel in five languages), 5.2M training tokens cached once, dictionaries of 4,096,
+# 16,384 and 65,536 features trained on them, each evaluated, interpreted and audited, one release, and
+# docs/results.md. Hours on 2 cores (README); a killed family resumes when the same command runs again.
+FAMILY_DIR ?= runs/family
+family: setup  ## a family of dictionaries and the paper's analyses on it, report in docs/results.md (rerun to resume)
+	$(PY) -m pipeline.family out_dir=$(FAMILY_DIR) report=docs/results.md $(ARGS)
 
 slurm:  ## submit the stages to SLURM, chained (slurm/pipeline.sh; ARGS: [STAGE:]KEY=VALUE, options)
 	slurm/pipeline.sh $(ARGS)

@@ -34,8 +34,9 @@ class DataConfig:
     languages: list[str] = field(default_factory=lambda: ["en", "de", "es", "it"])
     """embedded only: which languages of the corpus to use."""
     split: str = "train"
-    """train, test or all: local documents are assigned to test by a hash of their text, so the
-    held-out set never overlaps the training set whatever the shuffle."""
+    """train, test or all: local documents are assigned to test by a hash of their text (or of their
+    JSONL `group` field where they have one: the translations of a passage share a group, so they
+    fall on the same side), so the held-out set never overlaps the training set whatever the shuffle."""
     test_fraction: float = 0.02
     shuffle_seed: int | None = 0
     """Seeded document shuffle for local sources (mixes languages and files); null keeps file order."""
@@ -47,22 +48,26 @@ class DataConfig:
             raise ConfigError(f"data.split={self.split!r} is not one of {SPLITS}")
 
 
-def _in_split(text: str, split: str, fraction: float) -> bool:
+def in_split(key: str, split: str, fraction: float) -> bool:
+    """Whether a document whose split key (its text, or its group) is `key` belongs to `split`."""
     if split == "all":
         return True
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") / 2**64
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
     return (h < fraction) == (split == "test")
 
 
-def _read_local(files: list[Path], column: str) -> Iterator[str]:
+def _read_local(files: list[Path], column: str) -> Iterator[tuple[str, str]]:
+    """(text, split key) of each document."""
     for f in files:
         if f.suffix == ".jsonl":
             with open(f, encoding="utf-8") as fh:
                 for line in fh:
                     if line.strip():
-                        yield json.loads(line)[column]
+                        row = json.loads(line)
+                        yield row[column], row.get("group") or row[column]
         else:
-            yield f.read_text(encoding="utf-8", errors="replace")
+            text = f.read_text(encoding="utf-8", errors="replace")
+            yield text, text
 
 
 def iter_documents(cfg: DataConfig) -> Iterator[str]:
@@ -94,8 +99,8 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
         if not files:
             raise EmptyDataError(f"data.path={cfg.path} matches no files. Fix: give existing .txt or "
                                  ".jsonl files or glob patterns")
-    docs = [d for d in _read_local(files, cfg.text_column) if d.strip() and
-            _in_split(d, cfg.split, cfg.test_fraction)]
+    docs = [d for d, key in _read_local(files, cfg.text_column) if d.strip() and
+            in_split(key, cfg.split, cfg.test_fraction)]
     if cfg.shuffle_seed is not None:
         random.Random(cfg.shuffle_seed).shuffle(docs)
     yield from docs

@@ -154,6 +154,10 @@ def test_crosslingual_identical_sentences_overlap_fully(tiny, tmp_path):
     same = [{"topic": r["topic"], "a": r["en"], "b": r["en"]} for r in rows[:8]]
     report = crosslingual(d, tiny, same, ["a", "b"], top=5)
     assert report["pairs"]["a-b"]["parallel"] == 1.0 > report["pairs"]["a-b"]["mismatched"]
+    # identical sentences: the difference is 1 - mismatched, the interval brackets it and has width
+    diff = report["parallel_minus_mismatched"]
+    assert diff["mean"] == pytest.approx(1 - report["pairs"]["a-b"]["mismatched"], abs=1e-6)
+    assert diff["ci95"][0] < diff["mean"] < diff["ci95"][1] <= 1
     report = crosslingual(d, tiny, rows[:6], ["en", "de", "fr"], top=5)
     assert set(report["pairs"]) == {"en-de", "en-fr", "de-fr"}
     assert all(0 <= v["parallel"] <= 1 for v in report["pairs"].values())

@@ -300,10 +300,18 @@ def test_bad_inputs_are_user_errors(runs, tmp_path):
 
     twin = make_export(tmp_path / "twin" / "sae", "topk", "model.layers.1")  # runs["topk"] has that hook too
     with pytest.raises(ConfigError, match=r"checkpoints '.*topk/sae' .*'model\.layers\.1'.* and '.*twin/sae'.*"
-                                          r"Fix: remove one from checkpoints") as e:
+                                          r"Fix: sae_ids=\[...\]") as e:
         run(PublishConfig(checkpoints=[str(runs["topk"] / "sae"), str(twin)], out_dir=str(tmp_path / "rel"),
                           require_metrics=False, progress=False))
     assert isinstance(e.value, ValueError) and not (tmp_path / "rel").exists() and not (tmp_path / "rel.tmp").exists()
+    # a family on one hook: sae_ids names a folder for each, and each loads back as its own SAE
+    res = run(PublishConfig(checkpoints=[str(runs["topk"] / "sae"), str(twin)], sae_ids=["l1-a", "l1-b"],
+                            out_dir=str(tmp_path / "fam"), require_metrics=False, progress=False))
+    assert res.sae_ids == ["l1-a", "l1-b"]
+    assert_same_sae(P.load(res.folder / "l1-b"), P.load(twin))
+    for bad, match in ((["a/b", "c"], "one folder name"), (["a", "a"], "repeats"), (["a"], "sae_ids has 1 entries")):
+        with pytest.raises(ConfigError, match=match):
+            PublishConfig(checkpoints=[str(runs["topk"] / "sae"), str(twin)], sae_ids=bad)
 
     other = make_export(tmp_path / "other" / "sae", "topk", "model.layers.5")
     doc = json.loads((other / "cfg.json").read_text())

@@ -244,6 +244,23 @@ def test_a_failed_stage_cancels_the_stages_after_it(slurm_cluster, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_family_sbatch_runs_the_family_driver(slurm_cluster, tmp_path):
+    """slurm/family.sbatch runs pipeline.family as one job; here only its report step, on a family with
+    nothing done yet: the report says so for every section, and the log says where it went."""
+    job = slurm_cluster.run("sbatch", "--parsable", f"--partition={slurm_cluster.partition}",
+                            f"--output={tmp_path}/family.log", str(ROOT / "slurm" / "family.sbatch"),
+                            "steps=[report]", "sizes=[8,16]", f"out_dir={tmp_path}/fam", f"corpus={tmp_path}/none",
+                            f"report={tmp_path}/results.md",
+                            env={**site_env(slurm_cluster, tmp_path), "PIPELINE_ROOT": str(ROOT)},
+                            cwd=tmp_path).stdout.strip()
+    assert slurm_cluster.wait_idle(180), slurm_cluster.run("squeue", check=False).stdout
+    log = (tmp_path / "family.log").read_text()
+    assert slurm_cluster.job_state(job).get("JobState", "COMPLETED") == "COMPLETED", log
+    assert "stage family exited with 0" in log and f"output: report={tmp_path}/results.md" in log, log
+    report = (tmp_path / "results.md").read_text()
+    assert "8 → 16: not run" in report and "| 16 | not run |" in report
+
+
 def test_site_settings_and_overrides_reach_sbatch(tmp_path):
     """--dry-run shows the sbatch lines: site.env values become options, STAGE:KEY=VALUE goes to
     that stage only, KEY=VALUE to all, and each job waits for the one before."""

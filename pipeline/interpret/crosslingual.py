@@ -45,18 +45,30 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 0.0
 
 
+def _bootstrap_mean(x: torch.Tensor, n_resamples: int, seed: int = 0) -> dict:
+    """Mean of x with a 95% percentile-bootstrap interval over its items (here: sentences, the unit
+    that was sampled; the language pairs of one sentence are not independent)."""
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (n_resamples, len(x)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975])).tolist()
+    return {"mean": float(x.mean()), "ci95": [lo, hi], "n_resamples": n_resamples}
+
+
 def crosslingual(d: Dictionary, loaded: LoadedModel, rows: list[dict], languages: list[str], top: int = 10,
-                 skip: int = 1, per_topic: int = 5) -> dict:
+                 skip: int = 1, per_topic: int = 5, bootstrap: int = 2000) -> dict:
     # max activation of each feature over each sentence's tokens: [languages][sentences, features]
     acts = {lang: torch.stack([prompt_activations(d, loaded, r[lang])[1][skip:].amax(0).float().cpu() for r in rows])
             for lang in languages}
     tops = {lang: [_top_set(a, top) for a in m] for lang, m in acts.items()}
     n = len(rows)
-    pairs = {}
+    pairs, per_sentence = {}, torch.zeros(n)
     for a, b in combinations(languages, 2):
-        parallel = sum(_jaccard(tops[a][s], tops[b][s]) for s in range(n)) / n
-        mismatched = sum(_jaccard(tops[a][s], tops[b][t]) for s in range(n) for t in range(n) if s != t) / (n * (n - 1))
-        pairs[f"{a}-{b}"] = {"parallel": parallel, "mismatched": mismatched}
+        par = torch.tensor([_jaccard(tops[a][s], tops[b][s]) for s in range(n)])
+        mis = torch.tensor([sum(_jaccard(tops[a][s], tops[b][t]) for t in range(n) if t != s) / (n - 1)
+                            for s in range(n)])
+        pairs[f"{a}-{b}"] = {"parallel": float(par.mean()), "mismatched": float(mis.mean())}
+        per_sentence += par - mis
+    per_sentence /= len(pairs)
     shared = [sorted(set.intersection(*(tops[lang][s] for lang in languages))) for s in range(n)]
     topics = []
     names = list(dict.fromkeys(r.get("topic", f"sentence {i}") for i, r in enumerate(rows)))
@@ -74,6 +86,7 @@ def crosslingual(d: Dictionary, loaded: LoadedModel, rows: list[dict], languages
     return {"sae": d.path, "hook": d.hook, "languages": list(languages), "n_sentences": n, "top": top,
             "pairs": pairs, "mean_parallel": sum(p["parallel"] for p in pairs.values()) / len(pairs),
             "mean_mismatched": sum(p["mismatched"] for p in pairs.values()) / len(pairs),
+            "parallel_minus_mismatched": _bootstrap_mean(per_sentence, bootstrap),
             "shared_in_all_languages": [{"sentence": rows[s][languages[0]], "features": shared[s]} for s in range(n)],
             "topics": topics}
 
@@ -83,6 +96,10 @@ def format_report(r: dict) -> str:
              f"top {r['top']} features per sentence",
              f"  Jaccard overlap of top features, same sentence: {r['mean_parallel']:.3f}; "
              f"different sentences: {r['mean_mismatched']:.3f}"]
+    if "parallel_minus_mismatched" in r:  # absent from files written before it was measured
+        d = r["parallel_minus_mismatched"]
+        lines.append(f"  same minus different: {d['mean']:.3f} (95% bootstrap interval over sentences "
+                     f"{d['ci95'][0]:.3f} to {d['ci95'][1]:.3f})")
     n_shared = sum(bool(s["features"]) for s in r["shared_in_all_languages"])
     lines.append(f"  sentences with a feature in the top {r['top']} of every language: {n_shared} of {r['n_sentences']}")
     for t in r["topics"]:

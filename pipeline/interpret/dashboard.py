@@ -5,6 +5,7 @@ JSON) that work from a file:// URL with no server and no network.
     <out>/features/<i>.html   one live feature: highlighted contexts, histogram, logit effects
     <out>/search.html         the features of a prompt (task=search)
     <out>/crosslingual.html   features shared across languages (task=crosslingual)
+    <out>/attribute.html      the features that carry a prompt's next token (task=attribute)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pipeline.analysis.html import AUDIT_MARK, FEATURES_DIR, INDEX_FILE
 
 SEARCH_FILE = "search.html"
 CROSSLINGUAL_FILE = "crosslingual.html"
+ATTRIBUTE_FILE = "attribute.html"
 
 
 def _logit_table(pairs: list[list], cls: str) -> str:
@@ -160,3 +162,28 @@ other topics); columns: mean max-activation on the topic per language</p>
     return H.page("Cross-lingual features", body)
 
 
+
+
+def attribute_page(r: dict, pages: set[int]) -> str:
+    """r: from attribute.attribute; each feature's tokens shaded by its attribution at each position."""
+    def link(i):
+        return f'<a href="{FEATURES_DIR}/{i}.html">{i}</a>' if i in pages else str(i)
+
+    scale = max([max(f["attributions"]) for f in r["features"]] + [1e-9])
+    rows = "".join(
+        f'<tr><td>{link(f["feature"])}</td><td class="num">{f["attribution"]:.3g}</td>'
+        f'<td class="num">{f["activation"]:.3g}</td><td class="num">{f["density"]:.3g}</td>'
+        f'<td class="num">{f["ablation_drop"]:.3g}</td>'
+        f'<td class="num">{f["random"]["mean"]:.3g} &plusmn; {f["random"]["std"]:.3g}</td>'
+        f'<td class="toks">{H.highlight(r["tokens"], f["attributions"], scale)}</td></tr>' for f in r["features"])
+    s = r["summary"]
+    body = f"""<div class="nav"><a href="{INDEX_FILE}">&larr; all features</a></div>
+<h1>Feature attribution</h1><p class="meta">SAE {html.escape(r['sae'])} &middot; hook {html.escape(r['hook'])}
+&middot; ranked by {html.escape(r['ranking'])}; densities: {html.escape(r.get('density_source', ''))}</p>
+<p class="toks">{html.escape(r['prompt'])}<span class="pill">{html.escape(H.show(r['target']))}</span></p>
+<p>log p(target) = {r['base_logprob']:.4g} with the SAE spliced in (model: {r['model_logprob']:.4g}).
+Ablating a top feature lowers it by {s['mean_drop']:.3g} on average, a density-matched random feature by
+{s['mean_random_drop']:.3g}; {s['beats_random']} of {s['n_features']} top features beat all their random ones.</p>
+<table id="attribution"><tr><th>feature</th><th>attribution</th><th>max act</th><th>density</th><th>ablation drop</th>
+<th>random drop (mean &plusmn; std)</th><th>attribution by position</th></tr>{rows}</table>"""
+    return H.page("Feature attribution", body)

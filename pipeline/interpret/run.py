@@ -1,5 +1,5 @@
 """The interpretation stage: corpus -> model (to the hook) -> SAE -> per-feature examples and
-statistics -> features.json + static HTML dashboard; feature search; cross-lingual check."""
+statistics -> features.json + static HTML dashboard; feature search; cross-lingual check; attribution."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from pipeline.analysis.collect import (EXAMPLES_FILE, FEATURES_FILE, FEATURES_FO
 from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis.logits import logit_directions
 from pipeline.interpret import dashboard as D
+from pipeline.interpret.attribute import attribute, densities, target_token
 from pipeline.interpret.config import InterpretConfig
 from pipeline.interpret.crosslingual import crosslingual, default_parallel_file, format_report, read_parallel
 from pipeline.interpret.search import format_search, search_prompt
 from pipeline.models import LoadedModel
 
 CROSSLINGUAL_JSON = "crosslingual.json"
+ATTRIBUTE_JSON = "attribute.json"
 
 
 def run(cfg: InterpretConfig) -> dict:
@@ -31,6 +33,8 @@ def run(cfg: InterpretConfig) -> dict:
         return run_search(d, loaded, cfg)
     if cfg.task == "crosslingual":
         return run_crosslingual(d, loaded, cfg)
+    if cfg.task == "attribute":
+        return run_attribute(d, loaded, cfg)
     result = build_dashboard(d, loaded, cfg)
     if cfg.crosslingual_in_dashboard:
         run_crosslingual(d, loaded, cfg)
@@ -118,7 +122,8 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
 
 def _write_index(out: Path, index: tuple[dict, list]) -> None:
     links = {label: name for label, name in (("cross-lingual check", D.CROSSLINGUAL_FILE),
-                                              ("feature search", D.SEARCH_FILE)) if (out / name).exists()}
+                                              ("feature search", D.SEARCH_FILE),
+                                              ("feature attribution", D.ATTRIBUTE_FILE)) if (out / name).exists()}
     # keep the link pipeline.audit put there (it points at the audit report)
     H.write(out / H.INDEX_FILE, D.index_page(index[0], index[1], links, H.read_audit_link(out / H.INDEX_FILE)))
 
@@ -159,3 +164,24 @@ def run_crosslingual(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) -
     H.write(out / CROSSLINGUAL_JSON, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     H.write(out / D.CROSSLINGUAL_FILE, D.crosslingual_page(report, _pages(out)))
     return report
+
+
+def run_attribute(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) -> dict:
+    out = Path(cfg.out_dir)
+    target_token(loaded, cfg.target)  # a bad target fails before the density pass
+    density, source = densities(d, loaded, cfg.input, cfg.features, cfg.out_dir, cfg.features_per_pass, cfg.progress)
+    r = attribute(d, loaded, cfg.prompt, cfg.target, density, cfg.n_attributed, cfg.n_random,
+                  cfg.input.exclude_positions_below, cfg.seed)
+    r["density_source"] = source
+    s = r["summary"]
+    print(f"log p({cfg.target!r} | {cfg.prompt!r}) = {r['base_logprob']:.4f} (SAE spliced in at {d.hook}; "
+          f"model {r['model_logprob']:.4f}); densities: {source}", flush=True)
+    for f in r["features"]:
+        print(f"  feature {f['feature']:>7}: attribution {f['attribution']:+.4f}, ablation drop {f['ablation_drop']:+.4f}, "
+              f"random {f['random']['mean']:+.4f} +- {f['random']['std']:.4f}", flush=True)
+    print(f"mean drop: top {s['mean_drop']:+.4f}, random {s['mean_random_drop']:+.4f}; {s['beats_random']} of "
+          f"{s['n_features']} top features beat all their random ones", flush=True)
+    H.write(out / ATTRIBUTE_JSON, json.dumps(r, indent=1, ensure_ascii=False) + "\n")
+    H.write(out / D.ATTRIBUTE_FILE, D.attribute_page(r, _pages(out)))
+    print(f"attribution page: {(out / D.ATTRIBUTE_FILE).resolve().as_uri()}", flush=True)
+    return r

@@ -14,6 +14,10 @@ class PublishConfig:
     checkpoints: list[str] = field(default_factory=lambda: [demo.SAE])
     """Exported SAEs (a training run's <out_dir>/sae), one per hook; each becomes a release sub-folder
     named after its hook (SAELens's sae_id), e.g. model.layers.15."""
+    sae_ids: list[str] = field(default_factory=list)
+    """The release sub-folder (SAELens's sae_id) of each checkpoint, same order, for releases of several
+    SAEs on one hook (a family of sizes: [model.layers.15-4096, model.layers.15-16384]); empty: each
+    SAE's hook."""
     eval_dirs: list[str] | None = None
     """The out_dir of `pipeline.evaluate` for each checkpoint (same order), holding its metrics.json
     and density_histogram.png; an empty entry: none for that checkpoint. Publish reads only the
@@ -75,7 +79,12 @@ class PublishConfig:
             raise ConfigError(f"checkpoints is empty; name at least one exported SAE, e.g. checkpoints=[{demo.SAE}]")
         if self.eval_dirs is None:  # the embedded default's chain of folders (pipeline/demo.py), or none
             self.eval_dirs = [demo.EVALUATE] if list(self.checkpoints) == [demo.SAE] else []
-        for name in ("eval_dirs", "dashboard_dirs"):
+        bad = [x for x in self.sae_ids if not x or x.startswith(".") or "/" in x or "\\" in x]
+        if bad:
+            raise ConfigError(f"sae_ids has {bad}: each is one folder name (no '/', not empty, not starting with '.')")
+        if len(set(self.sae_ids)) != len(self.sae_ids):
+            raise ConfigError(f"sae_ids={list(self.sae_ids)} repeats a name; each SAE needs its own folder")
+        for name in ("sae_ids", "eval_dirs", "dashboard_dirs"):
             if getattr(self, name) and len(getattr(self, name)) != len(self.checkpoints):
                 raise ConfigError(f"{name} has {len(getattr(self, name))} entries for {len(self.checkpoints)} "
                                   "checkpoints; give one per checkpoint (an empty entry for none), or none at all")

@@ -107,17 +107,17 @@ def build(cfg: PublishConfig) -> tuple[Path, list[dict]]:
         raise OutDirNotEmptyError(f"out_dir={cfg.out_dir!r} holds files that are not a release, and the release "
                                   "folder is rebuilt (emptied) on every run. Fix: choose an empty or new out_dir")
     seen: dict[str, tuple[str, str | None]] = {}  # sae_id -> (checkpoint, hook)
-    for src in sources:
+    for i, src in enumerate(sources):
         if is_release(src.checkpoint):  # release.load reads a release folder too; its cfg.json is SAELens's
             hook = json.loads((src.checkpoint / SAELENS_CFG).read_text()).get("hook")
         else:  # an export: its format and version checked before anything is written
             hook = read_config(src.checkpoint).get("hook")
-        sid = src.sae_id or sae_id_for(hook)
+        sid = (cfg.sae_ids[i] if cfg.sae_ids else None) or src.sae_id or sae_id_for(hook)
         if sid in seen:
             raise ConfigError(f"checkpoints {seen[sid][0]!r} (hook {seen[sid][1]!r}) and {str(src.checkpoint)!r} "
                               f"(hook {hook!r}) both go to the release folder {sid!r}: a release holds one SAE "
-                              "per hook. Fix: remove one from checkpoints, or publish them as separate releases "
-                              "(another out_dir and path_in_repo or target)")
+                              "per folder, named after its hook unless sae_ids names them. Fix: sae_ids=[...] "
+                              "(one folder name per checkpoint), or remove one from checkpoints")
         seen[sid] = (str(src.checkpoint), hook)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

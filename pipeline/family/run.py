@@ -1,0 +1,197 @@
+"""The dictionary family, stage by stage: every step is the documented command of a stage, run as its
+own process (the stages talk only through storage), appended to <out_dir>/commands.sh, and skipped
+or resumed when its output is already there."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.family.config import FamilyConfig
+from pipeline.family.corpus import TEST_FRACTION
+
+LANGUAGES = "[en,de,es,fr,it]"
+
+
+class StepFailed(UserError):
+    pass
+
+
+class Family:
+    """Paths of one family's outputs and the commands that make them."""
+
+    def __init__(self, cfg: FamilyConfig):
+        from pipeline.family.corpus import default_dir
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.corpus = Path(cfg.corpus) if cfg.corpus else default_dir()
+        self.report = Path(cfg.report) if cfg.report else self.out / "report" / "results.md"
+        self.train_store = self.out / "activations/train"
+        self.test_store = self.out / "activations/test"
+        self.env = {**os.environ, "PIPELINE_FAMILY_CORPUS": str(self.corpus.resolve())}
+
+    def sae(self, n: int) -> Path:
+        return self.out / "train" / str(n) / "sae"
+
+    def dir(self, step: str, n: int | str) -> Path:
+        return self.out / step / str(n)
+
+    def model(self, prefix: str = "input.") -> str:
+        return f"{prefix}model.name={self.cfg.model_name}"
+
+    def run(self, step: str, module: str, *args: str, nproc: int = 1) -> None:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+        cmd = [sys.executable, *launcher, "-m", module, *args]
+        shown = shlex.join(["python", *cmd[1:]])
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "commands.sh", "a") as f:
+            f.write(f"# {step}\nPIPELINE_FAMILY_CORPUS={shlex.quote(str(self.corpus))} {shown}\n")
+        print(f"[family] {step}: {shown}", flush=True)
+        t = time.time()
+        env = {**self.env, "OMP_NUM_THREADS": self.env.get("OMP_NUM_THREADS", "1")} if nproc > 1 else self.env
+        if subprocess.run(cmd, env=env).returncode != 0:
+            raise StepFailed(f"family step {step} failed: {shown}. Fix what it reported, then run the same "
+                             "family command again: finished work is kept and the stages resume")
+        print(f"[family] {step}: done in {time.time() - t:.0f}s", flush=True)
+
+
+def _progress(cfg: FamilyConfig) -> str:
+    return f"progress={str(cfg.progress).lower()}"
+
+
+def step_corpus(f: Family) -> None:
+    if not (f.corpus / "manifest.json").exists():
+        from pipeline.family.corpus import main
+        main([str(f.corpus)])
+
+
+def step_cache(f: Family) -> None:
+    c = f.cfg
+    f.run("cache test", "pipeline.cache", f.model(""), f"hooks=[{c.hook}]", "data=family", "data.split=test", f"n_tokens={c.test_tokens}",
+          f"store.url={f.test_store}", _progress(c))
+    f.run("cache train", "pipeline.cache", f.model(""), f"hooks=[{c.hook}]", "data=family", f"n_tokens={c.n_tokens}", f"store.url={f.train_store}",
+          _progress(c))
+
+
+def step_train(f: Family) -> None:
+    c = f.cfg
+    for n in c.sizes:
+        out = f.out / "train" / str(n)
+        if (out / "heldout.json").exists():
+            continue  # the trainer would skip it too, after loading; this saves the start-up
+        f.run(f"train {n}", "pipeline.train", f"sae={c.architecture}", f"sae.n_features={n}",
+              f"parallel.feature_parallel={c.nproc}", f"data.url={f.train_store}", f"n_tokens={c.n_tokens}",
+              f"heldout_url={f.test_store}", f"out_dir={out}", _progress(c), *c.train_args, nproc=c.nproc)
+
+
+def step_evaluate(f: Family) -> None:
+    c = f.cfg
+    for n in c.sizes:
+        if not (f.dir("evaluate", n) / "metrics.json").exists():
+            f.run(f"evaluate {n}", "pipeline.evaluate", f.model(), f"input.checkpoint={f.sae(n)}", "input/data=family",
+                  f"input.n_tokens={c.eval_tokens}", f"out_dir={f.dir('evaluate', n)}", _progress(c))
+
+
+def step_interpret(f: Family) -> None:
+    c = f.cfg
+    for n in c.sizes:
+        if not (f.dir("interpret", n) / "crosslingual.json").exists():
+            f.run(f"interpret {n}", "pipeline.interpret", f.model(), f"input.checkpoint={f.sae(n)}", "input/data=family",
+                  f"input.n_tokens={c.interpret_tokens}", f"max_pages={c.max_pages}",
+                  f"parallel_file={f.corpus / 'parallel.jsonl'}", f"languages={LANGUAGES}",
+                  f"out_dir={f.dir('interpret', n)}", _progress(c))
+
+
+def _audit_done(out: Path, task: str) -> bool:
+    p = out / "audit.json"
+    return p.exists() and task in json.loads(p.read_text())
+
+
+def step_audit(f: Family) -> None:
+    c = f.cfg
+    # completeness counts concept names in the training text the store was cached from
+    corpus = ["task.corpus.source=files", f"task.corpus.path=[{f.corpus / 'documents'}/*.jsonl]",
+              f"task.corpus.test_fraction={TEST_FRACTION}", f"task.max_documents={c.completeness_documents}"]
+    per_task = {"concepts": [], "neighbours": [], "completeness": corpus}
+    for n in c.sizes:
+        out = f.dir("audit", n)
+        for task, extra in per_task.items():
+            if not _audit_done(out, task):
+                f.run(f"audit {task} {n}", "pipeline.audit", f"audit/task={task}", f.model(), f"input.checkpoint={f.sae(n)}",
+                      f"dashboard={f.dir('interpret', n)}", f"out_dir={out}", *extra)
+    for small, large in zip(c.sizes, c.sizes[1:]):
+        out = f.dir("audit", f"{small}-{large}")
+        if not _audit_done(out, "splitting"):
+            f.run(f"audit splitting {small}->{large}", "pipeline.audit", "audit/task=splitting",
+                  f"task.small={f.sae(small)}", f"task.large={f.sae(large)}",
+                  f"task.large_dashboard={f.dir('interpret', large)}", f"dashboard={f.dir('interpret', small)}",
+                  f"out_dir={out}")
+
+
+def best_concept_feature(audit_json: Path) -> dict | None:
+    """The concept-search feature with the highest held-out AUROC over every concept set."""
+    sec = json.loads(audit_json.read_text()).get("concepts", {})
+    found = [{"concept": c["name"], **x} for c in sec.get("concepts", []) for x in c["features"]]
+    return max(found, key=lambda x: x["heldout_auroc"], default=None)
+
+
+def step_steer(f: Family) -> None:
+    """A sample generation with each size's best concept feature clamped as the concepts audit clamps it
+    (clamp_multiple x its max activation), beside the clean one."""
+    for n in f.cfg.sizes:
+        out = f.dir("steer", n)
+        best = best_concept_feature(f.dir("audit", n) / "audit.json")
+        if best is None or (out / "generations.json").exists():
+            continue
+        multiple = json.loads((f.dir("audit", n) / "audit.json").read_text())["concepts"]["clamp_multiple"]
+        f.run(f"steer {n} ({best['concept']})", "pipeline.steer", f.model(), f"input.checkpoint={f.sae(n)}",
+              f"features={f.dir('interpret', n) / 'features.json'}", f"clamp=[\"{best['feature']}:{multiple:g}x\"]",
+              f"out_dir={out}")
+
+
+def step_attribute(f: Family) -> None:
+    c = f.cfg
+    for n in c.sizes:
+        for i, p in enumerate(c.attribution_prompts):
+            out = f.dir("attribute", n) / str(i)
+            if not (out / "attribute.json").exists():
+                f.run(f"attribute {n} #{i}", "pipeline.interpret", "task=attribute", f.model(), f"input.checkpoint={f.sae(n)}",
+                      "input/data=family", f"prompt={json.dumps(p['prompt'])}", f"target={json.dumps(p['target'])}",
+                      f"features={f.dir('interpret', n) / 'features.json'}", f"out_dir={out}")
+
+
+def step_publish(f: Family) -> None:
+    c = f.cfg
+    lst = lambda paths: "[" + ",".join(str(p) for p in paths) + "]"  # noqa: E731
+    f.run("publish", "pipeline.publish", f"checkpoints={lst(f.sae(n) for n in c.sizes)}",
+          f"eval_dirs={lst(f.dir('evaluate', n) for n in c.sizes)}",
+          f"dashboard_dirs={lst(f.dir('interpret', n) for n in c.sizes)}", f"out_dir={f.out / 'release'}",
+          f"sae_ids={lst(f'{c.hook}-{n}' for n in c.sizes)}",
+          "title=" + json.dumps(f"{c.model_name} {c.hook} dictionary family ({', '.join(map(str, c.sizes))} features)"),
+          _progress(c), *c.publish_args)
+
+
+def step_report(f: Family) -> None:
+    from pipeline.family.report import write_report
+    path = write_report(f)
+    print(f"[family] report: {path}", flush=True)
+
+
+STEP_FUNCTIONS = {"corpus": step_corpus, "cache": step_cache, "train": step_train, "evaluate": step_evaluate,
+                  "interpret": step_interpret, "audit": step_audit, "steer": step_steer, "attribute": step_attribute,
+                  "publish": step_publish, "report": step_report}
+
+
+def run(cfg: FamilyConfig) -> Path:
+    f = Family(cfg)
+    t = time.time()
+    for step in cfg.steps:
+        STEP_FUNCTIONS[step](f)
+    print(f"[family] {len(cfg.steps)} steps in {time.time() - t:.0f}s; report in {f.report}", flush=True)
+    return f.report

@@ -1,0 +1,134 @@
+"""The family corpus builder (alignment, split, sizes) on a constructed package tree, and the family
+driver end to end on tiny sizes with a tiny model: every step's output, the report, and resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import DataConfig, iter_documents
+from pipeline.errors import ConfigError
+from pipeline.family import FamilyConfig
+from pipeline.family import corpus as C
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = {"en": "the house is red and the sky is blue", "de": "das Haus ist rot und der Himmel ist blau",
+         "es": "la casa es roja y el cielo es azul", "fr": "la maison est rouge et le ciel est bleu",
+         "it": "la casa è rossa e il cielo è blu", "pt": "a casa é vermelha e o céu é azul"}
+
+
+def _para(lang: str, f: int, i: int, untranslated: bool = False) -> str:
+    text = WORDS["en" if untranslated else lang]
+    return f'<div class="para">\n {text} <em>number</em> {i} of chapter {f}, long enough to keep.\n</div>'
+
+
+def fake_packages(root: Path, n_files: int = 30, paras: int = 12) -> None:
+    """A handbook in every HANDBOOK_LANGUAGES folder (chapter 0 with one paragraph fewer in German:
+    not alignable; paragraph 1 of every chapter left in English by the Italian translators), a
+    Debian Reference in the five languages and Python's reST sources."""
+    hb = root / "usr/share/doc/debian-handbook/html"
+    for folder, lang in C.HANDBOOK_LANGUAGES.items():
+        for f in range(n_files):
+            n = paras - 1 if (lang == "de" and f == 0) else paras
+            body = "".join(_para(lang, f, i, untranslated=(lang == "it" and i == 1)) for i in range(n))
+            (hb / folder).mkdir(parents=True, exist_ok=True)
+            (hb / folder / f"chapter{f}.html").write_text(f"<html><body><div class='x'>{body}</div></body></html>")
+    for lang in C.REFERENCE_LANGUAGES:
+        d = root / f"usr/share/doc/debian-reference-{lang}/docs"
+        d.mkdir(parents=True)
+        for f in range(3):
+            (d / f"ch0{f}.{lang}.html").write_text("".join(f"<p>{WORDS[lang]} reference {f}.{i}</p>" for i in range(5)))
+    src = root / "usr/share/doc/python3.11/html/_sources/library"
+    src.mkdir(parents=True)
+    for f in range(4):
+        (src / f"mod{f}.rst.txt").write_text("\n\n".join(f"Python paragraph {i} of module {f}." for i in range(20)))
+
+
+class WordTokenizer:
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [t.split() for t in texts]}
+
+
+def test_corpus_alignment_split_and_sizes(tmp_path):
+    fake_packages(tmp_path / "x")
+    docs, parallel = C.collect(tmp_path / "x", None)
+    dest = tmp_path / "corpus"
+    m = C.write(dest, docs, parallel, {"packages": {}}, WordTokenizer())
+    # sizes: the manifest's counts are the files' contents
+    files = sorted((dest / "documents").glob("*.jsonl"))
+    rows = [json.loads(x) for f in files for x in f.read_text().splitlines()]
+    assert m["total"]["documents"] == len(rows) == len(docs)
+    assert m["total"]["chars"] == sum(len(r["text"]) for r in rows)
+    assert m["total"]["tokens"] == sum(len(r["text"].split()) for r in rows)
+    assert {r["source"] for r in rows} == {"handbook", "reference", "python-docs"}
+    # untranslated paragraphs are not repeated in the language that left them in English
+    it = [r["text"] for r in rows if r["source"] == "handbook" and r["lang"] == "it" and r["group"].endswith("/0")]
+    assert it and not any(WORDS["en"] in t for t in it)
+    # the split is by group: every translation of a passage is on the same side, through the data stage
+    cfg = dict(source="files", path=[str(dest / "documents/*.jsonl")], test_fraction=C.TEST_FRACTION, shuffle_seed=None)
+    by_text = {r["text"]: r["group"] for r in rows}
+    train = {by_text[t] for t in iter_documents(DataConfig(split="train", **cfg))}
+    test = {by_text[t] for t in iter_documents(DataConfig(split="test", **cfg))}
+    assert train and test and not train & test and len(train | test) == len({r["group"] for r in rows})
+    # parallel rows: test side only, aligned paragraph by paragraph, translated, never the misaligned chapter
+    assert parallel and m["parallel_rows"] == len(parallel) == len((dest / "parallel.jsonl").read_text().splitlines())
+    for p in parallel:
+        assert p["group"] in test and "chapter0/" not in p["group"]
+        numbers = {lang: p[lang].split("number")[1] for lang in C.PARALLEL_LANGUAGES}
+        assert len(set(numbers.values())) == 1  # the same paragraph in every language
+        assert all(p[x].startswith(WORDS[x]) for x in C.PARALLEL_LANGUAGES)
+    assert not any(p["group"].startswith("handbook") and " 1 of chapter" in p["en"] for p in parallel)
+
+
+def test_family_config_refuses_bad_values():
+    with pytest.raises(ConfigError, match="smallest first"):
+        FamilyConfig(sizes=[256, 64])
+    with pytest.raises(ConfigError, match="steps has"):
+        FamilyConfig(steps=["cache", "bake"])
+    with pytest.raises(ConfigError, match="prompt"):
+        FamilyConfig(attribution_prompts=[{"prompt": "x"}])
+
+
+def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir):
+    """The driver on two tiny dictionaries of a tiny model: corpus from the constructed packages,
+    every step, the report's sections; then a rerun finds everything done and runs no stage again."""
+    fake_packages(tmp_path / "x", n_files=80, paras=16)
+    docs, parallel = C.collect(tmp_path / "x", None)
+    corpus = tmp_path / "corpus"
+    C.write(corpus, docs, parallel, {"packages": {"test": "1"}}, WordTokenizer())
+    out = tmp_path / "family"
+    args = [f"model_name={tiny_model_dir}", "hook=model.layers.2", "sizes=[32,64]", "n_tokens=12000", "test_tokens=3000",
+            "eval_tokens=2000", "interpret_tokens=3000", "max_pages=5", "completeness_documents=200",
+            f"corpus={corpus}", f"out_dir={out}", 'train_args=["batch_size=256"]',
+            'attribution_prompts=[{prompt: "the house is", target: " red"}]']
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PIPELINE_RUNS": str(tmp_path / "runs")}
+    p = subprocess.run([sys.executable, "-m", "pipeline.family", *args], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for n in (32, 64):
+        assert json.loads((out / f"train/{n}/heldout.json").read_text())["n_features"] == n
+        assert (out / f"evaluate/{n}/metrics.json").exists() and (out / f"interpret/{n}/crosslingual.json").exists()
+        assert {"concepts", "neighbours", "completeness"} <= set(json.loads((out / f"audit/{n}/audit.json").read_text()))
+        assert (out / f"attribute/{n}/0/attribute.json").exists()
+    assert "splitting" in json.loads((out / "audit/32-64/audit.json").read_text())
+    cross = json.loads((out / "interpret/64/crosslingual.json").read_text())
+    assert cross["n_sentences"] == len(parallel) and "ci95" in cross["parallel_minus_mismatched"]
+    report = (out / "report/results.md").read_text()
+    for title in ("Reconstruction", "splitting", "Completeness", "Multilingual", "Concept search",
+                  "Neighbourhood", "computational intermediates", "Commands"):
+        assert title in report, title
+    assert "not run" not in report and (out / "report/results/size.png").exists()
+    assert "python -m pipeline.train" in report and "sae.n_features=64" in report
+    assert sorted(p.name for p in (out / "release").rglob("cfg.json"))  # one folder per size
+    # resumed: a second run finds every output and starts no stage but the cheap cache check
+    before = (out / "commands.sh").read_text()
+    p = subprocess.run([sys.executable, "-m", "pipeline.family", *args], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    again = (out / "commands.sh").read_text()[len(before):]
+    assert "pipeline.train" not in again and "pipeline.evaluate" not in again and "pipeline.audit" not in again

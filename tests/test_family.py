@@ -105,7 +105,9 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir):
     args = [f"model_name={tiny_model_dir}", "hook=model.layers.2", "sizes=[32,64]", "n_tokens=12000", "test_tokens=3000",
             "eval_tokens=2000", "interpret_tokens=3000", "max_pages=5", "completeness_documents=200",
             f"corpus={corpus}", f"out_dir={out}", 'train_args=["batch_size=256"]',
-            'attribution_prompts=[{prompt: "the house is", target: " red"}]']
+            'attribution_prompts=[{prompt: "the house is", target: " red"}]',
+            'sweep_args=["sae.n_features=8,16,32", "n_tokens=2048,4096,8192", "batch_size=256", "sae.k=4", '
+            '"heldout_tokens=2000"]']
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PIPELINE_RUNS": str(tmp_path / "runs")}
     p = subprocess.run([sys.executable, "-m", "pipeline.family", *args], cwd=ROOT, capture_output=True, text=True,
                        env=env, timeout=900)
@@ -119,7 +121,9 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir):
     cross = json.loads((out / "interpret/64/crosslingual.json").read_text())
     assert cross["n_sentences"] == len(parallel) and "ci95" in cross["parallel_minus_mismatched"]
     report = (out / "report/results.md").read_text()
-    for title in ("Reconstruction", "splitting", "Completeness", "Multilingual", "Concept search",
+    scaling = json.loads((out / "sweep/scaling.json").read_text())
+    assert scaling["n_points"] == 9 and "a = " in report and (out / "report/results/density_64.png").exists()
+    for title in ("Reconstruction", "Scaling-law sweep", "splitting", "Completeness", "Multilingual", "Concept search",
                   "Neighbourhood", "computational intermediates", "Commands"):
         assert title in report, title
     assert "not run" not in report and (out / "report/results/size.png").exists()
@@ -131,4 +135,4 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir):
                        env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     again = (out / "commands.sh").read_text()[len(before):]
-    assert "pipeline.train" not in again and "pipeline.evaluate" not in again and "pipeline.audit" not in again
+    assert "pipeline.train" not in again and "pipeline.scaling" not in again and "pipeline.evaluate" not in again and "pipeline.audit" not in again

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
 
-STEPS = ("corpus", "cache", "train", "evaluate", "interpret", "audit", "steer", "attribute", "publish", "report")
+STEPS = ("corpus", "cache", "train", "sweep", "evaluate", "interpret", "audit", "steer", "attribute", "publish", "report")
 
 ATTRIBUTION_PROMPTS = [
     {"prompt": "The capital of France is", "target": " Paris"},
@@ -57,6 +57,10 @@ class FamilyConfig:
     family is resumed by running the same command again."""
     train_args: list[str] = field(default_factory=list)
     """Extra overrides for every pipeline.train run, quoted for Hydra: train_args='["batch_size=2048"]'."""
+    sweep_args: list[str] = field(default_factory=lambda: [
+        "sae.n_features=512,1024,2048,4096", "n_tokens=204800,409600,819200,1638400", "optim.lr=null"])
+    """Overrides for the scaling-law sweep (conf/sweep/gao.yaml, on the family's stores, its lr left to the
+    recipe) whose fit (pipeline.scaling) the report compares with Gao et al.'s."""
     publish_args: list[str] = field(default_factory=lambda: ["dry_run=true"])
     """Overrides for pipeline.publish, quoted for Hydra: publish_args='["repo_id=me/smollm2-family"]'; by
     default a release folder only (dry_run=true)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -76,6 +77,13 @@ def section_reconstruction(f, figs: Path) -> list[str]:
                    f"{_fmt((e.get('kl_to_clean') or {}).get('spliced'))} | "
                    f"{_fmt(e['dead_fraction'] * 100, 2) + '%' if 'dead_fraction' in e else '-'} | "
                    f"{_fmt(float(tps), 0) if tps is not None else '-'} |")
+    hists = [(r["n"], f.dir("evaluate", r["n"]) / "density_histogram.png") for r in runs]
+    hists = [(n, p) for n, p in hists if p.exists()]
+    for n, p in hists:
+        shutil.copyfile(p, figs / f"density_{n}.png")
+    if hists:
+        out += ["", "Feature density (log10 of the fraction of held-out tokens a feature fires on), per size: "
+                + ", ".join(f"[{n:,}]({figs.name}/density_{n}.png)" for n, _ in hists) + "."]
     sizes = [r["n"] for r in runs]
     fvu = [(r["heldout"] or {}).get("fvu") for r in runs]
     fit = power_law(sizes, fvu)
@@ -107,6 +115,33 @@ def section_reconstruction(f, figs: Path) -> list[str]:
         out += ["", f"![training FVU against tokens]({figs.name}/tokens.png)",
                 "", "Training-batch FVU per logged step (metrics.jsonl); each batch is measured before the step "
                 "trains on it, so it is a held-out figure for that batch."]
+    return out
+
+
+def _ci(x: list | None) -> str:
+    return f" [{x[0]:.3g}, {x[1]:.3g}]" if x else ""
+
+
+def section_sweep(f, figs: Path) -> list[str]:
+    """The sweep's fits against Gao et al. (2024), who fit L(C) = 0.09 + 0.056 C^-0.084 (normalised MSE)."""
+    sweep = f.out / "sweep"
+    r = _json(sweep / "scaling.json")
+    out = ["## 1b. Scaling-law sweep", "", f"Gao et al.'s sweep (topk, k = {(r or {}).get('k', '-')}, sizes × token "
+           "budgets, conf/sweep/gao.yaml) on the family's tokens with the default recipe, fitted by "
+           "`pipeline.scaling` (95% bootstrap intervals over runs)."]
+    if not r:
+        return out + ["", "Not run."]
+    fr, j = r["frontier"], r["joint"]
+    out += ["", f"- {r['n_points']} runs. Compute frontier L(C) = E + A·C^-a: a = {fr['fit']['a']:.3f}"
+            f"{_ci(fr.get('ci95', {}).get('a'))}, E = {fr['fit']['E']:.3g}; Gao et al. (2024) fit a = 0.084, "
+            "E = 0.09 on GPT-4 activations over far larger compute.",
+            f"- Joint L(N, D) = E + A/N^alpha + B/D^beta: alpha = {j['fit']['alpha']:.3f}"
+            f"{_ci(j.get('ci95', {}).get('alpha'))}, beta = {j['fit']['beta']:.3f}{_ci(j.get('ci95', {}).get('beta'))}.",
+            f"- Compute-optimal size N_opt ∝ C^{fr['n_opt']['b']:.2f}, tokens D_opt ∝ C^{fr['d_opt']['c']:.2f}."]
+    png = sweep / "loss_vs_compute.png"
+    if png.exists():
+        shutil.copyfile(png, figs / "sweep_loss_vs_compute.png")
+        out += ["", f"![sweep: loss against compute]({figs.name}/sweep_loss_vs_compute.png)"]
     return out
 
 
@@ -279,7 +314,7 @@ def write_report(f) -> Path:
             f"Corpus ({_rel(f.corpus, base)}, pipeline/family/corpus.py): {tr.get('tokens', 0):,} training tokens, "
             f"{m.get('parallel_rows', 0)} held-out parallel paragraphs in {', '.join(m.get('parallel_languages', []))}; "
             "packages: " + ", ".join(f"{k} {v}" for k, v in m.get("packages", {}).items()) + "."]
-    body = [*section_reconstruction(f, figs), "", *section_splitting(f), "", *section_completeness(f, figs), "",
+    body = [*section_reconstruction(f, figs), "", *section_sweep(f, figs), "", *section_splitting(f), "", *section_completeness(f, figs), "",
             *section_multilingual(f), "", *section_concepts(f), "", *section_neighbours(f, base), "",
             *section_attribution(f)]
     # a resumed family appends the commands it ran again; each is listed once, where it first ran

@@ -90,6 +90,16 @@ def step_train(f: Family) -> None:
               f"heldout_url={f.test_store}", f"out_dir={out}", _progress(c), *c.train_args, nproc=c.nproc)
 
 
+def step_sweep(f: Family) -> None:
+    """Gao et al.'s sweep (sizes x token budgets, conf/sweep/gao.yaml) on the family's tokens, then its fit;
+    the multirun skips finished points, so a rerun only finishes the sweep."""
+    sweep = f.out / "sweep"
+    if not (sweep / "scaling.json").exists():
+        f.run("sweep", "pipeline.train", "+sweep=gao", f"data.url={f.train_store}", f"heldout_url={f.test_store}",
+              f"hydra.sweep.dir={sweep}", *f.cfg.sweep_args)
+        f.run("scaling fit", "pipeline.scaling", str(sweep))
+
+
 def step_evaluate(f: Family) -> None:
     c = f.cfg
     for n in c.sizes:
@@ -183,7 +193,7 @@ def step_report(f: Family) -> None:
     print(f"[family] report: {path}", flush=True)
 
 
-STEP_FUNCTIONS = {"corpus": step_corpus, "cache": step_cache, "train": step_train, "evaluate": step_evaluate,
+STEP_FUNCTIONS = {"corpus": step_corpus, "cache": step_cache, "train": step_train, "sweep": step_sweep, "evaluate": step_evaluate,
                   "interpret": step_interpret, "audit": step_audit, "steer": step_steer, "attribute": step_attribute,
                   "publish": step_publish, "report": step_report}
 

@@ -16,7 +16,11 @@ from pipeline.errors import ConfigError
 from pipeline.family import FamilyConfig
 from pipeline.family import corpus as C
 
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import HubServer  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "hf_FAMILYtestTOKEN0123456789"
 WORDS = {"en": "the house is red and the sky is blue", "de": "das Haus ist rot und der Himmel ist blau",
          "es": "la casa es roja y el cielo es azul", "fr": "la maison est rouge et le ciel est bleu",
          "it": "la casa è rossa e il cielo è blu", "pt": "a casa é vermelha e o céu é azul"}
@@ -96,7 +100,13 @@ def test_family_config_refuses_bad_values():
 
 def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir):
     """The driver on two tiny dictionaries of a tiny model: corpus from the constructed packages,
-    every step, the report's sections; then a rerun finds everything done and runs no stage again."""
+    every step, the report's sections, the release on a loopback Hub (one folder per size); then a
+    rerun finds everything done and runs no stage again."""
+    with HubServer(tokens={TOKEN: "alice"}) as hub:
+        _family_end_to_end(tmp_path, tiny_model_dir, hub)
+
+
+def _family_end_to_end(tmp_path, tiny_model_dir, hub):
     fake_packages(tmp_path / "x", n_files=80, paras=16)
     docs, parallel = C.collect(tmp_path / "x", None)
     corpus = tmp_path / "corpus"
@@ -107,8 +117,9 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir):
             f"corpus={corpus}", f"out_dir={out}", 'train_args=["batch_size=256"]',
             'attribution_prompts=[{prompt: "the house is", target: " red"}]',
             'sweep_args=["sae.n_features=8,16,32", "n_tokens=2048,4096,8192", "batch_size=256", "sae.k=4", '
-            '"heldout_tokens=2000"]']
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PIPELINE_RUNS": str(tmp_path / "runs")}
+            '"heldout_tokens=2000"]', 'publish_args=["repo_id=alice/family"]']
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PIPELINE_RUNS": str(tmp_path / "runs"), "HF_TOKEN": TOKEN,
+           "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf")}
     p = subprocess.run([sys.executable, "-m", "pipeline.family", *args], cwd=ROOT, capture_output=True, text=True,
                        env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -128,7 +139,10 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir):
         assert title in report, title
     assert "not run" not in report and (out / "report/results/size.png").exists()
     assert "python -m pipeline.train" in report and "sae.n_features=64" in report
-    assert sorted(p.name for p in (out / "release").rglob("cfg.json"))  # one folder per size
+    on_hub = hub.state.files("alice/family")
+    for n in (32, 64):  # one folder per size, as written locally
+        assert on_hub[f"model.layers.2-{n}/cfg.json"] == (out / f"release/model.layers.2-{n}/cfg.json").read_bytes()
+    assert b"model.layers.2-64" in on_hub["README.md"]  # the card lists every size
     # resumed: a second run finds every output and starts no stage but the cheap cache check
     before = (out / "commands.sh").read_text()
     p = subprocess.run([sys.executable, "-m", "pipeline.family", *args], cwd=ROOT, capture_output=True, text=True,

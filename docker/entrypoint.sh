@@ -11,7 +11,7 @@
 # (print the command instead of running it).
 set -euo pipefail
 
-STAGES=(cache train evaluate interpret steer audit publish plan scaling)
+STAGES=(cache train evaluate interpret steer audit publish plan scaling family)
 DISTRIBUTED=(train)
 # stages whose command line takes a folder as its first argument (scaling: the sweep's folder)
 POSITIONAL=(scaling)

@@ -17,7 +17,7 @@ import system_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
-STAGES = ["cache", "train", "evaluate", "interpret", "steer", "audit", "publish", "plan", "scaling"]
+STAGES = ["cache", "train", "evaluate", "interpret", "steer", "audit", "publish", "plan", "scaling", "family"]
 
 
 def fake_root(tmp_path: Path, stages) -> Path:

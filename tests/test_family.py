@@ -98,15 +98,17 @@ def test_family_config_refuses_bad_values():
         FamilyConfig(attribution_prompts=[{"prompt": "x"}])
 
 
-def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir):
+@pytest.fixture
+def hub():
+    """A loopback Hugging Face Hub with one user, alice."""
+    with HubServer(tokens={TOKEN: "alice"}) as server:
+        yield server
+
+
+def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir, hub):
     """The driver on two tiny dictionaries of a tiny model: corpus from the constructed packages,
     every step, the report's sections, the release on a loopback Hub (one folder per size); then a
     rerun finds everything done and runs no stage again."""
-    with HubServer(tokens={TOKEN: "alice"}) as hub:
-        _family_end_to_end(tmp_path, tiny_model_dir, hub)
-
-
-def _family_end_to_end(tmp_path, tiny_model_dir, hub):
     fake_packages(tmp_path / "x", n_files=80, paras=16)
     docs, parallel = C.collect(tmp_path / "x", None)
     corpus = tmp_path / "corpus"

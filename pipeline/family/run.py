@@ -145,9 +145,11 @@ def step_audit(f: Family) -> None:
 
 
 def best_concept_feature(audit_json: Path) -> dict | None:
-    """The concept-search feature with the highest held-out AUROC over every concept set."""
+    """The concept-search feature with the highest held-out AUROC over every concept set, with the
+    clamp multiple the audit steered it with."""
     sec = json.loads(audit_json.read_text()).get("concepts", {})
-    found = [{"concept": c["name"], **x} for c in sec.get("concepts", []) for x in c["features"]]
+    found = [{"concept": c["name"], "clamp_multiple": sec["clamp_multiple"], **x}
+             for c in sec.get("concepts", []) for x in c["features"]]
     return max(found, key=lambda x: x["heldout_auroc"], default=None)
 
 
@@ -159,9 +161,8 @@ def step_steer(f: Family) -> None:
         best = best_concept_feature(f.dir("audit", n) / "audit.json")
         if best is None or (out / "generations.json").exists():
             continue
-        multiple = json.loads((f.dir("audit", n) / "audit.json").read_text())["concepts"]["clamp_multiple"]
         f.run(f"steer {n} ({best['concept']})", "pipeline.steer", f.model(), f"input.checkpoint={f.sae(n)}",
-              f"features={f.dir('interpret', n) / 'features.json'}", f"clamp=[\"{best['feature']}:{multiple:g}x\"]",
+              f"features={f.dir('interpret', n) / 'features.json'}", f"clamp=[\"{best['feature']}:{best['clamp_multiple']:g}x\"]",
               f"out_dir={out}")
 
 

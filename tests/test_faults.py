@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,28 @@ def test_resuming_a_store_with_unreadable_metadata_names_the_file(store_url, tmp
     path.write_text('{"zarr_format": 3, "node_ty')
     with pytest.raises(StoreError, match=re.escape(f"{path}' of the store at {url!r} is unreadable (JSONDecodeError")):
         make_store(url, N_CTX)
+
+
+def test_workers_creating_one_store_at_once_all_open_it(tmp_path):
+    """Workers of one store start together: each checks for the group, finds none, creates it; all
+    but the first find it made in between and must open it (as cache workers started by one sbatch do)."""
+    layout = StoreLayout(("h",), D, "float32", 2 * N_CTX, RPC, shard_contexts=N_CTX, chunk_contexts=CHUNK_CTX)
+    for attempt in range(8):
+        url, start, errors = str(tmp_path / f"store{attempt}"), threading.Barrier(4), []
+
+        def open_writer():
+            start.wait()
+            try:
+                ActivationStoreWriter(url, layout, {"fingerprint": "x"}).close()
+            except Exception as exc:  # noqa: BLE001 -- collected and asserted below
+                errors.append(exc)
+        threads = [threading.Thread(target=open_writer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert zarr.open_group(url, mode="r").attrs[F.HEADER_ATTR]["fingerprint"] == "x"
 
 
 # -- non-finite rows -------------------------------------------------------------------------------

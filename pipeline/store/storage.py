@@ -133,7 +133,12 @@ class Storage:
         unreadable metadata file raises StoreError."""
         import zarr
         with self._metadata(""):
-            return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode, attributes=attributes)
+            try:
+                return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode, attributes=attributes)
+            except zarr.errors.ContainsGroupError:
+                # mode "a" checks, then creates: a concurrent worker of the same store created the group
+                # in between (its metadata is written atomically, header included), so open that one
+                return zarr.open_group(self.zarr_store(), mode="r+")
 
     def open_array(self, group, name: str):
         """Array `name` of `group`; a missing or unreadable metadata file raises StoreError."""

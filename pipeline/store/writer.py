@@ -130,8 +130,13 @@ class ActivationStoreWriter:
 
     # -- creation ----------------------------------------------------------------------------
     def _open(self, overwrite: bool) -> None:
-        exists = self.storage.check_access()
-        group = self.storage.open_group("a") if exists else None
+        # One listing decides what is here. A concurrent worker of this store writes the group's
+        # zarr.json (header included, atomically: a "*.partial" file then a rename) before anything
+        # else, so a listing without it holds only that worker's write in flight or a foreign folder.
+        entries = self.storage.fs.ls(self.storage.root, detail=False) if self.storage.check_access() else []
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in entries} - {""}
+        names = {n for n in names if not n.endswith(".partial")}
+        group = self.storage.open_group("r+") if "zarr.json" in names else None
         old = dict(group.attrs).get(F.HEADER_ATTR) if group is not None else None
         if old is not None and old.get("fingerprint") != self.header["fingerprint"]:
             if not overwrite:
@@ -141,7 +146,7 @@ class ActivationStoreWriter:
                     f"({'; '.join(diff) or 'layout differs'}). Fix: pass the same configuration to resume "
                     "it, choose another store URL, or set overwrite=true to replace it")
             self.storage.fs.rm(self.storage.root, recursive=True)
-        elif old is None and exists and self.storage.fs.ls(self.storage.root):
+        elif old is None and names:
             if not overwrite:
                 raise StoreMismatchError(
                     f"{self.storage.url!r} exists and is not an activation store; refusing to write into "

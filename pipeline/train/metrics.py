@@ -23,10 +23,12 @@ def step_stats(out: ForwardOutput, x: torch.Tensor, mesh: Mesh) -> dict:
     """Global-batch values of this step on every rank, in one all-reduce over the world: means
     over the data-parallel ranks, sums for sse/sum_sq/n/sum_x, nonfinite set if any rank's loss is."""
     x = x.float()
+    n = torch.full((), float(x.shape[0]), device=x.device)
+    # built where x is, read back once: one host sync per step (on a GPU each .item()/.cpu() waits
+    # for the queued work; the non-finite check needs this step's values before backward)
     local = torch.stack([out.loss.float(), out.mse.float(), out.sparsity.float(), out.aux.float(), out.l0.float(),
-                         out.mse.float() * x.shape[0], x.pow(2).sum(), torch.tensor(float(x.shape[0])),
-                         torch.tensor(float(not torch.isfinite(out.loss).item()))])
-    v = torch.cat([local.cpu(), x.sum(0).cpu()]).to(x.device)
+                         out.mse.float() * x.shape[0], x.pow(2).sum(), n, (~torch.isfinite(out.loss)).float()])
+    v = torch.cat([local, x.sum(0)])
     if dist.get_world_size() > 1:
         dist.all_reduce(v)
     v = v.cpu() / mesh.dims.feature_parallel   # feature-parallel ranks hold the same values

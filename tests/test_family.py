@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +116,7 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir, hub):
     C.write(corpus, docs, parallel, {"packages": {"test": "1"}}, WordTokenizer())
     out = tmp_path / "family"
     args = [f"model_name={tiny_model_dir}", "hook=model.layers.2", "sizes=[32,64]", "n_tokens=12000", "test_tokens=3000",
-            "eval_tokens=2000", "interpret_tokens=3000", "max_pages=5", "completeness_documents=200",
+            "eval_tokens=2000", "interpret_tokens=3000", "max_pages=5", "completeness_documents=200", "checkpoint_every=20",
             f"corpus={corpus}", f"out_dir={out}", 'train_args=["batch_size=256"]',
             'attribution_prompts=[{prompt: "the house is", target: " red"}]',
             'sweep_args=["sae.n_features=8,16,32", "n_tokens=2048,4096,8192", "batch_size=256", "sae.k=4", '
@@ -126,7 +127,9 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir, hub):
                        env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for n in (32, 64):
-        assert json.loads((out / f"train/{n}/heldout.json").read_text())["n_features"] == n
+        held = json.loads((out / f"train/{n}/heldout.json").read_text())
+        assert held["n_features"] == n and held["point"]["heldout_tokens"] == 3000  # every held-out row
+        assert {"step-40", "step-46"} <= {p.name for p in (out / f"train/{n}/checkpoints").iterdir()}
         assert (out / f"evaluate/{n}/metrics.json").exists() and (out / f"interpret/{n}/crosslingual.json").exists()
         assert {"concepts", "neighbours", "completeness"} <= set(json.loads((out / f"audit/{n}/audit.json").read_text()))
         assert (out / f"attribute/{n}/0/attribute.json").exists()
@@ -140,6 +143,8 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir, hub):
                   "Neighbourhood", "computational intermediates", "Commands"):
         assert title in report, title
     assert "not run" not in report and (out / "report/results/size.png").exists()
+    window = json.loads((out / "train/64/sae/cfg.json").read_text())["config"]["dead_tokens"]
+    assert re.search(rf"\| 64 \|.*\| [0-9.]+% \({window:,}\) \| [0-9.]+% of [0-9,]+ \|", report)
     assert "python -m pipeline.train" in report and "sae.n_features=64" in report
     on_hub = hub.state.files("alice/family")
     for n in (32, 64):  # one folder per size, as written locally

@@ -55,6 +55,9 @@ class FamilyConfig:
     steps: list[str] = field(default_factory=lambda: list(STEPS))
     """Steps to run, in this order; each skips work already done (the stages' own resume), so a killed
     family is resumed by running the same command again."""
+    checkpoint_every: int = 100
+    """Optimizer steps between training checkpoints: the largest size trains for over an hour on 2 cores,
+    and a killed family resumes from the last checkpoint (the trainer's default, 1,000, is most of a run)."""
     train_args: list[str] = field(default_factory=list)
     """Extra overrides for every pipeline.train run, quoted for Hydra: train_args='["batch_size=2048"]'."""
     sweep_args: list[str] = field(default_factory=lambda: [
@@ -76,8 +79,8 @@ class FamilyConfig:
         bad = [s for s in self.steps if s not in STEPS]
         if bad:
             raise ConfigError(f"steps has {bad}; the steps are {list(STEPS)}")
-        for name in ("n_tokens", "test_tokens", "nproc", "eval_tokens", "interpret_tokens", "max_pages",
-                     "completeness_documents"):
+        for name in ("n_tokens", "test_tokens", "nproc", "checkpoint_every", "eval_tokens", "interpret_tokens",
+                     "max_pages", "completeness_documents"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         for p in self.attribution_prompts:

@@ -31,6 +31,10 @@ def _fmt(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
 
 
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%"
+
+
 def power_law(sizes: list[int], values: list[float]) -> tuple[float, float] | None:
     """Least-squares fit of values = A * sizes^-alpha in log-log space: (alpha, A); None under 2 points."""
     pts = [(n, v) for n, v in zip(sizes, values) if v is not None and v > 0]
@@ -58,7 +62,8 @@ def _runs(f) -> list[dict]:
     for n in f.cfg.sizes:
         log = _jsonl(f.out / "train" / str(n) / "metrics.jsonl")
         rows.append({"n": n, "heldout": _json(f.out / "train" / str(n) / "heldout.json"),
-                     "eval": _json(f.dir("evaluate", n) / "metrics.json"), "log": log})
+                     "eval": _json(f.dir("evaluate", n) / "metrics.json"), "log": log,
+                     "cfg": _json(f.sae(n) / "cfg.json")})
     return rows
 
 
@@ -66,16 +71,22 @@ def section_reconstruction(f, figs: Path) -> list[str]:
     runs = _runs(f)
     out = ["## 1. Reconstruction against dictionary size and tokens", "",
            "Held-out FVU is measured by the trainer on the held-out store (rows never trained on); CE loss "
-           "recovered, KL and dead fraction by `pipeline.evaluate` on held-out text with the dictionary spliced in.",
-           "", "| features | tokens | held-out FVU | eval FVU | L0 | CE recovered | KL (spliced) | dead | "
-           "train tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
+           "recovered and KL by `pipeline.evaluate` on held-out text with the dictionary spliced in. Two dead "
+           "fractions, because a short window calls rare features dead, more so the wider the dictionary: *dead "
+           "(train)* is the trainer's, at the end of the run (no firing over the last `dead_tokens` training "
+           "tokens, the recipe's window, in brackets; Gao et al. use 10M); *silent (held-out)* counts the features "
+           "that fired on none of the held-out rows.",
+           "", "| features | tokens | held-out FVU | eval FVU | L0 | CE recovered | KL (spliced) | dead (train) | "
+           "silent (held-out) | train tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         h, e, log = r["heldout"] or {}, r["eval"] or {}, r["log"]
         tps = np.median([x["tokens_per_s"] for x in log[len(log) // 2:]]) if log else None
+        window = ((r["cfg"] or {}).get("config") or {}).get("dead_tokens")
+        dead = f"{_pct(log[-1]['dead_fraction'])} ({window:,})" if log and window else "-"
+        silent = f"{_pct(h['dead_fraction'])} of {h['n_rows']:,}" if "dead_fraction" in h else "-"
         out.append(f"| {r['n']:,} | {_fmt(h.get('tokens'))} | {_fmt(h.get('fvu'))} | {_fmt(e.get('fvu'))} | "
                    f"{_fmt(e.get('l0'), 1)} | {_fmt(e.get('ce_loss_recovered'))} | "
-                   f"{_fmt((e.get('kl_to_clean') or {}).get('spliced'))} | "
-                   f"{_fmt(e['dead_fraction'] * 100, 2) + '%' if 'dead_fraction' in e else '-'} | "
+                   f"{_fmt((e.get('kl_to_clean') or {}).get('spliced'))} | {dead} | {silent} | "
                    f"{_fmt(float(tps), 0) if tps is not None else '-'} |")
     hists = [(r["n"], f.dir("evaluate", r["n"]) / "density_histogram.png") for r in runs]
     hists = [(n, p) for n, p in hists if p.exists()]

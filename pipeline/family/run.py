@@ -83,11 +83,15 @@ def step_train(f: Family) -> None:
     c = f.cfg
     for n in c.sizes:
         out = f.out / "train" / str(n)
-        if (out / "heldout.json").exists():
+        done = (json.loads((out / "heldout.json").read_text()).get("point", {}) if (out / "heldout.json").exists()
+                else {})
+        if (done.get("n_tokens"), done.get("heldout_tokens")) == (c.n_tokens, c.test_tokens):
             continue  # the trainer would skip it too, after loading; this saves the start-up
+        # every held-out row: a feature that fires once per 100k tokens is rare, not dead, in a 65k dictionary
         f.run(f"train {n}", "pipeline.train", f"sae={c.architecture}", f"sae.n_features={n}",
               f"parallel.feature_parallel={c.nproc}", f"data.url={f.train_store}", f"n_tokens={c.n_tokens}",
-              f"heldout_url={f.test_store}", f"out_dir={out}", _progress(c), *c.train_args, nproc=c.nproc)
+              f"heldout_url={f.test_store}", f"heldout_tokens={c.test_tokens}", f"out_dir={out}",
+              f"checkpoint_every={c.checkpoint_every}", _progress(c), *c.train_args, nproc=c.nproc)
 
 
 def step_sweep(f: Family) -> None:

@@ -44,16 +44,7 @@ def train(cfg: TrainConfig) -> Path | None:
     sae_cfg = recipe.sae_config(with_d_model(cfg.sae, store), cfg)
     stats = store.stats[hook]
     scale = math.sqrt(store.d_model / stats.mean_sq_norm)  # so that E||x||^2 = d_model
-    owned = not dist.is_initialized()
-    try:
-        return _train(cfg, device, store, hook, sae_cfg, stats, scale)
-    finally:
-        if owned and dist.is_initialized():  # ours to end: left to static destructors at exit, gloo's
-            dist.destroy_process_group()      # threads abort the process ("terminate called ...", status -6)
 
-
-def _train(cfg: TrainConfig, device: torch.device, store: ActivationStore, hook: str, sae_cfg, stats,
-           scale: float) -> Path | None:
     with ExitStack() as cleanup:
         stop = cleanup.enter_context(_StopSignals())  # from here on a signal asks for a stop, never kills
         device = init_distributed(device)

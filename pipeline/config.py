@@ -52,7 +52,10 @@ def stage_main(config_name: str, schema: type) -> Callable:
         def main() -> None:
             with user_errors_reported(config_name):
                 check_overrides(schema, sys.argv[1:])
-            compose_and_run()
+            try:
+                compose_and_run()
+            except SystemExit as e:
+                exit_now(e)
         return main
     return wrap
 
@@ -72,6 +75,23 @@ def user_errors_reported(stage: str) -> Iterator[None]:
         sys.stdout.flush()
         print(f"pipeline.{stage}{rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
+
+
+def exit_now(e: SystemExit) -> None:
+    """End a stage's process with `e`'s status. With a process group alive (a trainer), at once, its
+    cleanup done (checkpoints and logs are written before SystemExit reaches here): finalising the
+    interpreter tears gloo's threads down in static destructors, which now and then aborts the
+    process ("terminate called without an active exception", status -6 instead of the error's 2)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        raise e
+    import logging
+    if e.code is not None and not isinstance(e.code, int):
+        print(e.code, file=sys.stderr)  # what the interpreter would print for sys.exit("message")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
 
 
 def check_overrides(schema: type, args: list[str]) -> None:

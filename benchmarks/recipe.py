@@ -7,6 +7,7 @@ Trainers, each on the same training rows (the store, read by our loader with one
 in the same order for every trainer) and scored on the same held-out rows by one function:
   - ours: `python -m pipeline.train` with the default recipe (nothing but sizes set);
   - ours-lr5e-5, ours-lr4e-4: our previous default learning rate and the README's old example;
+  - ours-v2: recipe v2's rate, from the width alone (2e-3 x sqrt(16384 / n), whatever the budget);
   - sparsify: EleutherAI's SparseCoder (PyPI eai-sparsify, installed into this venv if absent) with
     its own default optimizer (sign-SGD under schedule-free, lr 5e-3 / sqrt(n / 2^14)), its b_dec
     initialisation (the first batch's mean), unit-norm decoder and parallel-gradient removal, fed
@@ -40,10 +41,13 @@ from heldout_score import score
 from pipeline.heldout import EXPORT_DIR, METRICS_LOG_FILE
 from pipeline.sae import load
 from pipeline.store import ActivationLoader
+from pipeline.train import recipe
 
 EXCLUDE = {"exclude_positions_below": 1, "exclude_norm_factor": 8.0}  # the trainer's defaults
 SAELENS_PYTHON = Path(__file__).resolve().parent.parent / ".venv-saelens" / "bin" / "python"  # make setup-saelens
-OURS = {"ours": [], "ours-lr5e-5": ["optim.lr=5e-5"], "ours-lr4e-4": ["optim.lr=4e-4"]}
+OURS = {"ours": lambda n: [], "ours-lr5e-5": lambda n: ["optim.lr=5e-5"], "ours-lr4e-4": lambda n: ["optim.lr=4e-4"],
+        # recipe v2: the rate from the width alone (no budget factor)
+        "ours-v2": lambda n: [f"optim.lr={recipe.LR_AT_16K * (2 ** 14 / n) ** 0.5:g}"]}
 
 
 def heldout_rows(url: str, n: int) -> torch.Tensor:
@@ -153,7 +157,7 @@ def main() -> None:
             for budget in map(int, a.budgets.split(",")):
                 for name in trainers:
                     r = (TRAINERS[name](a, n, budget, x_test) if name in TRAINERS
-                         else train_ours(name, OURS[name], a, n, budget, x_test, Path(tmp)))
+                         else train_ours(name, OURS[name](n), a, n, budget, x_test, Path(tmp)))
                     rows.append({"trainer": name, "n_features": n, "tokens": budget, **r})
                     if not a.json:
                         print(f"{name:<14} {n:>7} {budget:>9}  FVU {r['fvu']:.4f}  L0 {r['l0']:6.1f}  "

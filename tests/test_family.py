@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,21 +107,54 @@ def hub():
         yield server
 
 
-def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir, hub):
-    """The driver on two tiny dictionaries of a tiny model: corpus from the constructed packages,
-    every step, the report's sections, the release on a loopback Hub (one folder per size); then a
-    rerun finds everything done and runs no stage again."""
+def _tiny_family(tmp_path: Path, model_dir: Path, out: Path, train_args: str = '["batch_size=256"]'):
+    """The tiny family's arguments (a corpus from constructed packages, two tiny sizes), and its
+    parallel paragraphs."""
     fake_packages(tmp_path / "x", n_files=80, paras=16)
     docs, parallel = C.collect(tmp_path / "x", None)
     corpus = tmp_path / "corpus"
     C.write(corpus, docs, parallel, {"packages": {"test": "1"}}, WordTokenizer())
+    return [f"model_name={model_dir}", "hook=model.layers.2", "sizes=[32,64]", "n_tokens=12000", "test_tokens=3000",
+            "eval_tokens=2000", "interpret_tokens=3000", "max_pages=5", "completeness_documents=200",
+            "checkpoint_every=20", f"corpus={corpus}", f"out_dir={out}", f"train_args={train_args}"], parallel
+
+
+def test_a_trainer_stopped_by_a_signal_stops_the_family_and_resumes(tmp_path, tiny_model_dir):
+    """A trainer that a signal stops (SIGTERM: checkpoint, status 0) is not taken for a finished size:
+    the driver stops with the command that resumes it, and that command finishes the size."""
     out = tmp_path / "family"
-    args = [f"model_name={tiny_model_dir}", "hook=model.layers.2", "sizes=[32,64]", "n_tokens=12000", "test_tokens=3000",
-            "eval_tokens=2000", "interpret_tokens=3000", "max_pages=5", "completeness_documents=200", "checkpoint_every=20",
-            f"corpus={corpus}", f"out_dir={out}", 'train_args=["batch_size=256"]',
-            'attribution_prompts=[{prompt: "the house is", target: " red"}]',
-            'sweep_args=["sae.n_features=8,16,32", "n_tokens=2048,4096,8192", "batch_size=256", "sae.k=4", '
-            '"heldout_tokens=2000"]', 'publish_args=["repo_id=alice/family"]']
+    args, _ = _tiny_family(tmp_path, tiny_model_dir, out, '["batch_size=32", "log_every=1"]')  # 375 steps
+    args += ["steps=[corpus,cache,train]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PIPELINE_RUNS": str(tmp_path / "runs")}
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.family", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env)
+    log, trainer = [], None
+    for line in p.stdout:  # its first logged step: signal handlers in place, a step to checkpoint
+        log.append(line)
+        if line.startswith("step=") and trainer is None:
+            trainer = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+            assert len(trainer) == 1, trainer
+            os.kill(int(trainer[0]), signal.SIGTERM)
+    p.wait(timeout=60)
+    log = "".join(log)
+    assert p.returncode != 0 and "stopped by a signal after step" in log, log[-3000:]
+    assert "train 32 stopped before its end" in log and "train 64" not in log, log[-3000:]
+    assert (out / "train/32/checkpoints/latest").exists() and not (out / "train/32/heldout.json").exists()
+    p = subprocess.run([sys.executable, "-m", "pipeline.family", *args], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert json.loads((out / "train/32/heldout.json").read_text())["n_features"] == 32
+
+
+def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir, hub):
+    """The driver on two tiny dictionaries of a tiny model: corpus from the constructed packages,
+    every step, the report's sections, the release on a loopback Hub (one folder per size); then a
+    rerun finds everything done and runs no stage again."""
+    out = tmp_path / "family"
+    args, parallel = _tiny_family(tmp_path, tiny_model_dir, out)
+    args += ['attribution_prompts=[{prompt: "the house is", target: " red"}]',
+             'sweep_args=["sae.n_features=8,16,32", "n_tokens=2048,4096,8192", "batch_size=256", "sae.k=4", '
+             '"heldout_tokens=2000"]', 'publish_args=["repo_id=alice/family"]']
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PIPELINE_RUNS": str(tmp_path / "runs"), "HF_TOKEN": TOKEN,
            "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf")}
     p = subprocess.run([sys.executable, "-m", "pipeline.family", *args], cwd=ROOT, capture_output=True, text=True,

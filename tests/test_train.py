@@ -95,7 +95,8 @@ def test_single_process_run_exports_a_loadable_dictionary(store, tmp_path):
 
 
 def test_the_default_recipe_follows_the_width_and_reaches_the_export(store, tmp_path):
-    """optim.lr=null: Adam's rate scales as 1/sqrt(n_features) from the recipe's constant; warm-up is
+    """optim.lr=null: Adam's rate scales as 1/sqrt(n_features) from the recipe's constant and falls as
+    steps^-1/4 beyond 100 steps (to a quarter at most); warm-up is
     5% of the steps up to 1000; a set value wins. The trainer prints the resolved values and writes
     them to the export's cfg.json, and the DeepSpeed optimizer runs with that rate."""
     from pipeline.errors import ConfigError
@@ -104,10 +105,14 @@ def test_the_default_recipe_follows_the_width_and_reaches_the_export(store, tmp_
     from pipeline.train import recipe
 
     auto = OptimConfig()
-    assert recipe.learning_rate(auto, 2 ** 14) == recipe.LR_AT_16K
-    assert recipe.learning_rate(auto, 2 ** 12) == pytest.approx(2 * recipe.LR_AT_16K)
-    assert recipe.learning_rate(auto, 2 ** 20) == pytest.approx(recipe.LR_AT_16K / 8)
-    assert recipe.learning_rate(OptimConfig(lr=4e-4), 2 ** 20) == 4e-4
+    assert recipe.learning_rate(auto, 2 ** 14, 100) == recipe.LR_AT_16K
+    assert recipe.learning_rate(auto, 2 ** 12, 10) == pytest.approx(2 * recipe.LR_AT_16K)
+    assert recipe.learning_rate(auto, 2 ** 20, 100) == pytest.approx(recipe.LR_AT_16K / 8)
+    # the budget: (steps / 100) ** -1/4 beyond 100 steps, never below a quarter
+    assert recipe.learning_rate(auto, 2 ** 14, 1600) == pytest.approx(recipe.LR_AT_16K / 2)
+    assert recipe.learning_rate(auto, 2 ** 16, 25_600) == pytest.approx(recipe.LR_AT_16K / 8)
+    assert recipe.learning_rate(auto, 2 ** 16, 10 ** 7) == pytest.approx(recipe.LR_AT_16K / 8)
+    assert recipe.learning_rate(OptimConfig(lr=4e-4), 2 ** 20, 10 ** 6) == 4e-4
     assert [recipe.warmup_steps(auto, s) for s in (10, 100, 1000, 10 ** 6)] == [0, 5, 50, 1000]
     assert recipe.warmup_steps(OptimConfig(lr_warmup_steps=7), 10 ** 6) == 7
     with pytest.raises(ConfigError, match="optim.lr=-1"):

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import heldout
 from pipeline.errors import UserError
 from pipeline.family.config import FamilyConfig
 from pipeline.family.corpus import TEST_FRACTION
@@ -79,19 +80,29 @@ def step_cache(f: Family) -> None:
           _progress(c))
 
 
+def _trained(out: Path, c: FamilyConfig) -> bool:
+    """Whether out holds the held-out metrics of a run of the family's tokens, written at its end."""
+    try:
+        point = (heldout.read(out) or {}).get("point", {})
+    except ValueError:  # not JSON: the trainer evaluates again
+        return False
+    return (point.get("n_tokens"), point.get("heldout_tokens")) == (c.n_tokens, c.test_tokens)
+
+
 def step_train(f: Family) -> None:
     c = f.cfg
     for n in c.sizes:
         out = f.out / "train" / str(n)
-        done = (json.loads((out / "heldout.json").read_text()).get("point", {}) if (out / "heldout.json").exists()
-                else {})
-        if (done.get("n_tokens"), done.get("heldout_tokens")) == (c.n_tokens, c.test_tokens):
+        if _trained(out, c):
             continue  # the trainer would skip it too, after loading; this saves the start-up
         # every held-out row: a feature that fires once per 100k tokens is rare, not dead, in a 65k dictionary
         f.run(f"train {n}", "pipeline.train", f"sae={c.architecture}", f"sae.n_features={n}",
               f"parallel.feature_parallel={c.nproc}", f"data.url={f.train_store}", f"n_tokens={c.n_tokens}",
               f"heldout_url={f.test_store}", f"heldout_tokens={c.test_tokens}", f"out_dir={out}",
               f"checkpoint_every={c.checkpoint_every}", _progress(c), *c.train_args, nproc=c.nproc)
+        if not _trained(out, c):  # a signal stops the trainer with a checkpoint and status 0
+            raise StepFailed(f"train {n} stopped before its end (no {out / heldout.HELDOUT_FILE}; a signal "
+                             "checkpoints and stops it). Run the same family command again to resume it")
 
 
 def step_sweep(f: Family) -> None:

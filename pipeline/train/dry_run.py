@@ -67,7 +67,7 @@ def adam_state(cfg: TrainConfig, sizes: list[int], part: int, dp: int) -> list[t
     if cfg.optim.state_dtype == "fp32":
         return [torch.empty(part, dtype=torch.float32, device="meta") for _ in range(2)]
     params = [torch.nn.Parameter(torch.empty(math.ceil(n / dp), device="meta")) for n in sizes]
-    adam = low_bit_adam(cfg.optim, learning_rate(cfg.optim, cfg.sae.n_features), params)
+    adam = low_bit_adam(cfg.optim, learning_rate(cfg.optim, cfg.sae.n_features, cfg.steps), params)
     return [adam._new_buffer(p, signed) for p in params for signed in (True, False)]
 
 

@@ -60,7 +60,7 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
         "train_micro_batch_size_per_gpu": cfg.batch_size // dp,
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "Adam", "params": {
-            "lr": learning_rate(cfg.optim, cfg.sae.n_features), "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+            "lr": learning_rate(cfg.optim, cfg.sae.n_features, cfg.steps), "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay,
             "torch_adam": True,      # torch.optim.Adam: no compiled op, the same on CPU and GPU
             "fused": True,           # its one-pass kernel (CPU and CUDA)
@@ -114,7 +114,7 @@ def build_engine(cfg: TrainConfig, sae: SparseAutoencoder, mesh: Mesh, device: t
     ds_cfg = deepspeed_config(cfg, device)
     params = list(sae.to(device).parameters())
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=sae, model_parameters=params, optimizer=low_bit_adam(cfg.optim, learning_rate(cfg.optim, cfg.sae.n_features),
+        model=sae, model_parameters=params, optimizer=low_bit_adam(cfg.optim, learning_rate(cfg.optim, cfg.sae.n_features, cfg.steps),
                                                                      params), config=ds_cfg,
         mpu=mesh.mpu(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         dist_init_required=False)

@@ -6,8 +6,16 @@ lr ~ 1/sqrt(n_features) for TopK, which EleutherAI's sparsify also uses, and a r
 latents diverges at a million. The rule here is that law with its constant measured on our trainer
 (benchmarks/recipe.py, BENCHMARKS.md "Training recipe"): LR_AT_16K at 16,384 latents, scaled by
 sqrt(16384 / n_features), for every architecture (the constant was measured for topk, with the dead
-window below: higher rates buy FVU only by killing latents; relu_l1 trains stably with it, its
-lambda set for it in conf/sae/relu_l1.yaml). Warm-up is WARMUP_FRACTION of the steps (at most
+window below, on runs of ~100 steps: higher rates buy FVU only by killing latents; relu_l1 trains
+stably with it, its lambda set for it in conf/sae/relu_l1.yaml).
+
+The best rate also falls with the run's length, as for language models (Bjorck et al. 2024, "Scaling
+Optimal LR Across Token Horizons": lr* ~ T^-beta). Here, at 16,384 latents and 1,269 steps (5.2M
+tokens), the width rule's 2e-3 left 10.3% of the latents silent on 300k held-out rows where 1e-3 left
+0.6%, for held-out FVU 0.117 against 0.119 (BENCHMARKS.md "Recipe v3"): so beyond REFERENCE_STEPS the rate is scaled by
+(steps / REFERENCE_STEPS) ** -BUDGET_EXPONENT (x0.53 at 1,269 steps), down to MIN_BUDGET_FACTOR: no
+run this long was measured, and the floor keeps a run of billions of tokens from a rate nobody
+tried. Warm-up is WARMUP_FRACTION of the steps (at most
 MAX_WARMUP): long runs get Gemma Scope's 1,000 steps, short runs are not spent warming up. The
 resolved values are printed by the trainer and written to the export's cfg.json
 (training.optim).
@@ -31,15 +39,24 @@ from pipeline.sae import SAEConfig
 from pipeline.sae.base import DEAD_TOKENS
 
 LR_AT_16K = 2e-3
+REFERENCE_STEPS = 100
+BUDGET_EXPONENT = 0.25
+MIN_BUDGET_FACTOR = 0.25
 WARMUP_FRACTION = 0.05
 MAX_WARMUP = 1000
 DEAD_FRACTION = 1 / 16
 MIN_FIRING_INTERVALS = 50
 
 
-def learning_rate(optim, n_features: int) -> float:
-    """optim.lr, or the recipe's rate for a dictionary of n_features latents."""
-    return optim.lr if optim.lr is not None else LR_AT_16K * math.sqrt(2 ** 14 / n_features)
+def learning_rate(optim, n_features: int, steps: int) -> float:
+    """optim.lr, or the recipe's rate for a dictionary of n_features latents trained for `steps` steps."""
+    return optim.lr if optim.lr is not None else LR_AT_16K * math.sqrt(2 ** 14 / n_features) * budget_factor(steps)
+
+
+def budget_factor(steps: int) -> float:
+    """1 up to REFERENCE_STEPS (where LR_AT_16K was measured), then (steps / REFERENCE_STEPS) ** -1/4,
+    no lower than MIN_BUDGET_FACTOR (reached at 25,600 steps: rates below that are unmeasured here)."""
+    return max(MIN_BUDGET_FACTOR, min(1.0, (steps / REFERENCE_STEPS) ** -BUDGET_EXPONENT))
 
 
 def warmup_steps(optim, steps: int) -> int:
@@ -66,7 +83,8 @@ def sae_config(sae: SAEConfig, cfg) -> SAEConfig:
 def resolved(cfg) -> dict:
     """The optimizer settings a TrainConfig runs with (for the log and the export's cfg.json)."""
     o = cfg.optim
-    return {"lr": learning_rate(o, cfg.sae.n_features), "lr_warmup_steps": warmup_steps(o, cfg.steps),
+    return {"lr": learning_rate(o, cfg.sae.n_features, cfg.steps), "lr_warmup_steps": warmup_steps(o, cfg.steps),
             "lr_decay_fraction": o.lr_decay_fraction, "betas": list(o.betas), "eps": o.eps,
             "gradient_clipping": o.gradient_clipping, "state_dtype": o.state_dtype,
-            "rule": "optim.lr" if o.lr is not None else f"{LR_AT_16K:g} * sqrt(16384 / n_features)"}
+            "rule": "optim.lr" if o.lr is not None else
+            f"{LR_AT_16K:g} * sqrt(16384 / n_features) * max({MIN_BUDGET_FACTOR:g}, min(1, (steps / {REFERENCE_STEPS}) ** -{BUDGET_EXPONENT:g}))"}

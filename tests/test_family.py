@@ -180,6 +180,7 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir, hub):
     window = json.loads((out / "train/64/sae/cfg.json").read_text())["config"]["dead_tokens"]
     assert re.search(rf"\| 64 \|.*\| [0-9.]+% \({window:,}\) \| [0-9.]+% of [0-9,]+ \|", report)
     assert "python -m pipeline.train" in report and "sae.n_features=64" in report
+    assert report.count("\n# train 64\n") == 1  # each step once, with its last command
     on_hub = hub.state.files("alice/family")
     for n in (32, 64):  # one folder per size, as written locally
         assert on_hub[f"model.layers.2-{n}/cfg.json"] == (out / f"release/model.layers.2-{n}/cfg.json").read_bytes()

@@ -328,11 +328,16 @@ def write_report(f) -> Path:
     body = [*section_reconstruction(f, figs), "", *section_sweep(f, figs), "", *section_splitting(f), "", *section_completeness(f, figs), "",
             *section_multilingual(f), "", *section_concepts(f), "", *section_neighbours(f, base), "",
             *section_attribution(f)]
-    # a resumed family appends the commands it ran again; each is listed once, where it first ran
-    cmds = (f.out / "commands.sh").read_text().splitlines() if (f.out / "commands.sh").exists() else []
-    cmds = "\n".join(dict.fromkeys(x for x in cmds if not x.startswith("# ")))
-    tail = ["", "## Commands", "", "Every command the family ran, in order (from commands.sh):", "", "```sh",
-            cmds, "```"]
+    # commands.sh gets a step's command at every (re)start: each step is listed where it first ran,
+    # with the command it last ran (the one that made its output)
+    lines = (f.out / "commands.sh").read_text().splitlines() if (f.out / "commands.sh").exists() else []
+    last = dict.fromkeys(x for x in lines if x.startswith("# "))
+    for step, cmd in zip(lines, lines[1:]):
+        if step.startswith("# ") and not cmd.startswith("# "):
+            last[step] = cmd
+    tail = ["", "## Commands", "", "The command of every step, in the order the steps first ran (the last of each "
+            "step's runs, from commands.sh, which logs every restart):", "", "```sh",
+            *(x for step, cmd in last.items() for x in (step, cmd) if cmd), "```"]
     path = f.report
     path.write_text("\n".join(head + [""] + body + tail) + "\n", encoding="utf-8")
     return path

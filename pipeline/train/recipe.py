@@ -12,11 +12,12 @@ stably with it, its lambda set for it in conf/sae/relu_l1.yaml).
 The best rate also falls with the run's length, as for language models (Bjorck et al. 2024, "Scaling
 Optimal LR Across Token Horizons": lr* ~ T^-beta). Here, at 16,384 latents and 1,269 steps (5.2M
 tokens), the width rule's 2e-3 left 10.3% of the latents silent on 300k held-out rows where 1e-3 left
-0.6%, for held-out FVU 0.117 against 0.119 (BENCHMARKS.md "Recipe v3"): so beyond REFERENCE_STEPS the rate is scaled by
-(steps / REFERENCE_STEPS) ** -BUDGET_EXPONENT (x0.53 at 1,269 steps), down to MIN_BUDGET_FACTOR: no
-run this long was measured, and the floor keeps a run of billions of tokens from a rate nobody
-tried. Warm-up is WARMUP_FRACTION of the steps (at most
-MAX_WARMUP): long runs get Gemma Scope's 1,000 steps, short runs are not spent warming up. The
+0.6%, for held-out FVU 0.117 against 0.119 (BENCHMARKS.md "Recipe v3"): so beyond REFERENCE_STEPS
+the rate is scaled by (steps / REFERENCE_STEPS) ** -BUDGET_EXPONENT (x0.53 at 1,269 steps), down to
+MIN_BUDGET_FACTOR: no run this long was measured, and the floor keeps a run of billions of tokens
+from a rate nobody tried.
+
+Warm-up is WARMUP_FRACTION of the steps (at most MAX_WARMUP): long runs get Gemma Scope's 1,000 steps, short runs are not spent warming up. The
 resolved values are printed by the trainer and written to the export's cfg.json
 (training.optim).
 

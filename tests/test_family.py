@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,11 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir, hub):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     again = (out / "commands.sh").read_text()[len(before):]
     assert "pipeline.train" not in again and "pipeline.scaling" not in again and "pipeline.evaluate" not in again and "pipeline.audit" not in again
+    # retrained: size 64's analyses (and the splitting that reads it) run again, size 32's do not
+    shutil.rmtree(out / "train/64")
+    p = subprocess.run([sys.executable, "-m", "pipeline.family", *args, "steps=[train,evaluate,interpret,audit,attribute]"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    steps = [x for x in (out / "commands.sh").read_text()[len(before) + len(again):].splitlines() if x.startswith("# ")]
+    assert steps == ["# train 64", "# evaluate 64", "# interpret 64", "# audit concepts 64", "# audit neighbours 64",
+                     "# audit completeness 64", "# audit splitting 32->64", "# attribute 64 #0"], steps

@@ -124,6 +124,33 @@ def test_jumprelu_straight_through_gradients():
     torch.testing.assert_close(g0, -(1 / 0.4) * near / 32 * theta)
 
 
+def test_jumprelu_starts_near_k_active_latents_and_its_lambda_reaches_the_thresholds():
+    """Default thresholds on inputs normalised as the trainer does (E||x||^2 = d_model): about k
+    latents fire per token at init; and in 150 Adam steps a larger L0 weight ends far sparser (with
+    thresholds far below the pre-activations' scale, as Gemma Scope's 0.001 is here, both stay dense)."""
+    d, n, k = 64, 512, 16
+    x = torch.randn(4096, d, generator=torch.Generator().manual_seed(0))
+
+    def train(lam: float) -> tuple[float, float]:
+        sae = create(SAEConfig(architecture="jumprelu", n_features=n, d_model=d, k=k, sparsity_coef=lam))
+        sae.reset_parameters(0, mean=torch.zeros(d))
+        with torch.no_grad():
+            start = float(sae(x).l0)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        for step in range(150):
+            out = sae(x[step % 16 * 256:][:256])
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return start, float(sae(x).l0)
+
+    start, weak = train(0.01)
+    _, strong = train(3.0)
+    assert k / 2 < start < 2 * k
+    assert strong < weak / 2, (weak, strong)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_encode_gives_a_sparse_code_that_decodes_to_the_forward(arch):
     sae = make(arch).eval()
@@ -305,7 +332,7 @@ def test_feature_tiles_equal_the_untiled_step(arch, dead):
         (a, ga), (b, gb) = _step(ref, x), _step(tiled, x)
         for field in a._fields:
             torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-6, msg=field)
-        assert (a.aux > 0) == (dead is not None and arch in ("topk", "batchtopk"))
+        assert (a.aux > 0) == (dead is not None and arch in ("topk", "batchtopk", "jumprelu"))  # AuxK, pre-act loss
         assert a.fired.sum() > 0
         for name in ga:
             assert gb[name] is not None and ga[name].abs().sum() > 0, name

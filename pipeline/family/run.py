@@ -1,9 +1,12 @@
 """The dictionary family, stage by stage: every step is the documented command of a stage, run as its
 own process (the stages talk only through storage), appended to <out_dir>/commands.sh, and skipped
-or resumed when its output is already there."""
+or resumed when its output is already there. An analysis counts as done only for the dictionaries it
+read: <out_dir>/steps.json records, per step, a fingerprint of its inputs, so a size retrained since
+(another recipe, other tokens) has its analyses run again instead of reported for the new weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -18,10 +21,24 @@ from pipeline.family.config import FamilyConfig
 from pipeline.family.corpus import TEST_FRACTION
 
 LANGUAGES = "[en,de,es,fr,it]"
+LEDGER = "steps.json"
 
 
 class StepFailed(UserError):
     pass
+
+
+def _files(paths: tuple[Path, ...]) -> list[Path]:
+    return [q for p in paths for q in (sorted(p.rglob("*")) if p.is_dir() else [p]) if q.is_file()]
+
+
+def fingerprint(paths: tuple[Path, ...]) -> str:
+    """The files a step read, by name, size and modification time: retraining a size changes it."""
+    h = hashlib.sha256()
+    for q in _files(paths):
+        st = q.stat()
+        h.update(f"{q.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 class Family:
@@ -46,7 +63,33 @@ class Family:
     def model(self, prefix: str = "input.") -> str:
         return f"{prefix}model.name={self.cfg.model_name}"
 
-    def run(self, step: str, module: str, *args: str, nproc: int = 1) -> None:
+    def _ledger(self) -> dict:
+        p = self.out / LEDGER
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def _record(self, key: str, inputs: tuple[Path, ...]) -> None:
+        ledger = {**self._ledger(), key: fingerprint(inputs)}  # re-read: drivers may share out_dir
+        tmp = self.out / f".{LEDGER}.{os.getpid()}"
+        tmp.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+        tmp.replace(self.out / LEDGER)
+
+    def fresh(self, key: str, output: Path, *inputs: Path) -> bool:
+        """Whether step `key` made `output` from `inputs` as they are now. An output from before the ledger
+        counts when it is newer than every input (and is recorded)."""
+        if not output.exists():
+            return False
+        recorded = self._ledger().get(key)
+        if recorded is not None:
+            return recorded == fingerprint(inputs)
+        newest = max((q.stat().st_mtime_ns for q in _files(inputs)), default=0)
+        if output.stat().st_mtime_ns < newest:
+            return False
+        self._record(key, inputs)
+        return True
+
+    def run(self, step: str, module: str, *args: str, nproc: int = 1, inputs: tuple[Path, ...] = (),
+            key: str | None = None) -> None:
+        """Run a stage's command; once it succeeded, record its inputs' fingerprint under key (the step)."""
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
         cmd = [sys.executable, *launcher, "-m", module, *args]
         shown = shlex.join(["python", *cmd[1:]])
@@ -59,6 +102,8 @@ class Family:
         if subprocess.run(cmd, env=env).returncode != 0:
             raise StepFailed(f"family step {step} failed: {shown}. Fix what it reported, then run the same "
                              "family command again: finished work is kept and the stages resume")
+        if inputs:
+            self._record(key or step, inputs)
         print(f"[family] {step}: done in {time.time() - t:.0f}s", flush=True)
 
 
@@ -118,24 +163,25 @@ def step_sweep(f: Family) -> None:
 def step_evaluate(f: Family) -> None:
     c = f.cfg
     for n in c.sizes:
-        if not (f.dir("evaluate", n) / "metrics.json").exists():
+        if not f.fresh(f"evaluate {n}", f.dir("evaluate", n) / "metrics.json", f.sae(n)):
             f.run(f"evaluate {n}", "pipeline.evaluate", f.model(), f"input.checkpoint={f.sae(n)}", "input/data=family",
-                  f"input.n_tokens={c.eval_tokens}", f"out_dir={f.dir('evaluate', n)}", _progress(c))
+                  f"input.n_tokens={c.eval_tokens}", f"out_dir={f.dir('evaluate', n)}", _progress(c),
+                  inputs=(f.sae(n),))
 
 
 def step_interpret(f: Family) -> None:
     c = f.cfg
     for n in c.sizes:
-        if not (f.dir("interpret", n) / "crosslingual.json").exists():
+        if not f.fresh(f"interpret {n}", f.dir("interpret", n) / "crosslingual.json", f.sae(n)):
             f.run(f"interpret {n}", "pipeline.interpret", f.model(), f"input.checkpoint={f.sae(n)}", "input/data=family",
                   f"input.n_tokens={c.interpret_tokens}", f"max_pages={c.max_pages}",
                   f"parallel_file={f.corpus / 'parallel.jsonl'}", f"languages={LANGUAGES}",
-                  f"out_dir={f.dir('interpret', n)}", _progress(c))
+                  f"out_dir={f.dir('interpret', n)}", _progress(c), inputs=(f.sae(n),))
 
 
-def _audit_done(out: Path, task: str) -> bool:
+def _audit_done(f: Family, key: str, out: Path, task: str, *inputs: Path) -> bool:
     p = out / "audit.json"
-    return p.exists() and task in json.loads(p.read_text())
+    return p.exists() and task in json.loads(p.read_text()) and f.fresh(key, p, *inputs)
 
 
 def step_audit(f: Family) -> None:
@@ -145,18 +191,20 @@ def step_audit(f: Family) -> None:
               f"task.corpus.test_fraction={TEST_FRACTION}", f"task.max_documents={c.completeness_documents}"]
     per_task = {"concepts": [], "neighbours": [], "completeness": corpus}
     for n in c.sizes:
-        out = f.dir("audit", n)
+        out, inputs = f.dir("audit", n), (f.sae(n), f.dir("interpret", n) / "features.json")
         for task, extra in per_task.items():
-            if not _audit_done(out, task):
+            if not _audit_done(f, f"audit {task} {n}", out, task, *inputs):
                 f.run(f"audit {task} {n}", "pipeline.audit", f"audit/task={task}", f.model(), f"input.checkpoint={f.sae(n)}",
-                      f"dashboard={f.dir('interpret', n)}", f"out_dir={out}", *extra)
+                      f"dashboard={f.dir('interpret', n)}", f"out_dir={out}", *extra, inputs=inputs)
     for small, large in zip(c.sizes, c.sizes[1:]):
-        out = f.dir("audit", f"{small}-{large}")
-        if not _audit_done(out, "splitting"):
-            f.run(f"audit splitting {small}->{large}", "pipeline.audit", "audit/task=splitting",
+        out, key = f.dir("audit", f"{small}-{large}"), f"audit splitting {small}->{large}"
+        inputs = (f.sae(small), f.sae(large), f.dir("interpret", small) / "features.json",
+                  f.dir("interpret", large) / "features.json")
+        if not _audit_done(f, key, out, "splitting", *inputs):
+            f.run(key, "pipeline.audit", "audit/task=splitting",
                   f"task.small={f.sae(small)}", f"task.large={f.sae(large)}",
                   f"task.large_dashboard={f.dir('interpret', large)}", f"dashboard={f.dir('interpret', small)}",
-                  f"out_dir={out}")
+                  f"out_dir={out}", inputs=inputs)
 
 
 def best_concept_feature(audit_json: Path) -> dict | None:
@@ -172,24 +220,24 @@ def step_steer(f: Family) -> None:
     """A sample generation with each size's best concept feature clamped as the concepts audit clamps it
     (clamp_multiple x its max activation), beside the clean one."""
     for n in f.cfg.sizes:
-        out = f.dir("steer", n)
-        best = best_concept_feature(f.dir("audit", n) / "audit.json")
-        if best is None or (out / "generations.json").exists():
+        out, audit = f.dir("steer", n), f.dir("audit", n) / "audit.json"
+        best = best_concept_feature(audit)
+        if best is None or f.fresh(f"steer {n}", out / "generations.json", f.sae(n), audit):
             continue
         f.run(f"steer {n} ({best['concept']})", "pipeline.steer", f.model(), f"input.checkpoint={f.sae(n)}",
               f"features={f.dir('interpret', n) / 'features.json'}", f"clamp=[\"{best['feature']}:{best['clamp_multiple']:g}x\"]",
-              f"out_dir={out}")
+              f"out_dir={out}", inputs=(f.sae(n), audit), key=f"steer {n}")
 
 
 def step_attribute(f: Family) -> None:
     c = f.cfg
     for n in c.sizes:
         for i, p in enumerate(c.attribution_prompts):
-            out = f.dir("attribute", n) / str(i)
-            if not (out / "attribute.json").exists():
+            out, inputs = f.dir("attribute", n) / str(i), (f.sae(n), f.dir("interpret", n) / "features.json")
+            if not f.fresh(f"attribute {n} #{i}", out / "attribute.json", *inputs):
                 f.run(f"attribute {n} #{i}", "pipeline.interpret", "task=attribute", f.model(), f"input.checkpoint={f.sae(n)}",
                       "input/data=family", f"prompt={json.dumps(p['prompt'])}", f"target={json.dumps(p['target'])}",
-                      f"features={f.dir('interpret', n) / 'features.json'}", f"out_dir={out}")
+                      f"features={f.dir('interpret', n) / 'features.json'}", f"out_dir={out}", inputs=inputs)
 
 
 def step_publish(f: Family) -> None:

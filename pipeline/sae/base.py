@@ -67,7 +67,8 @@ class SAEConfig:
     aux_coef: float = 1 / 8
     """topk, batchtopk: alpha, the weight of the AuxK loss. Gao et al. use 1/32 with a 10M-token
     dead window; with the recipe's shorter windows (pipeline/train/recipe.py) 1/8 revives latents
-    within the run (BENCHMARKS.md "Training recipe": 0.8% dead instead of 1.8%, equal FVU)."""
+    within the run (BENCHMARKS.md "Training recipe": 0.8% dead instead of 1.8%, equal FVU).
+    jumprelu: the weight of the pre-activation loss on dead latents (pipeline/sae/jumprelu.py)."""
     dead_tokens: int | None = None
     """A latent that fired on none of the last this-many tokens is dead (AuxK and the dead fraction).
     None: the trainer's recipe (pipeline/train/recipe.py: DEAD_TOKENS, at most a 16th of the run);
@@ -76,10 +77,16 @@ class SAEConfig:
     """lambda: relu_l1's weight of sum_i f_i ||W_dec,i||; jumprelu's weight of the L0 penalty."""
     decoder_init_norm: float = 0.1
     """relu_l1: initial norm of each decoder row (unit-norm architectures always start at 1)."""
-    threshold_init: float = 0.001
-    """jumprelu: initial threshold of every latent (in normalised input units)."""
-    bandwidth: float = 0.001
-    """jumprelu: width epsilon of the straight-through estimators' rectangle kernel."""
+    threshold_init: float | None = None
+    """jumprelu: initial threshold of every latent, in normalised input units (E||x||^2 = d_model, where
+    a unit-norm encoder row's pre-activation has an RMS of about 1). None: the standard normal's
+    (1 - k / n_features) quantile, so that a run starts near k active latents per token and lambda moves
+    it from there. Thresholds learn in log space, about lr per step at most: Gemma Scope's 0.001 (in
+    its units, E||x||^2 = 1) starts nearly dense and needs ~1e5 steps to get sparse."""
+    bandwidth: float = 0.05
+    """jumprelu: width epsilon of the straight-through estimators' rectangle kernel, in the same units:
+    wide enough that a batch puts a few pre-activations of each latent in the window around its
+    threshold (Gemma Scope's 0.001 in its units is about 0.03 of a pre-activation's RMS)."""
     b_dec_init: str = "mean"
     """mean (the normalised data mean; far fewer dead latents) or zero."""
     unit_norm_decoder: bool | None = None
@@ -103,7 +110,10 @@ class SAEConfig:
             raise ConfigError(f"sae.b_dec_init={self.b_dec_init!r} must be 'mean' or 'zero'")
         if self.feature_tile < 0:
             raise ConfigError(f"sae.feature_tile={self.feature_tile} must be >= 0 (0: no tiling)")
-        if self.bandwidth <= 0 or self.threshold_init <= 0:
+        if self.architecture == "jumprelu" and self.threshold_init is None and not 1 <= self.k < self.n_features:
+            raise ConfigError(f"sae.k={self.k} must be in [1, n_features={self.n_features}) to set jumprelu's "
+                              "initial thresholds (sae.threshold_init=null); or set sae.threshold_init")
+        if self.bandwidth <= 0 or (self.threshold_init is not None and self.threshold_init <= 0):
             raise ConfigError(f"sae.bandwidth={self.bandwidth} and sae.threshold_init={self.threshold_init} "
                               "must be positive")
 

@@ -8,7 +8,11 @@ H has no useful derivative, so theta learns through straight-through estimators:
 kernel K of width epsilon (`bandwidth`) around the threshold gives
     d/dtheta JumpReLU(z) = -(theta / eps) K((z - theta) / eps),
     d/dtheta H(z - theta) = -(1 / eps) K((z - theta) / eps).
-Decoder rows have unit norm; W_enc = W_dec at init, theta = threshold_init.
+A latent whose pre-activation never comes near its threshold gets no gradient at all, so dead
+latents get the pre-activation loss of Anthropic's January 2025 update instead (the `aux` term):
+    aux = aux_coef * mean over tokens of sum over dead latents i of relu(theta_i - z_i) / n_features,
+which raises their pre-activations (and lowers their thresholds) until they fire again.
+Decoder rows have unit norm; W_enc = W_dec and b_enc = -W_enc b_dec at init, theta = initial_threshold.
 """
 
 from __future__ import annotations
@@ -54,6 +58,16 @@ class _Step(torch.autograd.Function):
         return None, -(_kernel(z, theta, ctx.eps) * g).sum(0), None
 
 
+def initial_threshold(cfg: SAEConfig, mean_sq_norm: float = 0.0) -> float:
+    """sae.threshold_init, or where a normal pre-activation fires on k of n_features tokens: a unit-norm
+    row on the centred input (E||x||^2 = d_model, the mean's squared norm mean_sq_norm) has a variance of
+    (d_model - mean_sq_norm) / d_model on average over directions."""
+    if cfg.threshold_init is not None:
+        return cfg.threshold_init
+    sigma = math.sqrt(max(1 - mean_sq_norm / cfg.d_model, 1e-4))
+    return sigma * float(torch.special.ndtri(torch.tensor(1 - cfg.k / cfg.n_features, dtype=torch.float64)))
+
+
 @register
 class JumpReLU(SparseAutoencoder):
     architecture = "jumprelu"
@@ -87,7 +101,10 @@ class JumpReLU(SparseAutoencoder):
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0, mean: Tensor | None = None) -> None:
         super().reset_parameters(seed, mean)
-        self.log_threshold.fill_(math.log(self.cfg.threshold_init))
+        # centred pre-activations, z = w.(x - b_dec): uncentred, z carries the mean's projection, which
+        # b_dec already reconstructs, so early firings hurt and thresholds climb until latents die
+        self.b_enc.copy_(-(self.W_enc @ self.b_dec))
+        self.log_threshold.fill_(math.log(initial_threshold(self.cfg, float(self.b_dec.pow(2).sum()))))
 
     def pre_acts(self, x: Tensor) -> Tensor:
         return F.linear(self.comm.enter(x), self.W_enc, self.b_enc)
@@ -102,22 +119,26 @@ class JumpReLU(SparseAutoencoder):
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> ForwardOutput:
         x, d = self.comm.enter(x), x.shape[1]
+        dead = self.dead_mask().to(x.dtype)
         if self.tile() < len(self.features):  # tiled: no [batch, features] tensor kept for backward
             out, fired = tiled_sum(self.decode_tile, self.tile(), x, self.W_enc, self.b_enc, self.W_dec,
-                                   self.log_threshold)
+                                   self.log_threshold, dead)
         else:
-            out, f = self.decode_tile(x, self.W_enc, self.b_enc, self.W_dec, self.log_threshold)
+            out, f = self.decode_tile(x, self.W_enc, self.b_enc, self.W_dec, self.log_threshold, dead)
             fired = self.count_fired(f)
         x_hat = self.comm.reduce(out[:, :d]) + self.b_dec
         sparsity = self.comm.reduce(self.cfg.sparsity_coef * sparsity_scale * out[:, d].mean())
-        return self._finish(x, x_hat, sparsity, torch.zeros_like(sparsity), fired)
+        aux = self.comm.reduce(self.cfg.aux_coef / self.cfg.n_features * out[:, d + 1].mean())
+        return self._finish(x, x_hat, sparsity, aux, fired)
 
-    def decode_tile(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
-                    log_threshold: Tensor) -> tuple[Tensor, Tensor]:
-        """([batch, d + 1] partial reconstruction | L0, code f) of a block of features."""
+    def decode_tile(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, log_threshold: Tensor,
+                    dead: Tensor) -> tuple[Tensor, Tensor]:
+        """([batch, d + 2] partial reconstruction | L0 | dead latents' distance below threshold, code f)
+        of a block of features."""
         z = F.linear(x, W_enc, b_enc)
         theta = log_threshold.exp()
         f = _JumpReLU.apply(z, theta, self.cfg.bandwidth)
         x_hat = (f * self.inv_decoder_norm(W_dec)) @ W_dec
         l0 = _Step.apply(z, theta, self.cfg.bandwidth).sum(1, keepdim=True)
-        return torch.cat([x_hat, l0], dim=1), f
+        below = ((theta - z).relu() * dead).sum(1, keepdim=True)
+        return torch.cat([x_hat, l0, below], dim=1), f

@@ -79,10 +79,11 @@ class SAEConfig:
     """relu_l1: initial norm of each decoder row (unit-norm architectures always start at 1)."""
     threshold_init: float | None = None
     """jumprelu: initial threshold of every latent, in normalised input units (E||x||^2 = d_model, where
-    a unit-norm encoder row's pre-activation has an RMS of about 1). None: the standard normal's
-    (1 - k / n_features) quantile, so that a run starts near k active latents per token and lambda moves
-    it from there. Thresholds learn in log space, about lr per step at most: Gemma Scope's 0.001 (in
-    its units, E||x||^2 = 1) starts nearly dense and needs ~1e5 steps to get sparse."""
+    a unit-norm encoder row's pre-activation has an RMS of about 1). None: where a normal pre-activation
+    of the centred input fires on k / n_features tokens (pipeline/sae/jumprelu.py initial_threshold),
+    so that a run starts near k active latents per token. Thresholds learn in log space, about lr per
+    step at most, so for a few thousand steps L0 stays near that start (BENCHMARKS.md); Gemma Scope's
+    0.001 (in its units, E||x||^2 = 1) starts nearly dense and needs ~1e5 steps to get sparse."""
     bandwidth: float = 0.05
     """jumprelu: width epsilon of the straight-through estimators' rectangle kernel, in the same units:
     wide enough that a batch puts a few pre-activations of each latent in the window around its

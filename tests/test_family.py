@@ -178,6 +178,11 @@ def test_family_end_to_end_on_tiny_sizes(tmp_path, tiny_model_dir, hub):
                   "Neighbourhood", "computational intermediates", "Commands"):
         assert title in report, title
     assert "not run" not in report and (out / "report/results/size.png").exists()
+    # the reading's statements are computed from the outputs
+    fvu = [json.loads((out / f"train/{n}/heldout.json").read_text())["fvu"] for n in (32, 64)]
+    trend = "falls" if fvu[1] < fvu[0] else "rises" if fvu[1] > fvu[0] else "is not monotone"
+    assert f"held-out FVU {trend} with size: {fvu[0]:.4f} (32), {fvu[1]:.4f} (64)" in report
+    assert report.index("## Reading") < report.index("## 1. Reconstruction")
     window = json.loads((out / "train/64/sae/cfg.json").read_text())["config"]["dead_tokens"]
     assert re.search(rf"\| 64 \|.*\| [0-9.]+% \({window:,}\) \| [0-9.]+% of [0-9,]+ \|", report)
     assert "python -m pipeline.train" in report and "sae.n_features=64" in report

@@ -225,19 +225,22 @@ def section_multilingual(f) -> list[str]:
            "Debian Administrator's Handbook or Debian Reference in each language): Jaccard overlap of each "
            "paragraph's top features between two languages, same paragraph vs different paragraphs, and "
            "their difference with a 95% bootstrap interval over paragraphs (`pipeline.interpret "
-           "task=crosslingual`).", "", "| features | paragraphs | same | different | same − different [95% CI] | "
-           "paragraphs with a feature shared by every language | topic features |", "|---|---|---|---|---|---|---|"]
+           "task=crosslingual`). Multilingual features: distinct features in the top features of every language "
+           "of at least one paragraph.", "", "| features | paragraphs | same | different | same − different [95% CI] | "
+           "paragraphs with a feature shared by every language | multilingual features | topic features |",
+           "|---|---|---|---|---|---|---|---|"]
     for n in f.cfg.sizes:
         r = _json(f.dir("interpret", n) / "crosslingual.json")
         if not r:
-            out.append(f"| {n:,} | not run | | | | | |")
+            out.append(f"| {n:,} | not run | | | | | | |")
             continue
         d = r.get("parallel_minus_mismatched", {})
         ci = f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if d else "-"
         shared = sum(bool(s["features"]) for s in r["shared_in_all_languages"])
+        multilingual = len({x for s in r["shared_in_all_languages"] for x in s["features"]})
         topic_feats = len({x["feature"] for t in r["topics"] for x in t["features"]})
         out.append(f"| {n:,} | {r['n_sentences']} | {r['mean_parallel']:.3f} | {r['mean_mismatched']:.3f} | {ci} | "
-                   f"{shared} | {topic_feats} |")
+                   f"{shared} | {multilingual} | {topic_feats} |")
     return out
 
 
@@ -303,6 +306,80 @@ def section_attribution(f) -> list[str]:
     return out if len(out) > 4 else out + ["Not run."]
 
 
+def _trend(values: list[float]) -> str:
+    """How a per-size series moves, smallest size first."""
+    d = [b - a for a, b in zip(values, values[1:])]
+    return "rises" if all(x > 0 for x in d) else "falls" if all(x < 0 for x in d) else "is not monotone"
+
+
+def _series(pairs: list[tuple[int, float]], digits: int = 3) -> str:
+    return ", ".join(f"{v:.{digits}f} ({n:,})" for n, v in pairs)
+
+
+def section_reading(f) -> list[str]:
+    """What the numbers below say, each statement computed from them (so it follows a rerun), then what
+    this setup cannot show."""
+    out = ["## Reading", "", "Each statement is computed from the sections below (smallest size first):", ""]
+    sizes = f.cfg.sizes
+    fvu = [(r["n"], r["heldout"]["fvu"]) for r in _runs(f) if r["heldout"]]
+    if len(fvu) > 1:
+        silent = (_json(f.out / "train" / str(fvu[-1][0]) / "heldout.json") or {}).get("dead_fraction")
+        out.append(f"- Reconstruction: held-out FVU {_trend([v for _, v in fvu])} with size: {_series(fvu, 4)}; the "
+                   f"largest leaves {_pct(silent)} of its features silent on the held-out rows." if silent is not None
+                   else f"- Reconstruction: held-out FVU {_trend([v for _, v in fvu])} with size: {_series(fvu, 4)}.")
+    ce = [(n, (_json(f.dir("evaluate", n) / "metrics.json") or {}).get("ce_loss_recovered")) for n in sizes]
+    ce = [(n, v) for n, v in ce if v is not None]
+    if len(ce) > 1:
+        out.append(f"- CE loss recovered {_trend([v for _, v in ce])} with size: {_series(ce)}.")
+    for small, large in zip(sizes, sizes[1:]):
+        s = (_json(f.dir("audit", f"{small}-{large}") / "audit.json") or {}).get("splitting")
+        if s:
+            c = s["counts"]
+            out.append(f"- Splitting {small:,} → {large:,}: {c['small_split']:,} features ({_pct(c['small_split'] / s['n_small'])}) "
+                       f"have two or more children at cosine ≥ {s['threshold']:g}, {c['small_with_one_child']:,} one; "
+                       f"{_pct(c['large_novel'] / s['n_large'])} of the larger dictionary's features match no smaller one.")
+    comp = [(n, (_json(f.dir("audit", n) / "audit.json") or {}).get("completeness")) for n in sizes]
+    comp = [(n, c) for n, c in comp if c]
+    if len(comp) > 1:
+        out.append(f"- Completeness: the number of concepts with a dedicated feature {_trend([c['n_found'] for _, c in comp])} with size: "
+                   + ", ".join(f"{c['n_found']} of {c['n_concepts']} ({n:,})" for n, c in comp) + ".")
+    cl = [(n, (_json(f.dir("interpret", n) / "crosslingual.json") or {}).get("parallel_minus_mismatched")) for n in sizes]
+    cl = [(n, d) for n, d in cl if d]
+    if len(cl) > 1:
+        overlap = all(a["ci95"][1] >= b["ci95"][0] and b["ci95"][1] >= a["ci95"][0] for (_, a), (_, b) in zip(cl, cl[1:]))
+        out.append(f"- Multilingual: parallel paragraphs share more top features than mismatched ones at "
+                   f"{sum(d['ci95'][0] > 0 for _, d in cl)} of {len(cl)} sizes (interval above 0); the difference "
+                   f"{_trend([d['mean'] for _, d in cl])} with size: {_series([(n, d['mean']) for n, d in cl])}"
+                   + (" (neighbouring sizes' intervals overlap)." if overlap else "."))
+    auroc, steer = [], []
+    for n in sizes:
+        sec = (_json(f.dir("audit", n) / "audit.json") or {}).get("concepts")
+        best = [max(c["features"], key=lambda x: x["heldout_auroc"]) for c in (sec or {}).get("concepts", []) if c["features"]]
+        if best:
+            auroc.append((n, float(np.mean([b["heldout_auroc"] for b in best]))))
+            st = [b["steering"] for b in best if b.get("steering")]
+            steer.append(f"{sum(s['delta_logprob'] > s['control_delta_logprob'] for s in st)} of {len(st)} ({n:,})")
+    if len(auroc) > 1:
+        out.append(f"- Concept search: the best feature's mean held-out AUROC over the concept sets "
+                   f"{_trend([v for _, v in auroc])} with size: {_series(auroc)}. Steering raises the concept's "
+                   f"words more than the control feature does in " + ", ".join(steer) + " concept sets.")
+    att = []
+    for n in sizes:
+        rs = [_json(f.dir("attribute", n) / str(i) / "attribute.json") for i in range(len(f.cfg.attribution_prompts))]
+        rs = [r["summary"] for r in rs if r]
+        if rs:
+            att.append(f"{sum(s['beats_random'] for s in rs)} of {sum(s['n_features'] for s in rs)} ({n:,})")
+    if att:
+        out.append("- Attribution: top-attributed features whose ablation lowers the target's log-probability more "
+                   "than every density-matched random feature: " + ", ".join(att) + ".")
+    out += ["", "What this setup cannot show: one seed per size (no interval on the size trends themselves); "
+            f"{f.cfg.n_tokens:,} training tokens: "
+            + ", ".join(f"{f.cfg.n_tokens // n:,} tokens per feature at {n:,}" for n in sizes) + "; a 135M-parameter model, whose features "
+            "need not be as abstract as a production model's; concept sets of a few held-out prompts each, so "
+            "an AUROC of 1.000 is a coarse pass, not a precise score."]
+    return out
+
+
 def _git() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -325,7 +402,7 @@ def write_report(f) -> Path:
             f"Corpus ({_rel(f.corpus, base)}, pipeline/family/corpus.py): {tr.get('tokens', 0):,} training tokens, "
             f"{m.get('parallel_rows', 0)} held-out parallel paragraphs in {', '.join(m.get('parallel_languages', []))}; "
             "packages: " + ", ".join(f"{k} {v}" for k, v in m.get("packages", {}).items()) + "."]
-    body = [*section_reconstruction(f, figs), "", *section_sweep(f, figs), "", *section_splitting(f), "", *section_completeness(f, figs), "",
+    body = [*section_reading(f), "", *section_reconstruction(f, figs), "", *section_sweep(f, figs), "", *section_splitting(f), "", *section_completeness(f, figs), "",
             *section_multilingual(f), "", *section_concepts(f), "", *section_neighbours(f, base), "",
             *section_attribution(f)]
     # commands.sh gets a step's command at every (re)start: each step is listed where it first ran,

@@ -151,6 +151,30 @@ def test_jumprelu_starts_near_k_active_latents_and_its_lambda_reaches_the_thresh
     assert strong < weak / 2, (weak, strong)
 
 
+def test_jumprelu_data_init_starts_every_latent_at_the_same_density_tiled_or_not():
+    """On anisotropic input one global threshold leaves the latents along low-variance directions
+    silent; init_from_data puts each latent's threshold where it fires on k / n of the sample's rows."""
+    d, n, k, rows = 32, 256, 8, 4096
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=g) * torch.tensor([6.0] * 2 + [0.3] * (d - 2))  # two dominant directions
+    x = x * (d / x.pow(2).sum(1).mean()).sqrt()  # normalised as the trainer does: E||x||^2 = d
+    fired = {}
+    for tile in (0, 96):
+        sae = create(SAEConfig(architecture="jumprelu", n_features=n, d_model=d, k=k, feature_tile=tile))
+        sae.reset_parameters(0, mean=torch.zeros(d))
+        with torch.no_grad():
+            before = sae(x).fired
+            sae.init_from_data(x)
+            fired[tile] = sae(x).fired
+    assert (before == 0).float().mean() > 0.1  # the global threshold: many latents never fire
+    assert fired[0].min() >= rows * k / n - 1 and fired[0].max() <= rows * k / n + 1
+    torch.testing.assert_close(fired[0], fired[96])
+    sae = create(SAEConfig(architecture="jumprelu", n_features=n, d_model=d, k=k, threshold_init=0.5))
+    sae.reset_parameters(0)
+    sae.init_from_data(x)  # a set threshold_init is kept
+    assert torch.allclose(sae.log_threshold.exp(), torch.full((n,), 0.5))
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_encode_gives_a_sparse_code_that_decodes_to_the_forward(arch):
     sae = make(arch).eval()

@@ -79,9 +79,10 @@ class SAEConfig:
     """relu_l1: initial norm of each decoder row (unit-norm architectures always start at 1)."""
     threshold_init: float | None = None
     """jumprelu: initial threshold of every latent, in normalised input units (E||x||^2 = d_model, where
-    a unit-norm encoder row's pre-activation has an RMS of about 1). None: where a normal pre-activation
-    of the centred input fires on k / n_features tokens (pipeline/sae/jumprelu.py initial_threshold),
-    so that a run starts near k active latents per token. Thresholds learn in log space, about lr per
+    a unit-norm encoder row's pre-activation has an RMS of about 1). None: in the trainer, each latent's
+    threshold where it fires on k / n_features of the first batch's rows (JumpReLU.init_from_data), so
+    that a run starts near k active latents per token with every latent alive; an SAE built outside the
+    trainer starts where a normal pre-activation of the centred input fires that often (initial_threshold). Thresholds learn in log space, about lr per
     step at most, so for a few thousand steps L0 stays near that start (BENCHMARKS.md); Gemma Scope's
     0.001 (in its units, E||x||^2 = 1) starts nearly dense and needs ~1e5 steps to get sparse."""
     bandwidth: float = 0.05
@@ -291,6 +292,11 @@ class SparseAutoencoder(nn.Module):
         self.b_enc.zero_()
         self.b_dec.copy_(mean if mean is not None and self.cfg.b_dec_init == "mean" else torch.zeros_like(self.b_dec))
         self.tokens_since_fired.zero_()
+
+    def init_from_data(self, x: Tensor) -> None:
+        """The data-dependent part of the initialisation, after reset_parameters: `x` is a sample of
+        normalised training rows, the same on every rank (the trainer's first global batch). Nothing
+        by default; an architecture whose good start depends on the data overrides it."""
 
     def decoder_weight(self, W_dec: Tensor | None = None) -> Tensor:
         """W_dec (or a block of its rows) as used: rows divided by their norm for unit-norm

@@ -12,7 +12,8 @@ A latent whose pre-activation never comes near its threshold gets no gradient at
 latents get the pre-activation loss of Anthropic's January 2025 update instead (the `aux` term):
     aux = aux_coef * mean over tokens of sum over dead latents i of relu(theta_i - z_i) / n_features,
 which raises their pre-activations (and lowers their thresholds) until they fire again.
-Decoder rows have unit norm; W_enc = W_dec and b_enc = -W_enc b_dec at init, theta = initial_threshold.
+Decoder rows have unit norm; W_enc = W_dec and b_enc = -W_enc b_dec at init, theta = initial_threshold,
+then in the trainer each latent's quantile on the first batch (init_from_data).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, SparseCode, register
-from pipeline.sae.tiled import tiled_sum
+from pipeline.sae.tiled import tiled_sum, tiles
+
+MIN_THRESHOLD = 1e-3
+"""Floor of a data-initialised threshold (a latent whose pre-activation is rarely positive)."""
 
 
 def _kernel(z: Tensor, theta: Tensor, eps: float) -> Tensor:
@@ -105,6 +109,18 @@ class JumpReLU(SparseAutoencoder):
         # b_dec already reconstructs, so early firings hurt and thresholds climb until latents die
         self.b_enc.copy_(-(self.W_enc @ self.b_dec))
         self.log_threshold.fill_(math.log(initial_threshold(self.cfg, float(self.b_dec.pow(2).sum()))))
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """With sae.threshold_init null: each latent's threshold where it fires on k / n_features of the
+        sample's rows, so that every latent starts alive at the same density (one global threshold
+        leaves the latents whose pre-activations vary less than average silent from the start)."""
+        if self.cfg.threshold_init is not None:
+            return
+        rank = min(len(x), max(1, round(len(x) * (1 - self.cfg.k / self.cfg.n_features))))
+        for t in tiles(len(self.features), self.tile()):
+            z = torch.addmm(self.b_enc[t], x.to(self.W_enc.dtype), self.W_enc[t].t())
+            self.log_threshold[t] = z.kthvalue(rank, dim=0).values.clamp(min=MIN_THRESHOLD).log()
 
     def pre_acts(self, x: Tensor) -> Tensor:
         return F.linear(self.comm.enter(x), self.W_enc, self.b_enc)

@@ -39,7 +39,7 @@ class RankBatches:
     def __init__(self, store: ActivationStore, hook: str, cfg, dp_rank: int, dp_size: int, device,
                  interrupt: threading.Event | None = None):
         global_view = cfg.data.same_batches_at_any_layout and dp_size > 1
-        per_rank = cfg.batch_size // dp_size
+        per_rank, self.global_batch = cfg.batch_size // dp_size, cfg.batch_size
         self.slice = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank) if global_view else None
         self.store, self._args = store, dict(
             batch_size=cfg.batch_size if global_view else per_rank, hook=hook, seed=cfg.seed,
@@ -62,6 +62,16 @@ class RankBatches:
             self._it = None  # that iteration is over; the next one starts with the batch not taken
             raise
         return x[self.slice] if self.slice is not None else x
+
+    def sample(self) -> torch.Tensor:
+        """The run's first global batch, read again by a loader of its own: the same rows on every
+        rank whatever the layout (for data-dependent initialisation), this iterator untouched."""
+        loader = ActivationLoader(self.store, **{**self._args, "batch_size": self.global_batch, "dp_rank": 0,
+                                                 "dp_size": 1})
+        try:
+            return next(iter(loader))
+        finally:
+            loader.close()
 
     def nonfinite_rows(self, state: dict) -> list[int]:
         """Store rows holding a NaN or an infinity in this rank's batch that follows `state`, read

@@ -16,7 +16,7 @@ file here (imported by pipeline/sae/__init__.py) and conf/sae/<name>.yaml.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -293,10 +293,10 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.copy_(mean if mean is not None and self.cfg.b_dec_init == "mean" else torch.zeros_like(self.b_dec))
         self.tokens_since_fired.zero_()
 
-    def init_from_data(self, x: Tensor) -> None:
-        """The data-dependent part of the initialisation, after reset_parameters: `x` is a sample of
+    def init_from_data(self, sample: Callable[[], Tensor]) -> None:
+        """The data-dependent part of the initialisation, after reset_parameters: `sample()` reads
         normalised training rows, the same on every rank (the trainer's first global batch). Nothing
-        by default; an architecture whose good start depends on the data overrides it."""
+        by default (no read); an architecture whose good start depends on the data overrides it."""
 
     def decoder_weight(self, W_dec: Tensor | None = None) -> Tensor:
         """W_dec (or a block of its rows) as used: rows divided by their norm for unit-norm

@@ -19,6 +19,7 @@ then in the trainer each latent's quantile on the first batch (init_from_data).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,12 +112,13 @@ class JumpReLU(SparseAutoencoder):
         self.log_threshold.fill_(math.log(initial_threshold(self.cfg, float(self.b_dec.pow(2).sum()))))
 
     @torch.no_grad()
-    def init_from_data(self, x: Tensor) -> None:
+    def init_from_data(self, sample: Callable[[], Tensor]) -> None:
         """With sae.threshold_init null: each latent's threshold where it fires on k / n_features of the
         sample's rows, so that every latent starts alive at the same density (one global threshold
         leaves the latents whose pre-activations vary less than average silent from the start)."""
         if self.cfg.threshold_init is not None:
             return
+        x = sample()
         rank = min(len(x), max(1, round(len(x) * (1 - self.cfg.k / self.cfg.n_features))))
         for t in tiles(len(self.features), self.tile()):
             z = torch.addmm(self.b_enc[t], x.to(self.W_enc.dtype), self.W_enc[t].t())

@@ -47,6 +47,7 @@ class RankBatches:
             shuffle_buffer=cfg.data.shuffle_buffer, epochs=None, drop_last=True, device=device,
             expected_d_model=store.d_model, exclude_positions_below=cfg.data.exclude_positions_below,
             exclude_norm_factor=cfg.data.exclude_norm_factor, skip_corrupt=cfg.data.skip_corrupt)
+        self.interrupt = interrupt
         self.loader = ActivationLoader(store, **self._args, interrupt=interrupt)
         self._it = None
 
@@ -65,9 +66,10 @@ class RankBatches:
 
     def sample(self) -> torch.Tensor:
         """The run's first global batch, read again by a loader of its own: the same rows on every
-        rank whatever the layout (for data-dependent initialisation), this iterator untouched."""
+        rank whatever the layout (for data-dependent initialisation), this iterator untouched. Raises
+        Interrupted when a signal ends the wait, as a batch does."""
         loader = ActivationLoader(self.store, **{**self._args, "batch_size": self.global_batch, "dp_rank": 0,
-                                                 "dp_size": 1})
+                                                 "dp_size": 1}, interrupt=self.interrupt)
         try:
             return next(iter(loader))
         finally:

@@ -53,7 +53,10 @@ def train(cfg: TrainConfig) -> Path | None:
         batches = RankBatches(store, hook, cfg, mesh.dp_rank, cfg.parallel.data_parallel, device, stop.event)
         cleanup.callback(batches.close)
         sae = mesh.build_sae(sae_cfg, cfg.seed, mean=stats.mean * scale)
-        sae.init_from_data(batches.sample().to(device).mul_(scale))  # before the engine copies the weights
+        try:  # before the engine copies the weights; the architecture reads the sample only if it needs one
+            sae.init_from_data(lambda: batches.sample().to(device).mul_(scale))
+        except Interrupted:
+            pass  # a signal: the first step's agreement below stops the run
         engine = build_engine(cfg, sae, mesh, device)
         dtype = torch.bfloat16 if precision(cfg, device) == "bf16" else torch.float32
         out_dir = Path(cfg.out_dir)

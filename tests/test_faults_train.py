@@ -6,7 +6,8 @@ ends with a clear error or a clean, resumable stop.
 - SIGTERM and SIGUSR1 stop a run whose loader is stalled in a read: a chunk file made a FIFO blocks
   the read as a hung mount would. The run checkpoints the last step (if it did one) and exits 0,
   which slurm/train.sbatch takes as "requeue me"; with two ranks, the one waiting for data and
-  the one waiting for it agree.
+  the one waiting for it agree; a jumprelu run stalled in the read of the first batch, which sets its
+  initial thresholds before any step, stops as well.
 - A NaN input row makes the non-finite-loss error name the step and the store row.
 - Resuming with another dictionary shape names both shapes.
 
@@ -113,16 +114,17 @@ def test_an_interrupt_ends_a_stalled_wait_and_keeps_the_position(pristine, monke
     assert torch.equal(first, next(iter(ActivationLoader(pristine, 64))))
 
 
-def stall(store: str, window: int, dp_rank: int = 0, dp_size: int = 1) -> None:
+def stall(store: str, window: int, dp_rank: int = 0, dp_size: int = 1) -> Path:
     """Make the chunk that the trainer's loader (seed 0, data.shuffle_buffer=WINDOW) reads for
     `window` of rank `dp_rank` a FIFO: reading it blocks until a writer opens the other end, as a
-    read on a hung mount blocks."""
+    read on a hung mount blocks. Returns the FIFO's path."""
     st = ActivationStore.open(store)
     plan = ActivationLoader(st, 1, dp_rank=dp_rank, dp_size=dp_size, shuffle_buffer=WINDOW).plan(0)
     (chunk,) = plan.segments[plan.windows[window]:plan.windows[window + 1], 1]
     path = Path(store, st.chunk_key(F.hook_path(HOOK, F.ACTS), int(chunk)))
     path.unlink()
     os.mkfifo(path)
+    return path
 
 
 def wait_for(condition, proc, what: str, timeout: float = 300) -> None:
@@ -187,6 +189,32 @@ def test_a_signal_stops_a_run_stalled_on_a_read(store, tmp_path, nproc, sig, win
         assert len(list((out / "checkpoints" / f"step-{steps}").glob("loader-rank*.json"))) == nproc
     else:
         assert not latest.exists() and "no step was done" in log
+
+
+def test_a_signal_ends_jumprelus_read_of_its_first_batch(store, tmp_path):
+    """jumprelu reads the first batch before the engine exists (its thresholds start at each latent's
+    quantile there): a signal during that stalled read stops the run cleanly, nothing to save."""
+    stall(store, 0)
+    out = tmp_path / "out"
+    args = [a if a != "sae=topk" else "sae=jumprelu" for a in tiny(store, out, "n_tokens=3200",
+            f"data.shuffle_buffer={WINDOW}", "data.exclude_norm_factor=null")]
+
+    def reading() -> bool:  # a thread of the trainer blocks in the FIFO's open (no writer ever comes)
+        return any(_read(t / "wchan") == "wait_for_partner" for t in Path(f"/proc/{p.pid}/task").glob("*"))
+
+    with launched(args, 1) as p:
+        wait_for(reading, p, "the read of the first batch")
+        assert not (out / "metrics.jsonl").exists()  # still initialising
+        os.kill(p.pid, signal.SIGTERM)
+        log = p.communicate(timeout=120)[0]
+    assert p.returncode == 0 and "no step was done" in log, log[-3000:]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # a thread that has ended since
+        return ""
 
 
 # -- non-finite input, resume with another shape ----------------------------------------------------

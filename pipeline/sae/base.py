@@ -82,9 +82,10 @@ class SAEConfig:
     a unit-norm encoder row's pre-activation has an RMS of about 1). None: in the trainer, each latent's
     threshold where it fires on k / n_features of the first batch's rows (JumpReLU.init_from_data), so
     that a run starts near k active latents per token with every latent alive; an SAE built outside the
-    trainer starts where a normal pre-activation of the centred input fires that often (initial_threshold). Thresholds learn in log space, about lr per
-    step at most, so for a few thousand steps L0 stays near that start (BENCHMARKS.md); Gemma Scope's
-    0.001 (in its units, E||x||^2 = 1) starts nearly dense and needs ~1e5 steps to get sparse."""
+    trainer starts where a normal pre-activation of the centred input fires that often (initial_threshold).
+    Thresholds learn in log space, about lr per step at most, so for a few thousand steps L0 stays near
+    that start (BENCHMARKS.md); Gemma Scope's 0.001 (in its units, E||x||^2 = 1) starts nearly dense and
+    needs ~1e5 steps to get sparse."""
     bandwidth: float = 0.05
     """jumprelu: width epsilon of the straight-through estimators' rectangle kernel, in the same units:
     wide enough that a batch puts a few pre-activations of each latent in the window around its

@@ -244,6 +244,12 @@ def section_multilingual(f) -> list[str]:
     return out
 
 
+def _best_per_concept(sec: dict | None) -> list[tuple[dict, dict]]:
+    """(concept set, its feature with the best held-out AUROC) of an audit's concepts section."""
+    return [(c, max(c["features"], key=lambda x: x["heldout_auroc"])) for c in (sec or {}).get("concepts", [])
+            if c["features"]]
+
+
 def section_concepts(f) -> list[str]:
     out = ["## 5. Concept search and steering", "", "Per concept set, the feature with the best held-out AUROC among "
            "the top candidates, and its steering check: clamped to a multiple of its max activation on neutral "
@@ -256,10 +262,7 @@ def section_concepts(f) -> list[str]:
         if not sec:
             out.append(f"| {n:,} | not run | | | | | | |")
             continue
-        for c in sec["concepts"]:
-            if not c["features"]:
-                continue
-            b = max(c["features"], key=lambda x: x["heldout_auroc"])
+        for c, b in _best_per_concept(sec):
             st = b.get("steering") or {}
             out.append(f"| {n:,} | {c['name']} | {b['feature']} | {b['heldout_auroc']:.3f} | "
                        f"{_fmt(st.get('delta_logprob'))} | {_fmt(st.get('kl'))} | "
@@ -321,9 +324,10 @@ def section_reading(f) -> list[str]:
     this setup cannot show."""
     out = ["## Reading", "", "Each statement is computed from the sections below (smallest size first):", ""]
     sizes = f.cfg.sizes
-    fvu = [(r["n"], r["heldout"]["fvu"]) for r in _runs(f) if r["heldout"]]
+    trained = [r for r in _runs(f) if r["heldout"]]
+    fvu = [(r["n"], r["heldout"]["fvu"]) for r in trained]
     if len(fvu) > 1:
-        silent = (_json(f.out / "train" / str(fvu[-1][0]) / "heldout.json") or {}).get("dead_fraction")
+        silent = trained[-1]["heldout"].get("dead_fraction")
         out.append(f"- Reconstruction: held-out FVU {_trend([v for _, v in fvu])} with size: {_series(fvu, 4)}; the "
                    f"largest leaves {_pct(silent)} of its features silent on the held-out rows." if silent is not None
                    else f"- Reconstruction: held-out FVU {_trend([v for _, v in fvu])} with size: {_series(fvu, 4)}.")
@@ -353,8 +357,7 @@ def section_reading(f) -> list[str]:
                    + (" (neighbouring sizes' intervals overlap)." if overlap else "."))
     auroc, steer = [], []
     for n in sizes:
-        sec = (_json(f.dir("audit", n) / "audit.json") or {}).get("concepts")
-        best = [max(c["features"], key=lambda x: x["heldout_auroc"]) for c in (sec or {}).get("concepts", []) if c["features"]]
+        best = [b for _, b in _best_per_concept((_json(f.dir("audit", n) / "audit.json") or {}).get("concepts"))]
         if best:
             auroc.append((n, float(np.mean([b["heldout_auroc"] for b in best]))))
             st = [b["steering"] for b in best if b.get("steering")]

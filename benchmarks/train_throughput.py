@@ -11,7 +11,9 @@ baseline runs the five matrix products of a dense step (encoder forward, decoder
 w.r.t. the code, decoder and encoder weight gradients) with the same shapes in the same dtype (on
 CUDA: cuBLAS bf16 matmuls); its rate is 10 * batch * d * n_features / its time. FLOP utilisation
 ("flop_efficiency") is that dense work over a step's time, against the baseline's rate.
-topk+AuxK marks 10% of the latents dead, so the AuxK loss is computed too. All variants
+topk+AuxK marks 10% of the latents dead, so the AuxK loss is computed too; topk-exact is topk with
+sae.scan_precision=exact (topk's `auto` scans in bf16 where the device multiplies bf16 natively and
+refines the candidates exactly: pipeline/sae/topk.py). All variants
 alternate, `--repeats` times; the best of each is shown. Targets (BENCHMARKS.md): on the CPU a
 relu_l1 step at >= 80% of the matmul rate, on CUDA (bf16) >= 50%; topk >= 2x relu_l1 at 16,384
 latents on both.
@@ -45,7 +47,7 @@ from pipeline.step import DeepSpeedConfig
 from pipeline.train import TrainConfig
 from pipeline.train.engine import build_engine, precision
 
-VARIANTS = ("relu_l1", "topk", "topk+AuxK")
+VARIANTS = ("relu_l1", "topk", "topk-exact", "topk+AuxK")
 TARGETS = {"cpu": {"flop_efficiency": 0.8, "topk_vs_relu_l1": 2.0},
            "cuda": {"flop_efficiency": 0.5, "topk_vs_relu_l1": 2.0}}
 
@@ -81,14 +83,15 @@ def measure(a, chosen: list[str]) -> dict:
     iters = a.iters or (20 if device.type == "cuda" else 1)
     mesh = Mesh(ParallelDims(1, 1), device)
 
-    def config(arch: str) -> TrainConfig:
-        return TrainConfig(sae=SAEConfig(architecture=arch, n_features=n, d_model=d, k=a.k), n_tokens=B * 1000,
-                           batch_size=B, deepspeed=DeepSpeedConfig(precision=a.precision))
+    def config(base: str) -> TrainConfig:  # base: a variant without +AuxK
+        sae = SAEConfig(architecture=base.removesuffix("-exact"), n_features=n, d_model=d, k=a.k,
+                        scan_precision="exact" if base.endswith("-exact") else "auto")
+        return TrainConfig(sae=sae, n_tokens=B * 1000, batch_size=B, deepspeed=DeepSpeedConfig(precision=a.precision))
 
     mode = precision(config("topk"), device)
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
-    engines = {arch: build_engine(config(arch), mesh.build_sae(config(arch).sae, seed=0), mesh, device)
-               for arch in {v.split("+")[0] for v in chosen}}
+    engines = {base: build_engine(config(base), mesh.build_sae(config(base).sae, seed=0), mesh, device)
+               for base in {v.split("+")[0] for v in chosen}}
     g = torch.Generator().manual_seed(0)
 
     def tensor(*shape) -> torch.Tensor:  # made on the CPU (one generator, same values anywhere), placed once
@@ -96,8 +99,8 @@ def measure(a, chosen: list[str]) -> dict:
 
     x, W, code, gx = tensor(B, d), tensor(n, d), tensor(B, n).relu_(), tensor(B, d)
 
-    def step(arch: str, dead: bool = False) -> None:
-        eng = engines[arch]
+    def step(base: str, dead: bool = False) -> None:
+        eng = engines[base]
         if dead:  # 10% of the latents dead: AuxK runs
             eng.module.tokens_since_fired[: n // 10] = eng.module.dead_tokens
         out = eng(x)

@@ -13,7 +13,8 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.parallel import ParallelDims
 from pipeline.sae import ARCHITECTURES, SAEConfig, SparseCode, create, load, save
 from pipeline.sae.checkpoint import CheckpointFormatError, save_config, save_shard
-from pipeline.sae.sparse import dense_decode, dense_gather_linear, gather_linear, sparse_decode
+from pipeline.sae.sparse import dense_decode, dense_gather_linear, gather_dot, gather_linear, sparse_decode
+from pipeline.sae.topk import SCAN_EXTRA
 
 D, N = 16, 40
 
@@ -396,9 +397,55 @@ def test_tiled_step_never_forms_the_batch_by_features_matrix(arch):
             sae(x).loss.backward()
         sizes[tile] = mode.largest
     assert sizes[0] >= batch * N       # the untiled step does form it
-    # tiled: nothing larger than [batch, d_model (+ relu_l1's penalty column and padding)]; the
-    # tiles, running top-k's and gradients are smaller still
-    assert sizes[7] <= batch * (D + 8) < batch * N
+    # tiled: nothing larger than [batch, d_model (+ relu_l1's penalty column and padding)] or than
+    # a bf16 scan's running candidates (k_aux = 6 + SCAN_EXTRA, merged with a tile); the tiles
+    # and gradients are smaller still
+    assert sizes[7] <= batch * max(D + 8, 6 + SCAN_EXTRA + 7) < batch * N
+
+
+@pytest.mark.parametrize("dead_every", [0, 50, 2])  # AuxK off, few dead latents per tile, many
+def test_a_bf16_scan_keeps_the_exact_code_and_gradients(dead_every):
+    """scan_precision=bf16 proposes candidates in bf16 and keeps the exact top k among them: the
+    same latents, values and gradients as the exact scan, where bf16's own top k differs."""
+    d, n, k, batch = 64, 512, 8, 256
+    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    out = {}
+    for p in ("exact", "bf16"):
+        sae = create(SAEConfig(n_features=n, d_model=d, k=k, k_aux=16, dead_tokens=64, feature_tile=100,
+                               scan_precision=p))
+        sae.reset_parameters(0, mean=x.mean(0))
+        sae.train()
+        if dead_every:
+            with torch.no_grad():
+                sae.tokens_since_fired[::dead_every] = 1000
+        assert (sae.scan_dtype(x) is None) == (p == "exact")
+        code = sae.encode(x)
+        res = sae(x)
+        res.loss.backward()
+        out[p] = code, res, {name: q.grad for name, q in sae.named_parameters()}
+    (ce, re, ge), (cb, rb, gb) = out["exact"], out["bf16"]
+    assert torch.equal(ce.indices.sort(1).values, cb.indices.sort(1).values)
+    torch.testing.assert_close(ce.values.sort(1).values, cb.values.sort(1).values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rb.loss, re.loss, rtol=1e-6, atol=0)
+    assert (rb.aux > 0) == bool(dead_every) and torch.isclose(rb.aux, re.aux, rtol=1e-5)
+    for name in ge:
+        torch.testing.assert_close(gb[name], ge[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the refinement is what makes them equal: bf16's own top k picks other latents on some rows
+    bias = sae.encoder_bias()
+    raw = torch.addmm(bias.bfloat16(), x.bfloat16(), sae.W_enc.bfloat16().t()).topk(k, dim=1).indices
+    assert (raw.sort(1).values != ce.indices.sort(1).values).any(1).sum() > 0
+
+
+def test_gather_dot_is_each_selected_rows_dot_product():
+    x, W = torch.randn(33, 20), torch.randn(50, 20)
+    idx = torch.stack([torch.randperm(50)[:7] for _ in range(33)])
+    torch.testing.assert_close(gather_dot(idx, W, x), (W[idx] * x[:, None]).sum(-1), rtol=1e-5, atol=1e-5)
+    assert gather_dot(idx[:, :0], W, x).shape == (33, 0)
+
+
+def test_scan_precision_must_be_a_known_one():
+    with pytest.raises(ConfigError, match="sae.scan_precision='fp16'"):
+        SAEConfig(scan_precision="fp16")
 
 
 def test_feature_tile_must_not_be_negative():

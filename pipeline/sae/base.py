@@ -95,6 +95,14 @@ class SAEConfig:
     unit_norm_decoder: bool | None = None
     """Decoder rows used as W_dec,i / ||W_dec,i||. None: the architecture's default (all but
     relu_l1). Exported checkpoints set False: their rows carry the folded input scale."""
+    scan_precision: str = "auto"
+    """topk: the precision of the encoder's dense matmul, the one that picks each token's latents. bf16:
+    that matmul in bf16 proposes 2k candidates per token, whose pre-activations are then computed
+    exactly in the weights' dtype (sparse.gather_dot) and the k largest kept, so the code is the
+    exact one unless a latent beyond the 2k is within bf16 rounding (~0.4%) of the k-th. exact: the
+    weights' dtype throughout. auto: bf16 where the weights are fp32 and the device multiplies bf16
+    natively (pipeline/device.py native_bf16_matmul: 3.7x fp32's speed on an AVX512-BF16 CPU), else
+    exact. batchtopk and the others are always exact."""
     feature_tile: int = 0
     """Features per encoder tile in training (0: the whole local shard at once). Tiled, no
     [batch, local features] matrix is ever formed: topk/batchtopk keep a running top-k over the
@@ -111,6 +119,8 @@ class SAEConfig:
             raise ConfigError(f"sae.k_aux={self.k_aux} must be >= 0 and sae.dead_tokens={self.dead_tokens} >= 1")
         if self.b_dec_init not in ("mean", "zero"):
             raise ConfigError(f"sae.b_dec_init={self.b_dec_init!r} must be 'mean' or 'zero'")
+        if self.scan_precision not in ("auto", "exact", "bf16"):
+            raise ConfigError(f"sae.scan_precision={self.scan_precision!r} must be 'auto', 'exact' or 'bf16'")
         if self.feature_tile < 0:
             raise ConfigError(f"sae.feature_tile={self.feature_tile} must be >= 0 (0: no tiling)")
         if self.architecture == "jumprelu" and self.threshold_init is None and not 1 <= self.k < self.n_features:

@@ -27,6 +27,7 @@ class BatchTopK(TopK):
                     "global inference threshold learned in training.")
     forward_tiles = 2.25  # and the ReLU'd copy of each tile
     running_topks = 2
+    refinable = False  # its selection is over the whole batch: the scan is exact
 
     @classmethod
     def saelens_config(cls, config: dict) -> dict:
@@ -50,7 +51,7 @@ class BatchTopK(TopK):
         self.register_buffer("threshold", torch.zeros((), device=device))
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long, device=device))
 
-    def selector(self, x: Tensor) -> RunningTopK:
+    def selector(self, x: Tensor, extra: int = 0) -> RunningTopK:
         """Training: this shard's k * (global batch) largest ReLU'd pre-activations over all
         tokens. Inference: every entry >= the learnt threshold."""
         if not self.training:

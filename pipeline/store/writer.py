@@ -200,6 +200,12 @@ class ActivationStoreWriter:
                     "set overwrite=true")
             self.storage.fs.rm(self.storage.path(F.COMMIT_MARKER))  # extending: no longer complete
         if self.arrays[F.TOKENS].shape[0] != self.layout.n_rows:
+            if self.arrays[F.TOKENS].shape[0] > self.layout.n_rows:
+                # shrinking deletes the rows of every shard beyond the new plan: their markers go
+                # first, so that a later, larger plan computes them again instead of reading holes
+                for k in (int(name.split(".")[0]) for name in self.storage.list_json(F.SHARD_MARKERS)):
+                    if k >= self.layout.n_shards:
+                        self.storage.fs.rm(self.storage.path(F.shard_marker(k)))
             for arr in self.arrays.values():
                 arr.resize((self.layout.n_rows, *arr.shape[1:]))
         if old["layout"]["n_contexts"] != self.layout.n_contexts:

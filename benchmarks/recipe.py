@@ -8,6 +8,7 @@ in the same order for every trainer) and scored on the same held-out rows by one
   - ours: `python -m pipeline.train` with the default recipe (nothing but sizes set);
   - ours-lr5e-5, ours-lr4e-4: our previous default learning rate and the README's old example;
   - ours-v2: recipe v2's rate, from the width alone (2e-3 x sqrt(16384 / n), whatever the budget);
+  - ours-v3: recipe v3, the defaults before v4 (Adam beta1 0.9, the exact fp32 candidate scan);
   - ours-exact: the default recipe with sae.scan_precision=exact (the encoder's candidate scan in
     fp32 also where the CPU multiplies bf16 natively; the default then scans in bf16 and refines);
   - sparsify: EleutherAI's SparseCoder (PyPI eai-sparsify, installed into this venv if absent) with
@@ -50,7 +51,8 @@ SAELENS_PYTHON = Path(__file__).resolve().parent.parent / ".venv-saelens" / "bin
 OURS = {"ours": lambda n: [], "ours-lr5e-5": lambda n: ["optim.lr=5e-5"], "ours-lr4e-4": lambda n: ["optim.lr=4e-4"],
         # recipe v2: the rate from the width alone (no budget factor)
         "ours-v2": lambda n: [f"optim.lr={recipe.LR_AT_16K * (2 ** 14 / n) ** 0.5:g}"],
-        "ours-exact": lambda n: ["sae.scan_precision=exact"]}  # no bf16 candidate scan (pipeline/sae/topk.py)
+        "ours-exact": lambda n: ["sae.scan_precision=exact"],  # no bf16 candidate scan (pipeline/sae/topk.py)
+        "ours-v3": lambda n: ["sae.scan_precision=exact", "optim.betas=[0.9,0.999]"]}  # the defaults before v4
 
 
 def heldout_rows(url: str, n: int) -> torch.Tensor:

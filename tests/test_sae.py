@@ -443,6 +443,28 @@ def test_gather_dot_is_each_selected_rows_dot_product():
     assert gather_dot(idx[:, :0], W, x).shape == (33, 0)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_param_groups_hold_every_parameter_once(arch):
+    """The optimizer's groups (pipeline/train/engine.py): every parameter in exactly one; jumprelu's
+    thresholds alone at threshold_lr_scale, everything else at the recipe's rate."""
+    sae = make(arch, threshold_lr_scale=7.0)
+    groups = sae.param_groups()
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in sae.parameters())
+    scaled = {id(p) for g in groups if g["lr_scale"] != 1 for p in g["params"]}
+    assert scaled == ({id(sae.log_threshold)} if arch == "jumprelu" else set())
+    assert all(g["lr_scale"] == 7.0 for g in groups if g["lr_scale"] != 1)
+    with pytest.raises(ConfigError, match="sae.threshold_lr_scale=0"):
+        SAEConfig(threshold_lr_scale=0)
+
+
+def test_jumprelu_starts_with_positive_thresholds_at_any_k():
+    """k >= n_features / 2 puts the normal quantile at or below 0: the threshold floors, never log(0)."""
+    sae = create(SAEConfig(architecture="jumprelu", n_features=8, d_model=4, k=4))
+    sae.reset_parameters(0)
+    assert torch.isfinite(sae.log_threshold).all() and (sae.log_threshold.exp() > 0).all()
+
+
 def test_scan_precision_must_be_a_known_one():
     with pytest.raises(ConfigError, match="sae.scan_precision='fp16'"):
         SAEConfig(scan_precision="fp16")

@@ -113,6 +113,8 @@ def test_the_default_recipe_follows_the_width_and_reaches_the_export(store, tmp_
     assert recipe.learning_rate(auto, 2 ** 16, 25_600) == pytest.approx(recipe.LR_AT_16K / 8)
     assert recipe.learning_rate(auto, 2 ** 16, 10 ** 7) == pytest.approx(recipe.LR_AT_16K / 8)
     assert recipe.learning_rate(OptimConfig(lr=4e-4), 2 ** 20, 10 ** 6) == 4e-4
+    assert recipe.learning_rate(auto, 2 ** 14, 100, "jumprelu") == pytest.approx(0.3 * recipe.LR_AT_16K)
+    assert recipe.learning_rate(OptimConfig(lr=4e-4), 2 ** 14, 100, "jumprelu") == 4e-4  # a set rate is the rate
     assert [recipe.warmup_steps(auto, s) for s in (10, 100, 1000, 10 ** 6)] == [0, 5, 50, 1000]
     assert recipe.warmup_steps(OptimConfig(lr_warmup_steps=7), 10 ** 6) == 7
     with pytest.raises(ConfigError, match="optim.lr=-1"):
@@ -133,12 +135,47 @@ def test_the_default_recipe_follows_the_width_and_reaches_the_export(store, tmp_
     resolved = exported["training"]["optim"]
     assert resolved["lr"] == pytest.approx(recipe.LR_AT_16K * (2 ** 14 / 32) ** 0.5)
     assert resolved["lr_warmup_steps"] == 2 and "sqrt(16384 / n_features)" in resolved["rule"]
+    assert resolved["betas"] == [0.8, 0.999] and "betas (0.8, 0.999)" in p.stdout
     assert f"Adam lr {resolved['lr']:.3g}" in p.stdout and "warm-up 2 of 40 steps" in p.stdout
     lrs = [r["lr"] for r in metrics(tmp_path)]  # what DeepSpeed's optimizer ran with: warm-up, flat, decay
     assert lrs[0] == pytest.approx(resolved["lr"] / 2) and max(lrs) == pytest.approx(resolved["lr"])
     assert lrs[-1] < max(lrs)
     run_train(tiny(store, tmp_path / "set", "n_tokens=1280"))
     assert json.loads((tmp_path / "set" / "sae" / "cfg.json").read_text())["training"]["optim"]["lr"] == 0.003
+
+
+_GROUP_LRS = """
+import json, sys, torch
+from pipeline.parallel import Mesh, init_distributed
+from pipeline.sae import SAEConfig
+from pipeline.step import OptimConfig
+from pipeline.train.config import TrainConfig
+from pipeline.train.engine import build_engine
+cfg = TrainConfig(sae=SAEConfig(architecture="jumprelu", n_features=64, d_model=8, threshold_lr_scale=7.0),
+                  n_tokens=40 * 32, batch_size=32, out_dir=sys.argv[1], optim=OptimConfig(lr_warmup_steps=0))
+device = init_distributed(torch.device("cpu"))
+mesh = Mesh(cfg.parallel, device)
+sae = mesh.build_sae(cfg.sae, 0)
+engine = build_engine(cfg, sae, mesh, device)
+names = {id(p): n for n, p in sae.named_parameters()}
+print(json.dumps({"lrs": [float(lr) for lr in engine.get_lr()],
+                  "groups": [sorted(names[id(p)] for p in g["params"]) for g in sae.param_groups()]}))
+"""
+
+
+def test_jumprelu_trains_its_thresholds_at_their_own_rate(tmp_path):
+    """The optimizer DeepSpeed builds runs jumprelu's thresholds at threshold_lr_scale times the
+    recipe's rate for jumprelu (0.3 x topk's), every other parameter at that rate."""
+    from pipeline.step import OptimConfig
+    from pipeline.train import recipe
+
+    p = subprocess.run([sys.executable, "-c", _GROUP_LRS, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    lr = recipe.learning_rate(OptimConfig(), 64, 40, "jumprelu")
+    assert out["groups"] == [["W_dec", "W_enc", "b_dec", "b_enc"], ["log_threshold"]]
+    assert out["lrs"] == pytest.approx([lr, 7 * lr])
 
 
 def _launch(args: list[str], nproc: int) -> subprocess.Popen:

@@ -90,6 +90,11 @@ class SAEConfig:
     """jumprelu: width epsilon of the straight-through estimators' rectangle kernel, in the same units:
     wide enough that a batch puts a few pre-activations of each latent in the window around its
     threshold (Gemma Scope's 0.001 in its units is about 0.03 of a pre-activation's RMS)."""
+    threshold_lr_scale: float = 30.0
+    """jumprelu: the thresholds' learning rate over the encoder's. Adam moves a pre-activation by up to
+    ~lr * sum_j |x_j| per step (sum_j |x_j| ~ 0.8 d_model in our units) but a log-threshold by ~lr,
+    so at one rate for both the thresholds cannot follow the pre-activations and lambda hardly
+    moves the L0 (BENCHMARKS.md "jumprelu")."""
     b_dec_init: str = "mean"
     """mean (the normalised data mean; far fewer dead latents) or zero."""
     unit_norm_decoder: bool | None = None
@@ -126,6 +131,8 @@ class SAEConfig:
         if self.architecture == "jumprelu" and self.threshold_init is None and not 1 <= self.k < self.n_features:
             raise ConfigError(f"sae.k={self.k} must be in [1, n_features={self.n_features}) to set jumprelu's "
                               "initial thresholds (sae.threshold_init=null); or set sae.threshold_init")
+        if not self.threshold_lr_scale > 0:
+            raise ConfigError(f"sae.threshold_lr_scale={self.threshold_lr_scale} must be positive")
         if self.bandwidth <= 0 or (self.threshold_init is not None and self.threshold_init <= 0):
             raise ConfigError(f"sae.bandwidth={self.bandwidth} and sae.threshold_init={self.threshold_init} "
                               "must be positive")
@@ -228,6 +235,9 @@ class SparseAutoencoder(nn.Module):
     sparse_step = False
     """The training step works on the few active latents per token beyond the encoder's matmul:
     the planner and the scaling fit count its sparse FLOPs (pipeline/cost_model.py step_flops)."""
+    recipe_lr_scale = 1.0
+    """The default recipe's rate for this architecture over topk's (pipeline/train/recipe.py), on
+    which the recipe's constant was measured."""
     saelens_architecture = "standard"
     """The SAELens inference class that computes the same latents (pipeline/publish/release.py)."""
     saelens_apply_b_dec_to_input = False
@@ -303,6 +313,11 @@ class SparseAutoencoder(nn.Module):
         self.b_enc.zero_()
         self.b_dec.copy_(mean if mean is not None and self.cfg.b_dec_init == "mean" else torch.zeros_like(self.b_dec))
         self.tokens_since_fired.zero_()
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups, each {"params": [...], "lr_scale": its rate over the
+        recipe's}: one group of every parameter by default."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
     def init_from_data(self, sample: Callable[[], Tensor]) -> None:
         """The data-dependent part of the initialisation, after reset_parameters: `sample()` reads

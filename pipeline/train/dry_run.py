@@ -23,7 +23,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.data import with_d_model
 from pipeline.train.engine import precision
 from pipeline.train.low_bit import low_bit_adam
-from pipeline.train.recipe import learning_rate
+from pipeline.train.recipe import run_learning_rate
 
 
 def layout(cfg: TrainConfig) -> tuple[PlanConfig, list[dict]]:
@@ -67,7 +67,7 @@ def adam_state(cfg: TrainConfig, sizes: list[int], part: int, dp: int) -> list[t
     if cfg.optim.state_dtype == "fp32":
         return [torch.empty(part, dtype=torch.float32, device="meta") for _ in range(2)]
     params = [torch.nn.Parameter(torch.empty(math.ceil(n / dp), device="meta")) for n in sizes]
-    adam = low_bit_adam(cfg.optim, learning_rate(cfg.optim, cfg.sae.n_features, cfg.steps), params)
+    adam = low_bit_adam(cfg.optim, run_learning_rate(cfg), [{"params": params}])
     return [adam._new_buffer(p, signed) for p in params for signed in (True, False)]
 
 

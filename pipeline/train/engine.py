@@ -41,7 +41,7 @@ from pipeline.sae import SparseAutoencoder
 from pipeline.step import check_precision
 from pipeline.train.config import TrainConfig
 from pipeline.train.low_bit import low_bit_adam
-from pipeline.train.recipe import learning_rate, warmup_steps
+from pipeline.train.recipe import run_learning_rate, warmup_steps
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -60,7 +60,7 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
         "train_micro_batch_size_per_gpu": cfg.batch_size // dp,
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "Adam", "params": {
-            "lr": learning_rate(cfg.optim, cfg.sae.n_features, cfg.steps), "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+            "lr": run_learning_rate(cfg), "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay,
             "torch_adam": True,      # torch.optim.Adam: no compiled op, the same on CPU and GPU
             "fused": True,           # its one-pass kernel (CPU and CUDA)
@@ -112,10 +112,10 @@ def build_engine(cfg: TrainConfig, sae: SparseAutoencoder, mesh: Mesh, device: t
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, device)
-    params = list(sae.to(device).parameters())
+    lr = run_learning_rate(cfg)
+    groups = [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in sae.to(device).param_groups()]
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=sae, model_parameters=params, optimizer=low_bit_adam(cfg.optim, learning_rate(cfg.optim, cfg.sae.n_features, cfg.steps),
-                                                                     params), config=ds_cfg,
+        model=sae, model_parameters=groups, optimizer=low_bit_adam(cfg.optim, lr, groups), config=ds_cfg,
         mpu=mesh.mpu(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         dist_init_required=False)
     return engine

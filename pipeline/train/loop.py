@@ -64,9 +64,12 @@ def train(cfg: TrainConfig) -> Path | None:
         start = ckpts.resume(engine, batches) if cfg.resume else 0
         if mesh.rank == 0:
             o = recipe.resolved(cfg)
-            print(f"optimizer: Adam lr {o['lr']:.3g} ({o['rule']}), warm-up {o['lr_warmup_steps']} of {cfg.steps} "
-                  f"steps, linear decay over the last {o['lr_decay_fraction']:.0%}; a latent is dead after "
-                  f"{sae_cfg.dead_tokens:,} tokens without firing", flush=True)
+            scaled = "".join(f", {len(g['params'])} tensor(s) at {g['lr_scale']:g}x that rate"
+                             for g in sae.param_groups() if g["lr_scale"] != 1)
+            print(f"optimizer: Adam lr {o['lr']:.3g} ({o['rule']}){scaled}, betas {tuple(o['betas'])}, warm-up "
+                  f"{o['lr_warmup_steps']} of {cfg.steps} steps, linear decay over the last "
+                  f"{o['lr_decay_fraction']:.0%}; a latent is dead after {sae_cfg.dead_tokens:,} tokens without firing",
+                  flush=True)
             if start:
                 print(f"resumed from {ckpts.root / ckpts.latest()} at step {start}", flush=True)
         log = Logger(out_dir, mesh, sae, cfg.steps, start, cfg.batch_size, cfg.log_every, cfg.dense_fraction,

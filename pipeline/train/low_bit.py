@@ -14,7 +14,7 @@ from pipeline.step import OptimConfig
 _SUBCLASS = "__torchao_state__"
 
 
-def low_bit_adam(o: OptimConfig, lr: float, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+def low_bit_adam(o: OptimConfig, lr: float, groups: list[dict]) -> torch.optim.Optimizer | None:
     """torchao's Adam for o.state_dtype fp8/int8 (None for fp32: DeepSpeed builds torch's fused Adam).
     One parameter group per tensor: under ZeRO >= 1 or bf16 DeepSpeed hands the optimizer a flat fp32
     partition of each group, and a per-tensor partition stays a multiple of the 256-value block,
@@ -25,7 +25,7 @@ def low_bit_adam(o: OptimConfig, lr: float, params: list[torch.nn.Parameter]) ->
 
     base = {"fp8": AdamFp8, "int8": Adam8bit}[o.state_dtype]
     adam = type(base.__name__, (_PlainStateDict, base), {})
-    return adam([{"params": [p]} for p in params], lr=lr, betas=tuple(o.betas), eps=o.eps,
+    return adam([{"params": [p], "lr": g.get("lr", lr)} for g in groups for p in g["params"]], lr=lr, betas=tuple(o.betas), eps=o.eps,
                 weight_decay=o.weight_decay)
 
 

@@ -37,7 +37,7 @@ import math
 from dataclasses import replace
 
 from pipeline.sae import SAEConfig
-from pipeline.sae.base import DEAD_TOKENS
+from pipeline.sae.base import DEAD_TOKENS, sae_class
 
 LR_AT_16K = 2e-3
 REFERENCE_STEPS = 100
@@ -49,9 +49,18 @@ DEAD_FRACTION = 1 / 16
 MIN_FIRING_INTERVALS = 50
 
 
-def learning_rate(optim, n_features: int, steps: int) -> float:
-    """optim.lr, or the recipe's rate for a dictionary of n_features latents trained for `steps` steps."""
-    return optim.lr if optim.lr is not None else LR_AT_16K * math.sqrt(2 ** 14 / n_features) * budget_factor(steps)
+def learning_rate(optim, n_features: int, steps: int, architecture: str = "topk") -> float:
+    """optim.lr, or the recipe's rate for a dictionary of n_features latents trained for `steps` steps
+    (times the architecture's recipe_lr_scale: jumprelu's is 0.3)."""
+    if optim.lr is not None:
+        return optim.lr
+    scale = sae_class(architecture).recipe_lr_scale
+    return LR_AT_16K * math.sqrt(2 ** 14 / n_features) * budget_factor(steps) * scale
+
+
+def run_learning_rate(cfg) -> float:
+    """learning_rate of the run of TrainConfig `cfg`."""
+    return learning_rate(cfg.optim, cfg.sae.n_features, cfg.steps, cfg.sae.architecture)
 
 
 def budget_factor(steps: int) -> float:
@@ -84,8 +93,10 @@ def sae_config(sae: SAEConfig, cfg) -> SAEConfig:
 def resolved(cfg) -> dict:
     """The optimizer settings a TrainConfig runs with (for the log and the export's cfg.json)."""
     o = cfg.optim
-    return {"lr": learning_rate(o, cfg.sae.n_features, cfg.steps), "lr_warmup_steps": warmup_steps(o, cfg.steps),
+    scale = sae_class(cfg.sae.architecture).recipe_lr_scale
+    return {"lr": run_learning_rate(cfg), "lr_warmup_steps": warmup_steps(o, cfg.steps),
             "lr_decay_fraction": o.lr_decay_fraction, "betas": list(o.betas), "eps": o.eps,
             "gradient_clipping": o.gradient_clipping, "state_dtype": o.state_dtype,
             "rule": "optim.lr" if o.lr is not None else
-            f"{LR_AT_16K:g} * sqrt(16384 / n_features) * max({MIN_BUDGET_FACTOR:g}, min(1, (steps / {REFERENCE_STEPS}) ** -{BUDGET_EXPONENT:g}))"}
+            f"{LR_AT_16K:g} * sqrt(16384 / n_features) * max({MIN_BUDGET_FACTOR:g}, min(1, (steps / {REFERENCE_STEPS}) ** -{BUDGET_EXPONENT:g}))"
+            + (f" * {scale:g} ({cfg.sae.architecture})" if scale != 1 else "")}

@@ -108,8 +108,9 @@ class TopK(SparseAutoencoder):
         A -inf candidate (a live latent hidden from AuxK) stays -inf."""
         exact = gather_dot(sel.idx, self.W_enc, x).add_(bias[sel.idx])
         exact = exact.masked_fill_(sel.vals == float("-inf"), float("-inf")).to(x.dtype)
-        sel.vals, j = exact.topk(min(k, exact.shape[1]), dim=1, sorted=False)
-        sel.idx = sel.idx.gather(1, j)
+        j = exact.topk(min(k, exact.shape[1]), dim=1, sorted=False).indices
+        sel.idx, order = sel.idx.gather(1, j).sort(dim=1)  # in latent order: not the candidates' order,
+        sel.vals = exact.gather(1, j).gather(1, order)    # which bf16 rounding decides
         sel.k = k
 
     def selector(self, x: Tensor, extra: int = 0) -> RunningTopK:

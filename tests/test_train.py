@@ -119,11 +119,11 @@ def test_the_default_recipe_follows_the_width_and_reaches_the_export(store, tmp_
     assert recipe.warmup_steps(OptimConfig(lr_warmup_steps=7), 10 ** 6) == 7
     with pytest.raises(ConfigError, match="optim.lr=-1"):
         OptimConfig(lr=-1.0)
-    # dead-latent window: Gao's 10M tokens, at most a 16th of the run, at least one batch and 50 average
+    # dead-latent window: Gao's 10M tokens, at most a 64th of the run, at least one batch and 50 average
     # firing intervals (n_features / k tokens); a set value wins
     auto_sae = SAEConfig(architecture="topk")  # 4,096 latents, k = 32: 50 intervals = 6,400 tokens
     assert [recipe.dead_tokens(auto_sae, t, 4096) for t in (16_000, 400_000, 2_000_000, 10 ** 9)] == \
-        [6400, 25_000, 125_000, 10_000_000]
+        [6400, 6400, 31_250, 10_000_000]
     wide = SAEConfig(architecture="topk", n_features=2 ** 18, k=32)
     assert recipe.dead_tokens(wide, 51_200, 1024) == 50 * 2 ** 13
     assert recipe.dead_tokens(SAEConfig(architecture="topk", dead_tokens=7), 10 ** 9, 4096) == 7

@@ -71,7 +71,7 @@ class SAEConfig:
     jumprelu: the weight of the pre-activation loss on dead latents (pipeline/sae/jumprelu.py)."""
     dead_tokens: int | None = None
     """A latent that fired on none of the last this-many tokens is dead (AuxK and the dead fraction).
-    None: the trainer's recipe (pipeline/train/recipe.py: DEAD_TOKENS, at most a 16th of the run);
+    None: the trainer's recipe (pipeline/train/recipe.py: DEAD_TOKENS, at most a 64th of the run);
     an SAE built outside the trainer uses DEAD_TOKENS."""
     sparsity_coef: float = 5.0
     """lambda: relu_l1's weight of sum_i f_i ||W_dec,i||; jumprelu's weight of the L0 penalty."""

@@ -42,8 +42,8 @@ class TopK(SparseAutoencoder):
     """[b, tile] pre-activation tiles the planner counts in forward: one, and at most a quarter
     tile of AuxK's dead columns."""
     running_topks = 2
-    """Running top-k's of 4 b k (w + 8) bytes the planner counts in both phases (a bf16 scan keeps up
-    to 2k candidates)."""
+    """Running top-k's of 4 b k (w + 8) bytes the planner counts in both phases (a bf16 scan keeps k +
+    max(16, k / 2) candidates: at most 2k for k >= 16)."""
     refinable = True
     """Its selector is per token, so a low-precision scan can be refined (scan_precision)."""
 

@@ -27,8 +27,12 @@ times the gap between firings of a latent of average density (n_features / k tok
 dictionary in a short run would otherwise call most of its healthy latents dead and let AuxK's loss
 swamp the reconstruction (262,144 latents, 51k tokens: 72% "dead" after 3 steps). With 10M in a run of a few
 million tokens, AuxK never engages and the latents an early step knocks out stay dead for the rest
-of the run (BENCHMARKS.md: 2.4% at 4,096 latents and 400k tokens, 0.8% with this rule and AuxK's
-weight at 1/8, pipeline/sae/base.py aux_coef); a run of 160M tokens or more gets Gao's window.
+of the run (BENCHMARKS.md: 2.4% at 4,096 latents and 400k tokens, 0.8% with a 16th of the run and
+AuxK's weight at 1/8, pipeline/sae/base.py aux_coef). A 64th rather than a 16th (recipe v4): at
+16,384 latents x 2M tokens a 16th (125k tokens) left 3.4% of the latents silent on held-out rows while
+the window counted 0.3% dead (rare latents, never dead by the window, so AuxK left them alone); 25.6k
+tokens left 0.06%, FVU 0.1275 against 0.1278; at 4,096 x 400k, 6,400 tokens: 0.05% instead of 0.61%,
+equal FVU. A run of 640M tokens or more gets Gao's window.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ BUDGET_EXPONENT = 0.25
 MIN_BUDGET_FACTOR = 0.25
 WARMUP_FRACTION = 0.05
 MAX_WARMUP = 1000
-DEAD_FRACTION = 1 / 16
+DEAD_FRACTION = 1 / 64
 MIN_FIRING_INTERVALS = 50
 
 

@@ -10,8 +10,6 @@ ConfigError naming the setting and the fix, raised before any model or process g
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from pipeline.errors import ConfigError
@@ -57,19 +55,3 @@ def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-@functools.cache
-def native_bf16_matmul(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices natively, several times faster than fp32: a CUDA GPU
-    with bf16, or a CPU with AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo, so False off Linux).
-    Without them oneDNN emulates bf16, slower than fp32 (FACTS.md: ~7x on an AVX2 machine)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

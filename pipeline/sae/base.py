@@ -106,7 +106,7 @@ class SAEConfig:
     exactly in the weights' dtype (sparse.gather_dot) and the k largest kept, so the code is the
     exact one unless a latent beyond the 2k is within bf16 rounding (~0.4%) of the k-th. exact: the
     weights' dtype throughout. auto: bf16 where the weights are fp32 and the device multiplies bf16
-    natively (pipeline/device.py native_bf16_matmul: 3.7x fp32's speed on an AVX512-BF16 CPU), else
+    natively (pipeline/sae/sparse.py native_bf16_matmul: 3.7x fp32's speed on an AVX512-BF16 CPU), else
     exact. batchtopk and the others are always exact."""
     feature_tile: int = 0
     """Features per encoder tile in training (0: the whole local shard at once). Tiled, no

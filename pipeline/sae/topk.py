@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.sae.base import ForwardOutput, SparseAutoencoder, SparseCode, register
-from pipeline.device import native_bf16_matmul
-from pipeline.sae.sparse import gather_dot, gather_linear, sparse_decode
+from pipeline.sae.sparse import gather_dot, gather_linear, native_bf16_matmul, sparse_decode
 from pipeline.sae.tiled import RunningTopK, tiles
 
 SCAN_EXTRA = 16

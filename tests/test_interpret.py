@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.analysis import Dictionary, InputConfig
+from pipeline.analysis import collect as collect_module
 from pipeline.analysis.collect import FeatureCollector, examples_of, segment_topk
 from pipeline.analysis.prompts import prompt_activations
 from pipeline.data import DataConfig
@@ -93,6 +94,8 @@ def test_dashboard_files(dashboard):
     assert doc["n_features"] == 64 and len(doc["features"]) == 64 and doc["hook"] == HOOK
     live = [f for f in doc["features"] if f["count"] > 0]
     assert result["live"] == len(live) > 0 and result["pages"] == len(live)
+    assert set(result["phase_seconds"]) == {"collect", "logit effects", "writing"}
+    assert 0 < sum(result["phase_seconds"].values()) <= result["seconds"]
     for f in live:
         page = (out / "features" / f"{f['index']}.html").read_text()
         assert f"Feature {f['index']}" in page and 'class="tok max"' in page and "<svg" in page
@@ -122,13 +125,22 @@ def html_text(s):
     return html.escape(show(s))
 
 
-def test_feature_passes_give_the_same_features(dashboard, tiny_model_dir, text_dir, tmp_path):
+@pytest.mark.parametrize("replay", [True, False])
+def test_feature_passes_give_the_same_features(dashboard, tiny_model_dir, text_dir, tmp_path, monkeypatch, replay):
+    """Three passes of 24 features equal one pass of 64: replaying the first pass's sparse codes, and
+    streaming the corpus again when the codes exceed REPLAY_BYTES. Replay encodes each batch once."""
     cfg, _, out = dashboard
     save(topk_sae(), tmp_path / "sae", meta={"hook": HOOK})
+    if not replay:
+        monkeypatch.setattr(collect_module, "REPLAY_BYTES", 0)
+    encoded = []
+    encode = Dictionary.encode_sparse
+    monkeypatch.setattr(Dictionary, "encode_sparse", lambda self, x: encoded.append(len(x)) or encode(self, x))
     run(interpret_cfg(tiny_model_dir, text_dir, tmp_path, features_per_pass=24, crosslingual_in_dashboard=False))
-    one = json.loads((out / "features.json").read_text())["features"]
-    three = json.loads((tmp_path / "dash" / "features.json").read_text())["features"]
-    assert one == three
+    batches = -(-cfg.input.n_tokens // (cfg.input.context_size * cfg.input.batch_size))
+    assert len(encoded) == (batches if replay else 3 * batches)
+    for name in ("features.json", "examples.jsonl"):
+        assert (out / name).read_text() == (tmp_path / "dash" / name).read_text().replace(str(tmp_path), str(out.parent))
 
 
 def test_search_lists_the_top_features_of_each_token(dashboard, tiny, capsys):

@@ -7,6 +7,7 @@ its cost is proportional to the active latents, not to tokens x features."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,10 @@ context_before + 1 + context_after tokens, cut at the context's edges). The publ
 Neuronpedia export reads it."""
 FEATURES_PER_PASS = 16384
 """Features collected per pass over the text by default (memory: see InterpretConfig.features_per_pass)."""
+REPLAY_BYTES = 2 << 30
+"""Sparse codes kept from the first pass for the later ones (feature_passes): 20 bytes per non-zero
+latent, so 100k tokens at L0 32 take 64 MB."""
+Codes = tuple[Tensor, Tensor, Tensor, Tensor, int]  # ids [B, T], rows, features, values, scored positions
 HIST_LO, HIST_HI, HIST_BINS = -3.0, 3.0, 60  # log10 activation bins: 1e-3 .. 1e3, 0.1 decade each
 
 
@@ -153,17 +158,19 @@ class FeatureCollector:
 
 def examples_of(ex: Examples, i: int, before: int) -> list[dict]:
     """The non-empty examples of local feature i, best first: {value, tokens, acts, center}, where
-    tokens[center] is the example's own token (windows are cut at the context's edges)."""
-    out = []
-    for j in ex.score[i].argsort(descending=True).tolist():
-        if ex.score[i, j] == float("-inf"):
-            continue
-        tok = ex.tokens[i, j]
-        ok = tok >= 0
-        leading = int((~ok).long().cumprod(0).sum())  # window slots before the context's start
-        out.append({"value": float(ex.value[i, j]), "tokens": tok[ok].tolist(),
-                    "acts": [round(float(a), 4) for a in ex.acts[i, j][ok]], "center": before - leading})
-    return out
+    tokens[center] is the example's own token (windows are cut at the context's edges). The
+    feature's tensors are read into Python once (element-wise reads cost ~1 ms per feature, most of
+    a million-feature dashboard's time)."""
+    score, order = ex.score[i].sort(descending=True)
+    order = order[score > float("-inf")]
+    tokens = ex.tokens[i, order]
+    valid = tokens >= 0  # a window is cut only at the context's edges: its valid slots are contiguous
+    leading = (~valid).long().cumprod(1).sum(1)
+    start, end = leading.tolist(), (leading + valid.sum(1)).tolist()
+    value, tokens = ex.value[i, order].tolist(), tokens.tolist()
+    acts = ex.acts[i, order].double().round(decimals=4).tolist()
+    return [{"value": value[j], "tokens": tokens[j][start[j]:end[j]], "acts": acts[j][start[j]:end[j]],
+             "center": before - start[j]} for j in range(len(value))]
 
 
 def hist_edges() -> list[float]:
@@ -190,11 +197,18 @@ def collect(d: Dictionary, loaded: LoadedModel, inp: InputConfig, c: FeatureColl
             batches=None, progress: bool = True) -> FeatureCollector:
     """One pass over inp's text (or `batches` of token ids) through model and dictionary, into the
     collector `c` (a new one, or one to continue)."""
+    for codes in _progress(sparse_codes(d, loaded, inp, batches), inp, desc, progress):
+        c.update(*codes)
+    return c
+
+
+def sparse_codes(d: Dictionary, loaded: LoadedModel, inp: InputConfig, batches=None) -> Iterator[Codes]:
+    """Per batch of inp's text (or of `batches` of token ids): the token ids and the dictionary's
+    non-zero latents at the scored positions, as FeatureCollector.update takes them."""
     capture = ActivationCapture(loaded, [d.hook])
     p = inp.exclude_positions_below
     if batches is None:
         batches = context_batches(inp.data, loaded.tokenizer, inp.context_size, inp.n_tokens, inp.batch_size)
-    bar = tqdm(total=inp.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc=desc, mininterval=2)
     for ids in batches:
         ids = ids.to(loaded.device)
         x = capture(ids)[d.hook]
@@ -204,7 +218,37 @@ def collect(d: Dictionary, loaded: LoadedModel, inp: InputConfig, c: FeatureColl
         scored[:, :p] = False
         rows, feats, vals = d.encode_sparse(flat)
         keep = scored.view(-1)[rows]
-        c.update(ids, rows[keep], feats[keep], vals[keep], int(scored.sum()))
-        bar.update(ids.numel())
-    bar.close()
-    return c
+        yield ids, rows[keep], feats[keep], vals[keep], int(scored.sum())
+
+
+def feature_passes(d: Dictionary, loaded: LoadedModel, inp: InputConfig, per_pass: int,
+                   make: Callable[[int, int], FeatureCollector], desc: str = "interpret",
+                   progress: bool = True) -> Iterator[FeatureCollector]:
+    """One filled collector per range of per_pass features (make(lo, hi) builds it), in order, each
+    dropped by the caller before the next (memory: one collector). The first pass keeps the batches'
+    sparse codes and the later passes replay them: model and encoder run once whatever the number of
+    passes (a million features at 16,384 per pass would otherwise encode the corpus 62 times). Codes
+    beyond REPLAY_BYTES are not kept: the later passes then stream the corpus again."""
+    n_pass = -(-d.n_features // per_pass)
+    kept, size = ([] if n_pass > 1 else None), 0
+    for k, lo in enumerate(range(0, d.n_features, per_pass)):
+        c = make(lo, min(lo + per_pass, d.n_features))
+        label = f"{desc} {k + 1}/{n_pass}" if n_pass > 1 else desc
+        replay = k > 0 and kept is not None
+        for codes in _progress(kept if replay else sparse_codes(d, loaded, inp), inp, label, progress):
+            c.update(*codes)
+            if k == 0 and kept is not None:
+                size += sum(t.numel() * t.element_size() for t in codes[:4])
+                if size > REPLAY_BYTES:
+                    kept = None
+                else:
+                    kept.append(codes)
+        yield c
+        del c  # before the next one is made: one collector in memory at a time
+
+
+def _progress(batches: Iterable[Codes], inp: InputConfig, desc: str, progress: bool) -> Iterator[Codes]:
+    with tqdm(total=inp.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc=desc, mininterval=2) as bar:
+        for codes in batches:
+            yield codes
+            bar.update(codes[0].numel())

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from pipeline.analysis.batches import token_texts
-from pipeline.analysis.collect import FEATURES_FILE, FeatureCollector, collect
+from pipeline.analysis.collect import FEATURES_FILE, FeatureCollector, feature_passes
 from pipeline.analysis.config import InputConfig
 from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis.prompts import prompt_activations
@@ -150,8 +150,7 @@ def densities(d: Dictionary, loaded: LoadedModel, inp: InputConfig, features: st
         raise ConfigError(f"features={features!r} is missing or describes another SAE (its n_features, hook and sae "
                           f"must be {d.n_features}, {d.hook!r}, {d.path!r}). Fix: the dashboard's features.json of "
                           "this SAE, or features=null to measure densities on the corpus sample")
-    density = torch.cat([
-        collect(d, loaded, inp, FeatureCollector(lo, min(lo + per_pass, d.n_features), 1, 1, 0, 0, device=loaded.device),
-                desc="densities", progress=progress).summary()["density"].float().cpu()
-        for lo in range(0, d.n_features, per_pass)])
+    density = torch.cat([c.summary()["density"].float().cpu() for c in feature_passes(
+        d, loaded, inp, per_pass, lambda lo, hi: FeatureCollector(lo, hi, 1, 1, 0, 0, device=loaded.device),
+        desc="densities", progress=progress)])
     return density, f"corpus sample ({inp.data.source}, {inp.n_tokens} positions)"

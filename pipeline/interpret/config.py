@@ -37,7 +37,8 @@ class InterpretConfig:
     features_per_pass: int = FEATURES_PER_PASS
     """Features collected per pass over the corpus: memory is about features_per_pass x
     (top_k + n_samples) x (context_before + context_after + 1) x 8 bytes; larger dictionaries take
-    several passes (each streams the corpus through model and SAE again)."""
+    several passes (the first streams the corpus through model and SAE and keeps the sparse codes, up
+    to collect.REPLAY_BYTES; the later ones replay them)."""
     n_logits: int = 10
     """Tokens listed as most promoted and most suppressed by each feature's decoder direction."""
     max_pages: int | None = None

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from pipeline.analysis import html as H
-from pipeline.analysis.collect import (EXAMPLES_FILE, FEATURES_FILE, FEATURES_FORMAT, FeatureCollector, TokenText, collect,
-                                       examples_of, hist_edges)
+from pipeline.analysis.collect import (EXAMPLES_FILE, FEATURES_FILE, FEATURES_FORMAT, FeatureCollector, TokenText,
+                                       examples_of, feature_passes, hist_edges)
 from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis.logits import logit_directions
 from pipeline.interpret import dashboard as D
@@ -53,9 +53,9 @@ def logit_effects(d: Dictionary, loaded: LoadedModel, lo: int, hi: int, n: int, 
         eff = logit_directions(loaded.model, W[s:min(s + block, hi)]).float()
         pv, pi = eff.topk(n, dim=1)
         sv, si = eff.topk(n, dim=1, largest=False)
-        for r in range(eff.shape[0]):
-            out.append(([[t, round(float(v), 4)] for t, v in zip(texts(pi[r].tolist()), pv[r])],
-                        [[t, round(float(v), 4)] for t, v in zip(texts(si[r].tolist()), sv[r])]))
+        for p, pv_, s_, sv_ in zip(pi.tolist(), pv.tolist(), si.tolist(), sv.tolist()):
+            out.append(([[t, round(v, 4)] for t, v in zip(texts(p), pv_)],
+                        [[t, round(v, 4)] for t, v in zip(texts(s_), sv_)]))
     return out
 
 
@@ -67,27 +67,31 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
     features, index_rows, pages = [], [], 0
     edges = hist_edges()
     start, streamed = time.perf_counter(), 0
-    n_pass = -(-d.n_features // cfg.features_per_pass)
+    phase = dict.fromkeys(("collect", "logit effects", "writing"), 0.0)  # seconds, printed at the end
     out.mkdir(parents=True, exist_ok=True)
     partial = out / (EXAMPLES_FILE + ".tmp")  # streamed pass by pass, renamed when complete
+    passes = feature_passes(d, loaded, cfg.input, cfg.features_per_pass,
+                            lambda lo, hi: FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before,
+                                                            cfg.context_after, device=loaded.device, seed=cfg.seed),
+                            progress=cfg.progress)
     with open(partial, "w", encoding="utf-8") as examples:
-        for k, lo in enumerate(range(0, d.n_features, cfg.features_per_pass)):
-            hi = min(lo + cfg.features_per_pass, d.n_features)
-            c = collect(d, loaded, cfg.input, FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before,
-                        cfg.context_after, device=loaded.device, seed=cfg.seed),
-                        desc=f"interpret {k + 1}/{n_pass}" if n_pass > 1 else "interpret", progress=cfg.progress)
+        t0 = time.perf_counter()
+        for c in passes:
+            lo, hi = c.lo, c.hi
             header["n_tokens"] = c.n_tokens
             streamed += c.n_tokens
-            s = c.summary()
+            s = {name: v.tolist() for name, v in c.summary().items()}
+            t1 = time.perf_counter()
             effects = logit_effects(d, loaded, lo, hi, cfg.n_logits, texts)
-            order = sorted(range(hi - lo), key=lambda i: -float(s["density"][i]))
+            t2 = time.perf_counter()
+            order = sorted(range(hi - lo), key=lambda i: -s["density"][i])
             budget = None if cfg.max_pages is None else max(cfg.max_pages - pages, 0)
             with_page = {i for i in order if s["count"][i] > 0}
             if budget is not None:
                 with_page = set([i for i in order if i in with_page][:budget])
             for i in range(hi - lo):
-                f = {"index": lo + i, "density": float(s["density"][i]), "count": int(s["count"][i]),
-                     "max_act": float(s["max_act"][i]), "mean_act": float(s["mean_act"][i]),
+                f = {"index": lo + i, "density": s["density"][i], "count": s["count"][i],
+                     "max_act": s["max_act"][i], "mean_act": s["mean_act"][i],
                      "promoted": effects[i][0], "suppressed": effects[i][1]}
                 features.append(f)
                 top = examples_of(c.top, i, cfg.context_before) if f["count"] else []
@@ -104,6 +108,9 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
                             D.feature_page(f, texts, top, groups, labels, edges, c.hist[i].tolist(), d.n_features, header))
                     pages += 1
             del c
+            for name, dt in zip(phase, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                phase[name] += dt
+            t0 = time.perf_counter()
     partial.replace(out / EXAMPLES_FILE)
     seconds = time.perf_counter() - start
     doc = {"format": FEATURES_FORMAT, "version": 1, "sae": d.path, "hook": d.hook, "n_features": d.n_features,
@@ -113,10 +120,11 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
     index = (header, index_rows)
     _write_index(out, index)
     live = sum(f["count"] > 0 for f in features)
-    print(f"interpreted {d.n_features} features ({live} live) on {header['n_tokens']} tokens in {seconds:.1f}s; "
-          f"{pages} feature pages in {out}", flush=True)
+    print(f"interpreted {d.n_features} features ({live} live) on {header['n_tokens']} tokens in {seconds:.1f}s "
+          f"({', '.join(f'{k} {v:.1f}s' for k, v in phase.items())}); {pages} feature pages in {out}", flush=True)
     return {"out_dir": str(out), "n_tokens": header["n_tokens"], "n_features": d.n_features, "live": live,
-            "pages": pages, "seconds": seconds, "tokens_per_second": streamed / seconds if seconds else 0.0,
+            "pages": pages, "seconds": seconds, "phase_seconds": phase,
+            "tokens_per_second": streamed / seconds if seconds else 0.0,
             "_index": index}
 
 

@@ -31,7 +31,7 @@ Neuronpedia export reads it."""
 FEATURES_PER_PASS = 16384
 """Features collected per pass over the text by default (memory: see InterpretConfig.features_per_pass)."""
 REPLAY_BYTES = 2 << 30
-"""Sparse codes kept from the first pass for the later ones (feature_passes): 20 bytes per non-zero
+"""Sparse codes kept from the first reading for the later ones (SparseCodes): 20 bytes per non-zero
 latent, so 100k tokens at L0 32 take 64 MB."""
 Codes = tuple[Tensor, Tensor, Tensor, Tensor, int]  # ids [B, T], rows, features, values, scored positions
 HIST_LO, HIST_HI, HIST_BINS = -3.0, 3.0, 60  # log10 activation bins: 1e-3 .. 1e3, 0.1 decade each
@@ -221,28 +221,42 @@ def sparse_codes(d: Dictionary, loaded: LoadedModel, inp: InputConfig, batches=N
         yield ids, rows[keep], feats[keep], vals[keep], int(scored.sum())
 
 
+class SparseCodes:
+    """The batches' sparse codes (sparse_codes) as an iterable that may be read many times: the first
+    complete reading keeps them (while they fit REPLAY_BYTES) and the later ones replay them, so model
+    and encoder run once however many feature ranges are collected; beyond REPLAY_BYTES, or with
+    keep=False, every reading streams the corpus again. `batches`, if given, must be re-iterable."""
+
+    def __init__(self, d: Dictionary, loaded: LoadedModel, inp: InputConfig, batches=None, keep: bool = True):
+        self.source, self.keep, self.kept = (d, loaded, inp, batches), keep, None
+
+    def __iter__(self) -> Iterator[Codes]:
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept, size = ([] if self.keep else None), 0
+        for codes in sparse_codes(*self.source):
+            if kept is not None:
+                size += sum(t.numel() * t.element_size() for t in codes[:4])
+                kept = kept if size <= REPLAY_BYTES else None
+                if kept is not None:
+                    kept.append(codes)
+            yield codes
+        self.kept = kept
+
+
 def feature_passes(d: Dictionary, loaded: LoadedModel, inp: InputConfig, per_pass: int,
                    make: Callable[[int, int], FeatureCollector], desc: str = "interpret",
                    progress: bool = True) -> Iterator[FeatureCollector]:
     """One filled collector per range of per_pass features (make(lo, hi) builds it), in order, each
-    dropped by the caller before the next (memory: one collector). The first pass keeps the batches'
-    sparse codes and the later passes replay them: model and encoder run once whatever the number of
-    passes (a million features at 16,384 per pass would otherwise encode the corpus 62 times). Codes
-    beyond REPLAY_BYTES are not kept: the later passes then stream the corpus again."""
+    dropped by the caller before the next (memory: one collector). The passes read one SparseCodes:
+    a million features at 16,384 per pass would otherwise encode the corpus 62 times."""
     n_pass = -(-d.n_features // per_pass)
-    kept, size = ([] if n_pass > 1 else None), 0
+    codes = SparseCodes(d, loaded, inp, keep=n_pass > 1)
     for k, lo in enumerate(range(0, d.n_features, per_pass)):
         c = make(lo, min(lo + per_pass, d.n_features))
-        label = f"{desc} {k + 1}/{n_pass}" if n_pass > 1 else desc
-        replay = k > 0 and kept is not None
-        for codes in _progress(kept if replay else sparse_codes(d, loaded, inp), inp, label, progress):
-            c.update(*codes)
-            if k == 0 and kept is not None:
-                size += sum(t.numel() * t.element_size() for t in codes[:4])
-                if size > REPLAY_BYTES:
-                    kept = None
-                else:
-                    kept.append(codes)
+        for batch in _progress(codes, inp, f"{desc} {k + 1}/{n_pass}" if n_pass > 1 else desc, progress):
+            c.update(*batch)
         yield c
         del c  # before the next one is made: one collector in memory at a time
 

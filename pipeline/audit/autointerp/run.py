@@ -20,7 +20,8 @@ from pipeline.audit.autointerp.scorers import (Context, EndpointJudge, Judge, de
 from pipeline.analysis.batches import context_batches
 from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis import html as H
-from pipeline.analysis.collect import FEATURES_FILE, FEATURES_PER_PASS, FeatureCollector, TokenText, collect, examples_of
+from pipeline.analysis.collect import (FEATURES_FILE, FEATURES_PER_PASS, FeatureCollector, SparseCodes, TokenText,
+                                       examples_of)
 from pipeline.analysis.config import InputConfig
 from pipeline.models import ActivationCapture, LoadedModel
 
@@ -125,6 +126,7 @@ def gather(d: Dictionary, loaded: LoadedModel, a: AutointerpConfig, dashboard: s
                       batch_size=a.batch_size, exclude_positions_below=skip)
     batches = list(context_batches(a.data, loaded.tokenizer, a.context_size, a.n_tokens, a.batch_size))
     per_pass = FEATURES_PER_PASS
+    codes = SparseCodes(d, loaded, inp, batches, keep=d.n_features > per_pass)  # each range reads them: encoded once
     collectors = {}
 
     def collector(lo: int):
@@ -132,7 +134,9 @@ def gather(d: Dictionary, loaded: LoadedModel, a: AutointerpConfig, dashboard: s
             c = FeatureCollector(lo, min(lo + per_pass, d.n_features), max(a.n_explain_top, 1),
                                  a.n_explain_quantile + a.n_test + 8, a.context_before, a.context_after,
                                  device=loaded.device, seed=a.seed)
-            collectors[lo] = collect(d, loaded, inp, c, batches=iter(batches), progress=False)
+            for batch in codes:
+                c.update(*batch)
+            collectors[lo] = c
         return collectors[lo]
 
     known = dashboard_density(dashboard, d)

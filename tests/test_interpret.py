@@ -112,7 +112,10 @@ def test_dashboard_files(dashboard):
             assert t["acts"][t["center"]] == pytest.approx(t["value"], abs=1e-4)
     index = (out / "index.html").read_text()
     data = json.loads(re.search(r"const DATA = (.*?);</script>", index).group(1))
-    assert [r["index"] for r in data["features"]] == list(range(64))
+    cols = data["columns"]
+    assert cols["index"] == list(range(64)) and all(len(v) == 64 for v in cols.values())
+    assert [bool(p) for p in cols["page"]] == [f["count"] > 0 for f in doc["features"]]
+    assert cols["max_act"] == [pytest.approx(f["max_act"], rel=1e-3) for f in doc["features"]]
     for name in ["index.html", "crosslingual.html", *(f"features/{f['index']}.html" for f in live)]:
         text = (out / name).read_text()
         # self-contained: nothing is fetched (no http(s) URLs, no external scripts or stylesheets)

@@ -58,7 +58,9 @@ density {f['density']:.3g} ({f['count']} of {header['n_tokens']} tokens) &middot
 
 
 INDEX_JS = r"""
-const F = DATA.features, LIMIT = 1000;
+const C = DATA.columns, LIMIT = 1000;
+const F = C.index.map((index, i) => ({index, density: C.density[i], max_act: C.max_act[i], mean_act: C.mean_act[i],
+                                      tokens: C.tokens[i], snippet: C.snippet[i], page: C.page[i]}));
 let key = "density", dir = -1;
 const q = document.getElementById("q"), hide = document.getElementById("hide-dead");
 const tbody = document.querySelector("#features tbody"), status = document.getElementById("status");
@@ -103,9 +105,19 @@ def index_page(header: dict, rows: list[dict], links: dict[str, str], audit: str
 &nbsp; <span id="status" class="meta"></span></p>
 <table id="features"><thead><tr>{ths}<th>top promoted tokens</th><th>top activating context</th></tr></thead>
 <tbody></tbody></table>
-<script>const DATA = {H.json_for_script({'features': rows})};</script>
+<script>const DATA = {H.json_for_script({'columns': _columns(rows)})};</script>
 <script>{INDEX_JS}</script>"""
     return H.page("SAE features", body)
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """The index rows as one list per field, statistics to 4 significant digits (the page shows 3),
+    pages as 0/1: half the bytes of a list of objects, which at a million features is ~120 MB saved."""
+    def short(x: float) -> float:
+        return float(f"{x:.4g}")
+    return {"index": [r["index"] for r in rows], "page": [int(r["page"]) for r in rows],
+            **{k: [short(r[k]) for r in rows] for k in ("density", "max_act", "mean_act")},
+            **{k: [r[k] for r in rows] for k in ("tokens", "snippet")}}
 
 
 def search_page(result: dict, pages: set[int]) -> str:

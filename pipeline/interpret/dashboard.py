@@ -66,11 +66,12 @@ const q = document.getElementById("q"), hide = document.getElementById("hide-dea
 const tbody = document.querySelector("#features tbody"), status = document.getElementById("status");
 function esc(s) { return s.replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c])); }
 function fmt(x) { return x === 0 ? "0" : x.toPrecision(3); }
+let order = [];  // F sorted by the chosen column: sorted on a click, not on every keystroke (a million rows)
+function sortRows() { order = F.slice().sort((a, b) => dir * ((a[key] > b[key]) - (a[key] < b[key])) || a.index - b.index); }
 function render() {
   const s = q.value.trim().toLowerCase();
-  let rows = F.filter(f => (!hide.checked || f.density > 0) &&
+  const rows = order.filter(f => (!hide.checked || f.density > 0) &&
     (!s || String(f.index) === s || f.tokens.toLowerCase().includes(s) || f.snippet.toLowerCase().includes(s)));
-  rows.sort((a, b) => dir * ((a[key] > b[key]) - (a[key] < b[key])) || a.index - b.index);
   tbody.innerHTML = rows.slice(0, LIMIT).map(f =>
     `<tr class="${f.density > 0 ? "" : "dead"}"><td>${f.page ? `<a href="features/${f.index}.html">${f.index}</a>` : f.index}</td>` +
     `<td class="num">${fmt(f.density)}</td><td class="num">${fmt(f.max_act)}</td><td class="num">${fmt(f.mean_act)}</td>` +
@@ -81,11 +82,11 @@ function render() {
   document.querySelectorAll("th.sort").forEach(th => th.textContent = th.dataset.label + th.dataset.arrow);
 }
 document.querySelectorAll("th.sort").forEach(th => th.addEventListener("click", () => {
-  dir = th.dataset.key === key ? -dir : (th.dataset.key === "index" ? 1 : -1); key = th.dataset.key; render();
+  dir = th.dataset.key === key ? -dir : (th.dataset.key === "index" ? 1 : -1); key = th.dataset.key; sortRows(); render();
 }));
 q.addEventListener("input", render); hide.addEventListener("change", render);
 const h = decodeURIComponent(location.hash.slice(1)); if (h) q.value = h;
-render();
+sortRows(); render();
 """
 
 

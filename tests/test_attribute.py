@@ -14,7 +14,7 @@ from pipeline.analysis import Dictionary, InputConfig
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.interpret import InterpretConfig, run
-from pipeline.interpret.attribute import attribute
+from pipeline.interpret.attribute import attribute, densities
 from pipeline.models import ModelConfig
 from pipeline.sae import SAEConfig, create, save
 
@@ -81,6 +81,14 @@ def test_densities_from_features_json(result, tiny, tmp_path):
     a = attribute(d, tiny, PROMPT, TARGET, torch.tensor(density), n_attributed=3, n_random=2, seed=1)
     kept = {f["feature"] for f in a["features"]}
     assert all(not kept & set(f["random"]["features"]) for f in a["features"])
+
+
+def test_densities_in_passes_equal_one_pass(result, tiny, tmp_path):
+    cfg, _, _ = result
+    d = Dictionary.load(cfg.input.checkpoint, tiny)
+    one, source = densities(d, tiny, cfg.input, None, str(tmp_path), 64, progress=False)
+    three, _ = densities(d, tiny, cfg.input, None, str(tmp_path), 24, progress=False)
+    assert source.startswith("corpus sample") and one[PLANTED] == 1.0 and torch.equal(one, three)
 
 
 def test_target_must_be_one_token(result, tiny):

@@ -61,7 +61,7 @@ def main() -> None:
             synchronize(loaded.device)
             t = time.perf_counter()
             out = [(c.count.cpu(), c.top.score.cpu(), c.top.tokens.cpu(), c.samples.tokens.cpu())
-                   for c in C.feature_passes(d, loaded, cfg.input, a.per_pass, make, progress=False)]
+                   for c in C.feature_passes(C.SparseCodes(d, loaded, cfg.input), a.per_pass, make, progress=False)]
             synchronize(loaded.device)
             return time.perf_counter() - t, out
         finally:

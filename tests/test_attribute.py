@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.analysis import Dictionary, InputConfig
+from pipeline.analysis.collect import FeatureCollector, collect
 from pipeline.data import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.interpret import InterpretConfig, run
@@ -83,12 +84,13 @@ def test_densities_from_features_json(result, tiny, tmp_path):
     assert all(not kept & set(f["random"]["features"]) for f in a["features"])
 
 
-def test_densities_in_passes_equal_one_pass(result, tiny, tmp_path):
+def test_corpus_densities_equal_the_collectors(result, tiny, tmp_path):
     cfg, _, _ = result
     d = Dictionary.load(cfg.input.checkpoint, tiny)
-    one, source = densities(d, tiny, cfg.input, None, str(tmp_path), 64, progress=False)
-    three, _ = densities(d, tiny, cfg.input, None, str(tmp_path), 24, progress=False)
-    assert source.startswith("corpus sample") and one[PLANTED] == 1.0 and torch.equal(one, three)
+    density, source = densities(d, tiny, cfg.input, None, str(tmp_path), progress=False)
+    c = collect(d, tiny, cfg.input, FeatureCollector(0, 64, 1, 1, 0, 0), progress=False)
+    assert source.startswith("corpus sample") and density[PLANTED] == 1.0
+    assert torch.equal(density, c.summary()["density"].float())
 
 
 def test_target_must_be_one_token(result, tiny):

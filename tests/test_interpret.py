@@ -128,6 +128,20 @@ def html_text(s):
     return html.escape(show(s))
 
 
+@pytest.mark.parametrize("per_pass", [64, 24])
+def test_max_pages_writes_the_densest_features(dashboard, tiny_model_dir, text_dir, tmp_path, capsys, per_pass):
+    """The densest of the whole dictionary, also when it is collected in several passes."""
+    _, _, out = dashboard
+    save(topk_sae(), tmp_path / "sae", meta={"hook": HOOK})
+    r = run(interpret_cfg(tiny_model_dir, text_dir, tmp_path, max_pages=3, features_per_pass=per_pass,
+                          crosslingual_in_dashboard=False))
+    live = sorted((f for f in json.loads((out / "features.json").read_text())["features"] if f["count"]),
+                  key=lambda f: -f["density"])
+    pages = {int(p.stem) for p in (tmp_path / "dash" / "features").glob("*.html")}
+    assert r["pages"] == len(pages) == 3 and pages == {f["index"] for f in live[:3]}
+    assert f"pages for the 3 densest of {len(live)} live features (max_pages=3" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("replay", [True, False])
 def test_feature_passes_give_the_same_features(dashboard, tiny_model_dir, text_dir, tmp_path, monkeypatch, replay):
     """Three passes of 24 features equal one pass of 64: replaying the first pass's sparse codes, and

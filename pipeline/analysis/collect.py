@@ -229,6 +229,7 @@ class SparseCodes:
 
     def __init__(self, d: Dictionary, loaded: LoadedModel, inp: InputConfig, batches=None, keep: bool = True):
         self.source, self.keep, self.kept = (d, loaded, inp, batches), keep, None
+        self.n_features, self.inp = d.n_features, inp
 
     def __iter__(self) -> Iterator[Codes]:
         if self.kept is not None:
@@ -245,20 +246,29 @@ class SparseCodes:
         self.kept = kept
 
 
-def feature_passes(d: Dictionary, loaded: LoadedModel, inp: InputConfig, per_pass: int,
-                   make: Callable[[int, int], FeatureCollector], desc: str = "interpret",
-                   progress: bool = True) -> Iterator[FeatureCollector]:
+def feature_passes(codes: SparseCodes, per_pass: int, make: Callable[[int, int], FeatureCollector],
+                   desc: str = "interpret", progress: bool = True) -> Iterator[FeatureCollector]:
     """One filled collector per range of per_pass features (make(lo, hi) builds it), in order, each
-    dropped by the caller before the next (memory: one collector). The passes read one SparseCodes:
-    a million features at 16,384 per pass would otherwise encode the corpus 62 times."""
-    n_pass = -(-d.n_features // per_pass)
-    codes = SparseCodes(d, loaded, inp, keep=n_pass > 1)
-    for k, lo in enumerate(range(0, d.n_features, per_pass)):
-        c = make(lo, min(lo + per_pass, d.n_features))
-        for batch in _progress(codes, inp, f"{desc} {k + 1}/{n_pass}" if n_pass > 1 else desc, progress):
+    dropped by the caller before the next (memory: one collector). Every pass reads `codes` (made
+    with keep=True when there are several: a million features at 16,384 per pass would otherwise
+    encode the corpus 62 times)."""
+    n, n_pass = codes.n_features, -(-codes.n_features // per_pass)
+    for k, lo in enumerate(range(0, n, per_pass)):
+        c = make(lo, min(lo + per_pass, n))
+        for batch in _progress(codes, codes.inp, f"{desc} {k + 1}/{n_pass}" if n_pass > 1 else desc, progress):
             c.update(*batch)
         yield c
         del c  # before the next one is made: one collector in memory at a time
+
+
+def feature_density(codes: SparseCodes, progress: bool = True) -> Tensor:
+    """Per feature, the fraction of the scored positions it fires on (FeatureCollector's density),
+    for every feature in one reading of `codes` (float64 [n_features], on the codes' device)."""
+    count, positions = None, 0
+    for _, _, feats, _, n_valid in _progress(codes, codes.inp, "densities", progress):
+        batch = torch.bincount(feats, minlength=codes.n_features)
+        count, positions = (batch if count is None else count + batch), positions + n_valid
+    return count.double() / max(positions, 1)
 
 
 def _progress(batches: Iterable[Codes], inp: InputConfig, desc: str, progress: bool) -> Iterator[Codes]:

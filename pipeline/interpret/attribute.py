@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from pipeline.analysis.batches import token_texts
-from pipeline.analysis.collect import FEATURES_FILE, FeatureCollector, feature_passes
+from pipeline.analysis.collect import FEATURES_FILE, SparseCodes, feature_density
 from pipeline.analysis.config import InputConfig
 from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis.prompts import prompt_activations
@@ -136,7 +136,7 @@ def attribute(d: Dictionary, loaded: LoadedModel, prompt: str, target: str, dens
 
 
 def densities(d: Dictionary, loaded: LoadedModel, inp: InputConfig, features: str | None, out_dir: str,
-              per_pass: int, progress: bool = True) -> tuple[Tensor, str]:
+              progress: bool = True) -> tuple[Tensor, str]:
     """Per-feature density (fraction of corpus tokens it fires on) and where it came from: the given
     features.json, else out_dir's if it describes this SAE, else one pass over the corpus sample `inp`
     (the prompt's own few tokens say little about how often a feature fires)."""
@@ -150,7 +150,5 @@ def densities(d: Dictionary, loaded: LoadedModel, inp: InputConfig, features: st
         raise ConfigError(f"features={features!r} is missing or describes another SAE (its n_features, hook and sae "
                           f"must be {d.n_features}, {d.hook!r}, {d.path!r}). Fix: the dashboard's features.json of "
                           "this SAE, or features=null to measure densities on the corpus sample")
-    density = torch.cat([c.summary()["density"].float().cpu() for c in feature_passes(
-        d, loaded, inp, per_pass, lambda lo, hi: FeatureCollector(lo, hi, 1, 1, 0, 0, device=loaded.device),
-        desc="densities", progress=progress)])
+    density = feature_density(SparseCodes(d, loaded, inp, keep=False), progress).float().cpu()
     return density, f"corpus sample ({inp.data.source}, {inp.n_tokens} positions)"

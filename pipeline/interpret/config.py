@@ -41,8 +41,11 @@ class InterpretConfig:
     to collect.REPLAY_BYTES; the later ones replay them)."""
     n_logits: int = 10
     """Tokens listed as most promoted and most suppressed by each feature's decoder direction."""
-    max_pages: int | None = None
-    """Write feature pages for at most this many live features (highest density first); null: all."""
+    max_pages: int | None = 20_000
+    """Write feature pages for at most this many live features (highest density first); null: all.
+    A page is ~60 KB (its examples as highlighted HTML): a million features would be ~60 GB and half
+    an hour of writing, so wide dictionaries get pages for their densest features by default; every
+    feature stays in the index, features.json and examples.jsonl."""
     out_dir: str = demo.INTERPRET
     """index.html, features/<i>.html, features.json, search.html, crosslingual.{json,html},
     attribute.{json,html}."""

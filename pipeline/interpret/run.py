@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from pipeline.analysis import html as H
-from pipeline.analysis.collect import (EXAMPLES_FILE, FEATURES_FILE, FEATURES_FORMAT, FeatureCollector, TokenText,
-                                       examples_of, feature_passes, hist_edges)
+from pipeline.analysis.collect import (EXAMPLES_FILE, FEATURES_FILE, FEATURES_FORMAT, FeatureCollector, SparseCodes,
+                                       TokenText, examples_of, feature_density, feature_passes, hist_edges)
 from pipeline.analysis.dictionary import Dictionary
 from pipeline.analysis.logits import logit_directions
 from pipeline.interpret import dashboard as D
@@ -70,12 +70,17 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
     phase = dict.fromkeys(("collect", "logit effects", "writing"), 0.0)  # seconds, printed at the end
     out.mkdir(parents=True, exist_ok=True)
     partial = out / (EXAMPLES_FILE + ".tmp")  # streamed pass by pass, renamed when complete
-    passes = feature_passes(d, loaded, cfg.input, cfg.features_per_pass,
+    several = d.n_features > cfg.features_per_pass
+    codes = SparseCodes(d, loaded, cfg.input, keep=several)
+    t0 = time.perf_counter()
+    # pages for the densest of the whole dictionary: with several passes, measured before them
+    budget = cfg.max_pages is not None and cfg.max_pages < d.n_features
+    paged = _densest(codes, cfg.max_pages, cfg.progress) if several and budget else None
+    passes = feature_passes(codes, cfg.features_per_pass,
                             lambda lo, hi: FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before,
                                                             cfg.context_after, device=loaded.device, seed=cfg.seed),
                             progress=cfg.progress)
     with open(partial, "w", encoding="utf-8") as examples:
-        t0 = time.perf_counter()
         for c in passes:
             lo, hi = c.lo, c.hi
             header["n_tokens"] = c.n_tokens
@@ -84,11 +89,11 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
             t1 = time.perf_counter()
             effects = logit_effects(d, loaded, lo, hi, cfg.n_logits, texts)
             t2 = time.perf_counter()
-            order = sorted(range(hi - lo), key=lambda i: -s["density"][i])
-            budget = None if cfg.max_pages is None else max(cfg.max_pages - pages, 0)
-            with_page = {i for i in order if s["count"][i] > 0}
-            if budget is not None:
-                with_page = set([i for i in order if i in with_page][:budget])
+            if paged is not None:  # chosen over all passes
+                with_page = {f - lo for f in paged if lo <= f < hi}
+            else:
+                order = sorted((i for i in range(hi - lo) if s["count"][i] > 0), key=lambda i: -s["density"][i])
+                with_page = set(order if cfg.max_pages is None else order[:cfg.max_pages])
             for i in range(hi - lo):
                 f = {"index": lo + i, "density": s["density"][i], "count": s["count"][i],
                      "max_act": s["max_act"][i], "mean_act": s["mean_act"][i],
@@ -122,10 +127,20 @@ def build_dashboard(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) ->
     live = sum(f["count"] > 0 for f in features)
     print(f"interpreted {d.n_features} features ({live} live) on {header['n_tokens']} tokens in {seconds:.1f}s "
           f"({', '.join(f'{k} {v:.1f}s' for k, v in phase.items())}); {pages} feature pages in {out}", flush=True)
+    if pages < live:
+        print(f"pages for the {pages} densest of {live} live features (max_pages={cfg.max_pages}; max_pages=null "
+              "writes one for every live feature)", flush=True)
     return {"out_dir": str(out), "n_tokens": header["n_tokens"], "n_features": d.n_features, "live": live,
             "pages": pages, "seconds": seconds, "phase_seconds": phase,
             "tokens_per_second": streamed / seconds if seconds else 0.0,
             "_index": index}
+
+
+def _densest(codes: SparseCodes, n: int, progress: bool) -> list[int]:
+    """The n live features of highest density (ties: lower index first), over the whole dictionary."""
+    density = feature_density(codes, progress).cpu()
+    order = torch.sort(-density, stable=True).indices[:n]
+    return order[density[order] > 0].tolist()
 
 
 def _write_index(out: Path, index: tuple[dict, list]) -> None:
@@ -177,7 +192,7 @@ def run_crosslingual(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) -
 def run_attribute(d: Dictionary, loaded: LoadedModel, cfg: InterpretConfig) -> dict:
     out = Path(cfg.out_dir)
     target_token(loaded, cfg.target)  # a bad target fails before the density pass
-    density, source = densities(d, loaded, cfg.input, cfg.features, cfg.out_dir, cfg.features_per_pass, cfg.progress)
+    density, source = densities(d, loaded, cfg.input, cfg.features, cfg.out_dir, cfg.progress)
     r = attribute(d, loaded, cfg.prompt, cfg.target, density, cfg.n_attributed, cfg.n_random,
                   cfg.input.exclude_positions_below, cfg.seed)
     r["density_source"] = source

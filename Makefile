@@ -60,7 +60,7 @@ $(SAELENS_STAMP): setup.cfg
 	touch $@
 
 DEMO := runs/demo
-demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M-Instruct, offline corpus), ~20 min on 2 cores
+demo: setup  ## run the whole pipeline on the embedded default (SmolLM2-135M-Instruct, offline corpus), ~10 min on 2 cores (set-up included)
 	$(PY) -m pipeline.cache n_tokens=100000 store.url=$(DEMO)/activations $(ARGS)
 	@# topk (k=32): in 48 steps relu_l1 (lambda 5, or 3 at lr 1.2e-3) left most features near-duplicates
 	@# (median nearest decoder cosine 0.77, pipeline.audit audit/task=neighbours); topk's was 0.15 (lr 4e-4).

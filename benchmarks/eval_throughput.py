@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 
 import torch
 
-from pipeline.analysis import Dictionary, InputConfig
+from pipeline.analysis import InputConfig
 from pipeline.analysis.batches import context_batches
 from pipeline.analysis.collect import FeatureCollector, collect
 from pipeline.analysis.metrics import evaluate
@@ -32,7 +31,8 @@ from pipeline.data import DataConfig
 from pipeline.device import synchronize
 from pipeline.interpret import InterpretConfig
 from pipeline.models import ActivationCapture, ModelConfig, load_model
-from pipeline.sae import SAEConfig, create, save
+
+import bench_dictionary
 
 
 def main() -> None:
@@ -41,12 +41,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--context-size", type=int, default=128)
-    ap.add_argument("--features", type=int, default=4096)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--hook", default="model.layers.15")
-    ap.add_argument("--sae", default=None, help="an exported SAE folder (default: a random topk SAE)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", action="store_true")
+    bench_dictionary.add_arguments(ap, features=4096)
     a = ap.parse_args()
 
     model_cfg = ModelConfig(device=a.device)
@@ -55,14 +50,7 @@ def main() -> None:
     n_tokens = a.contexts * a.context_size
     batches = list(context_batches(data, loaded.tokenizer, a.context_size, n_tokens, a.batch_size))
     tokens = sum(b.numel() for b in batches)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = a.sae
-        if path is None:
-            sae = create(SAEConfig(architecture="topk", n_features=a.features, d_model=loaded.model.config.hidden_size,
-                                   k=a.k))
-            sae.reset_parameters(0)
-            path = save(sae, f"{tmp}/sae", meta={"hook": a.hook})
-        d = Dictionary.load(path, loaded, None if a.sae else a.hook)
+    d = bench_dictionary.load(a, loaded)
     capture = ActivationCapture(loaded, [d.hook])
     dev = loaded.device
 

@@ -13,43 +13,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 
 import torch
 
-from pipeline.analysis import Dictionary, InputConfig
+from pipeline.analysis import InputConfig
 from pipeline.analysis import collect as C
 from pipeline.data import DataConfig
 from pipeline.device import synchronize
 from pipeline.interpret import InterpretConfig
 from pipeline.models import ModelConfig, load_model
-from pipeline.sae import SAEConfig, create, save
+
+import bench_dictionary
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--features", type=int, default=16384)
     ap.add_argument("--per-pass", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=20000)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--hook", default="model.layers.15")
-    ap.add_argument("--sae", default=None, help="an exported SAE folder (default: a random topk SAE)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", action="store_true")
+    bench_dictionary.add_arguments(ap, features=16384)
     a = ap.parse_args()
 
     loaded = load_model(ModelConfig(device=a.device))
     cfg = InterpretConfig(input=InputConfig(data=DataConfig(source="embedded", split="test"), n_tokens=a.tokens),
                           features_per_pass=a.per_pass, progress=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = a.sae
-        if path is None:
-            sae = create(SAEConfig(architecture="topk", n_features=a.features, d_model=loaded.model.config.hidden_size,
-                                   k=a.k))
-            sae.reset_parameters(0)
-            path = save(sae, f"{tmp}/sae", meta={"hook": a.hook})
-        d = Dictionary.load(path, loaded, None if a.sae else a.hook)
+    d = bench_dictionary.load(a, loaded)
 
     def make(lo, hi):
         return C.FeatureCollector(lo, hi, cfg.top_k, cfg.n_samples, cfg.context_before, cfg.context_after,

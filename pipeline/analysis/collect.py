@@ -239,8 +239,9 @@ class SparseCodes:
         for codes in sparse_codes(*self.source):
             if kept is not None:
                 size += sum(t.numel() * t.element_size() for t in codes[:4])
-                kept = kept if size <= REPLAY_BYTES else None
-                if kept is not None:
+                if size > REPLAY_BYTES:
+                    kept = None  # too many to keep: every reading streams the corpus
+                else:
                     kept.append(codes)
             yield codes
         self.kept = kept

@@ -25,8 +25,8 @@ def low_bit_adam(o: OptimConfig, lr: float, groups: list[dict]) -> torch.optim.O
 
     base = {"fp8": AdamFp8, "int8": Adam8bit}[o.state_dtype]
     adam = type(base.__name__, (_PlainStateDict, base), {})
-    return adam([{"params": [p], "lr": g.get("lr", lr)} for g in groups for p in g["params"]], lr=lr, betas=tuple(o.betas), eps=o.eps,
-                weight_decay=o.weight_decay)
+    return adam([{"params": [p], "lr": g.get("lr", lr)} for g in groups for p in g["params"]], lr=lr,
+                betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
 class _PlainStateDict:
